@@ -7,6 +7,8 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
+from daemon.cli_serve import add_subcommands as add_daemon_commands
+
 
 def package_version() -> str:
     try:
@@ -21,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Coordinator daemon and provider node of a decentralized LLM network.",
     )
     parser.add_argument("--version", action="version", version=f"dinfer {package_version()}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_daemon_commands(subparsers)
     return parser
 
 

@@ -90,6 +90,13 @@ def decode_public_key(text: str, what: str = "public_key") -> PublicKey:
     return PublicKey(_decode_key_bytes(text, what))
 
 
+def decode_peer_public_key(text: str, what: str = "public_key") -> PublicKey:
+    """decode_public_key, also refusing a low-order point no Box can ever use."""
+    key = decode_public_key(text, what)
+    _box(generate_box_key(), key, what)
+    return key
+
+
 def decode_identity_key(text: str, what: str = "identity_key") -> VerifyKey:
     return VerifyKey(_decode_key_bytes(text, what))
 

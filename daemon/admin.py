@@ -1,0 +1,133 @@
+"""The admin API (`/v1/admin/...`): provider tokens, consumer keys, the provider view.
+
+Every route takes `Authorization: Bearer $DINFER_ADMIN_KEY`, compared in constant time;
+without an admin key configured, every call is refused.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Awaitable, Callable
+from functools import wraps
+from typing import Any
+
+import msgspec
+import trio
+from quart import Blueprint, Response, current_app, request
+
+from daemon.errors import error_body
+from daemon.nursery.supervisor import Supervisor
+from daemon.registry import ProviderEntry, Registry
+
+admin = Blueprint("admin", __name__, url_prefix="/v1/admin")
+Handler = Callable[..., Awaitable[Response]]
+
+
+def supervisor() -> Supervisor:
+    sup: Supervisor = current_app.config["DINFER_SUPERVISOR"]
+    return sup
+
+
+def json_error(status: int, message: str, code: str | None = None) -> Response:
+    return Response(error_body(status, message, code), status, content_type="application/json")
+
+
+def requires_admin(handler: Handler) -> Handler:
+    @wraps(handler)
+    async def guarded(*args: Any, **kwargs: Any) -> Response:
+        expected = supervisor().settings.admin_key
+        if expected is None:
+            return json_error(
+                403, "the admin API is disabled: set DINFER_ADMIN_KEY", "admin_disabled"
+            )
+        offered = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(offered.encode(), expected.encode()):
+            return json_error(401, "a valid admin bearer key is required", "invalid_admin_key")
+        return await handler(*args, **kwargs)
+
+    return guarded
+
+
+async def _name_from_body() -> str | Response:
+    body = await request.get_json(force=True, silent=True)
+    name = body.get("name") if isinstance(body, dict) else None
+    if not isinstance(name, str) or not name.strip():
+        return json_error(
+            400, 'the body must be a JSON object with a non-empty "name"', "invalid_name"
+        )
+    return name
+
+
+async def _issue(create: Callable[[str], Awaitable[Any]], secret_field: str) -> Response:
+    name = await _name_from_body()
+    if isinstance(name, Response):
+        return name
+    try:
+        issued = await create(name)
+    except ValueError as exc:
+        return json_error(400, str(exc), "invalid_name")
+    return _json({"id": issued.id, secret_field: issued.secret, "name": name}, 201)
+
+
+def _json(payload: Any, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(payload), status, content_type="application/json")
+
+
+@admin.post("/provider-tokens")
+@requires_admin
+async def create_provider_token() -> Response:
+    return await _issue(supervisor().store.create_provider_token, "token")
+
+
+@admin.delete("/provider-tokens/<token_id>")
+@requires_admin
+async def revoke_provider_token(token_id: str) -> Response:
+    sup = supervisor()
+    if not await sup.store.revoke_provider_token(token_id):
+        return json_error(404, f"no live provider token {token_id!r}", "token_not_found")
+    return _json({"id": token_id, "revoked": True, "disconnected": sup.kick_token(token_id)})
+
+
+@admin.post("/keys")
+@requires_admin
+async def create_api_key() -> Response:
+    return await _issue(supervisor().store.create_api_key, "key")
+
+
+@admin.delete("/keys/<key_id>")
+@requires_admin
+async def revoke_api_key(key_id: str) -> Response:
+    if not await supervisor().store.revoke_api_key(key_id):
+        return json_error(404, f"no live API key {key_id!r}", "key_not_found")
+    return _json({"id": key_id, "revoked": True})
+
+
+@admin.get("/providers")
+@requires_admin
+async def list_providers() -> Response:
+    registry = supervisor().registry
+    now = trio.current_time()
+    return _json({"providers": [_describe(entry, registry, now) for entry in registry.providers()]})
+
+
+def _describe(entry: ProviderEntry, registry: Registry, now: float) -> dict[str, Any]:
+    wall_offset = time.time() - now
+    return {
+        "provider_id": entry.provider_id,
+        "version": entry.version,
+        "backend": entry.backend,
+        "models": [
+            {"id": m.id, "template_render_ok": m.template_render_ok, "is_vision": bool(m.is_vision)}
+            for m in entry.models.values()
+        ],
+        "in_flight": entry.in_flight,
+        "max_concurrency": entry.max_concurrency,
+        "trusted": entry.trusted,
+        "draining": entry.draining,
+        "last_challenge_at": entry.last_challenge_at,
+        "cooldowns": [
+            {"model": model, "shape": shape, "until": until + wall_offset}
+            for model, shape, until in registry.breaker.cooldowns(entry.provider_id, now)
+        ],
+    }

@@ -1,0 +1,168 @@
+"""The admission queue: a per-model FIFO of requests waiting for a capable provider's slot.
+
+`admit()` answers at once when it can: a lease, a 404 for an unknown model, a 503 when no
+connected provider is capable. Only when every capable provider is busy (or the model's
+providers are reconnecting) does the request wait, at most `timeout` seconds in a queue of at
+most `max_per_model`. The pump task, owned by the supervisor, parks on the registry's
+generation counter; every change (a slot freed, a provider registered or passed a challenge,
+a cooldown ended) re-runs the eligibility predicate for each waiter in FIFO order, so a
+waiter that cannot use a freed provider never blocks one behind it that can.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import trio
+
+from daemon.eligibility import RequestTraits
+from daemon.registry import Lease, Registry
+
+
+class AdmissionError(Exception):
+    """A request that cannot be admitted; `status` is the HTTP status to answer with."""
+
+    status = 503
+    code = "service_unavailable"
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class UnknownModel(AdmissionError):
+    status = 404
+    code = "model_not_found"
+
+
+class Unavailable(AdmissionError):
+    status = 503
+    code = "no_capable_provider"
+
+
+class QueueFull(AdmissionError):
+    status = 429
+    code = "rate_limit_exceeded"
+
+
+class QueueTimeout(AdmissionError):
+    status = 429
+    code = "rate_limit_exceeded"
+
+
+@dataclass(eq=False)
+class _Waiter:
+    traits: RequestTraits
+    done: trio.Event = field(default_factory=trio.Event)
+    lease: Lease | None = None
+    failure: AdmissionError | None = None
+
+
+class AdmissionQueue:
+    def __init__(self, registry: Registry, *, max_per_model: int, timeout: float) -> None:
+        self._registry = registry
+        self._max = max_per_model
+        self._timeout = timeout
+        self._waiting: dict[str, deque[_Waiter]] = {}
+
+    def waiting(self, model: str) -> int:
+        return len(self._waiting.get(model, ()))
+
+    async def admit(self, traits: RequestTraits) -> Lease:
+        """A slot on the best capable provider, waiting in the queue if all are busy."""
+        self._pump()  # earlier waiters get first pick of anything already free
+        if not self._waiting.get(traits.model):
+            lease = self._try_now(traits)
+            if lease is not None:
+                return lease
+        return await self._wait(traits)
+
+    def _try_now(self, traits: RequestTraits) -> Lease | None:
+        preflight = self._registry.preflight(traits)
+        match preflight.verdict:
+            case "unknown_model":
+                raise UnknownModel(preflight.reason)
+            case "unavailable":
+                raise Unavailable(preflight.reason, retry_after=self._retry_after())
+            case "ready":
+                return self._registry.reserve(traits)
+        return None
+
+    async def _wait(self, traits: RequestTraits) -> Lease:
+        queue = self._waiting.setdefault(traits.model, deque())
+        if len(queue) >= self._max:
+            raise QueueFull(
+                f'the queue for model "{traits.model}" is full ({self._max} waiting)',
+                retry_after=self._retry_after(),
+            )
+        waiter = _Waiter(traits)
+        queue.append(waiter)
+        try:
+            with trio.move_on_after(self._timeout):
+                await waiter.done.wait()
+        except BaseException:
+            if waiter.lease is not None:  # granted as the client went away: give it back
+                self._registry.release(waiter.lease)
+            raise
+        finally:
+            self._leave(waiter)
+        return self._outcome(waiter)
+
+    def _leave(self, waiter: _Waiter) -> None:
+        queue = self._waiting.get(waiter.traits.model)
+        if queue is not None and waiter in queue:
+            queue.remove(waiter)
+        if queue is not None and not queue:
+            del self._waiting[waiter.traits.model]
+        if not waiter.done.is_set():
+            waiter.done.set()  # timed out or cancelled: the pump must not grant it any more
+
+    def _outcome(self, waiter: _Waiter) -> Lease:
+        if waiter.lease is not None:
+            return waiter.lease
+        if waiter.failure is not None:
+            raise waiter.failure
+        raise QueueTimeout(
+            f'no provider of model "{waiter.traits.model}" became free within {self._timeout:g} s',
+            retry_after=self._retry_after(),
+        )
+
+    def _retry_after(self) -> int:
+        return max(1, round(self._timeout / 4))
+
+    # The pump ------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Re-offer freed capacity to waiters after every registry change (supervisor task)."""
+        task_status.started()
+        while True:
+            await self._registry.generation.wait_transition()
+            self._pump()
+
+    def _pump(self) -> None:
+        for queue in list(self._waiting.values()):
+            for waiter in list(queue):
+                self._offer(queue, waiter)
+
+    def _offer(self, queue: deque[_Waiter], waiter: _Waiter) -> None:
+        if waiter.done.is_set():
+            return
+        lease = self._registry.reserve(waiter.traits)
+        if lease is not None:
+            waiter.lease = lease
+        else:
+            waiter.failure = self._hopeless(waiter.traits)
+            if waiter.failure is None:
+                return
+        queue.remove(waiter)
+        waiter.done.set()
+
+    def _hopeless(self, traits: RequestTraits) -> AdmissionError | None:
+        """A waiter whose model lost every capable provider fails now, not at its timeout."""
+        preflight = self._registry.preflight(traits)
+        if preflight.verdict == "unavailable":
+            return Unavailable(preflight.reason, retry_after=self._retry_after())
+        if preflight.verdict == "unknown_model":
+            return UnknownModel(preflight.reason)
+        return None

@@ -1,0 +1,121 @@
+"""The one eligibility predicate: may this provider's model serve this request?
+
+Selection, the preflight and the admission queue all ask `refusal()`, so they can never
+disagree about which providers are capable. A refusal is a short reason in words a user
+understands; None means eligible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from daemon.breaker import CircuitBreaker, Shape, shape_of
+from protocol.messages import ModelInfo
+
+if TYPE_CHECKING:
+    from daemon.registry import ProviderEntry
+
+
+@dataclass(frozen=True, slots=True)
+class RequestTraits:
+    """What routing needs to know about a consumer request (never its content)."""
+
+    model: str
+    has_tools: bool = False
+    has_media: bool = False
+    prompt_tokens: int = 0
+    max_tokens: int = 256
+    allowlist: frozenset[str] | None = None
+    shape: Shape = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", shape_of(self.has_tools, self.has_media))
+
+
+@dataclass(frozen=True, slots=True)
+class Gates:
+    """The daemon-wide state and thresholds the predicate applies."""
+
+    tools_min_version: tuple[int, ...]
+    challenge_max_age: float
+    breaker: CircuitBreaker
+
+
+def parse_version(text: str | None) -> tuple[int, ...] | None:
+    """`MAJOR.MINOR.PATCH` as a tuple of ints; None when missing or unparseable."""
+    if not text:
+        return None
+    try:
+        parts = tuple(int(part) for part in text.split("."))
+    except ValueError:
+        return None
+    return parts if all(part >= 0 for part in parts) else None
+
+
+def format_version(parts: Collection[int]) -> str:
+    return ".".join(str(part) for part in parts)
+
+
+def refusal(entry: ProviderEntry, traits: RequestTraits, gates: Gates, now: float) -> str | None:
+    """Why `entry` cannot serve `traits` now, or None when it can.
+
+    A reason reads after "the provider is": the preflight joins them into one message.
+    """
+    return (
+        _trust_refusal(entry, gates, now)
+        or _model_refusal(entry, traits)
+        or _capability_refusal(entry, traits, gates)
+        or _breaker_refusal(entry, traits, gates, now)
+    )
+
+
+def _trust_refusal(entry: ProviderEntry, gates: Gates, now: float) -> str | None:
+    if not entry.trusted:
+        return "untrusted"
+    if (
+        entry.last_challenge_pass is None
+        or now - entry.last_challenge_pass >= gates.challenge_max_age
+    ):
+        return "waiting for a fresh attestation"
+    if entry.draining:
+        return "draining"
+    return None
+
+
+def _model_refusal(entry: ProviderEntry, traits: RequestTraits) -> str | None:
+    if traits.model not in entry.models:
+        return f'not serving "{traits.model}"'
+    if traits.allowlist is not None and entry.provider_id not in traits.allowlist:
+        return "outside the request's provider allowlist"
+    return None
+
+
+def _capability_refusal(entry: ProviderEntry, traits: RequestTraits, gates: Gates) -> str | None:
+    info = entry.models[traits.model]
+    if not render_ok(info, traits.shape):
+        return f"unable to render {traits.shape} requests with its chat template"
+    if traits.has_tools:
+        version = parse_version(entry.version)
+        if version is None or version < gates.tools_min_version:
+            floor = format_version(gates.tools_min_version)
+            return f"too old for tools (needs version >= {floor})"
+    if traits.has_media and not info.is_vision:
+        return "without image or video support"
+    return None
+
+
+def _breaker_refusal(
+    entry: ProviderEntry, traits: RequestTraits, gates: Gates, now: float
+) -> str | None:
+    if gates.breaker.in_cooldown((entry.provider_id, traits.model, traits.shape), now):
+        return "cooling down after errors"
+    return None
+
+
+def render_ok(info: ModelInfo, shape: Shape) -> bool:
+    """PROTOCOL.md §7's render gate: per shape when given, else the overall verdict."""
+    if info.template_render is not None:
+        return getattr(info.template_render, shape) is not False
+    return info.template_render_ok is not False

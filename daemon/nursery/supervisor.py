@@ -1,0 +1,113 @@
+"""The supervisor: the daemon's one long-lived nursery and everything it owns.
+
+`open_supervisor` opens the service nursery and starts, each with `nursery.start()`, the
+admission queue's pump and the cooldown timer; provider sessions are adopted into the same
+nursery by `host_session`. It is the only owner of background tasks: when it closes, every
+session closes with 1001 and nothing keeps running.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+
+from daemon.admission import AdmissionQueue
+from daemon.breaker import CircuitBreaker
+from daemon.config import Settings
+from daemon.eligibility import Gates
+from daemon.registry import Registry
+from daemon.session import ProviderSession, Transport
+from daemon.store import Store
+
+log = logging.getLogger("dinfer.supervisor")
+
+
+@dataclass
+class Supervisor:
+    """Handles to the long-lived state; the HTTP app reaches everything through it."""
+
+    settings: Settings
+    store: Store
+    registry: Registry
+    queue: AdmissionQueue
+    nursery: trio.Nursery
+    ready: bool = False
+
+    async def host_session(self, transport: Transport) -> None:
+        """Run a provider session in the service nursery until it ends or the caller is cancelled.
+
+        The WebSocket handler calls this: the connection's task only waits, so the session's
+        lifetime is owned by the supervisor, and cancelling the handler (the provider hung up)
+        ends the session.
+        """
+        session = ProviderSession(
+            transport, self.registry, self.settings, self.store.lookup_provider_token
+        )
+        finished = trio.Event()
+        scope: trio.CancelScope = await self.nursery.start(_run_session, session, finished)
+        try:
+            await finished.wait()
+        finally:
+            scope.cancel()
+
+    def kick_token(self, token_id: str) -> int:
+        """Disconnect every provider that registered with a revoked token."""
+        kicked = [e for e in self.registry.providers() if e.token_id == token_id]
+        for entry in kicked:
+            entry.session.kick(1008, "provider token revoked")
+        return len(kicked)
+
+
+async def _run_session(
+    session: ProviderSession,
+    finished: trio.Event,
+    *,
+    task_status: trio.TaskStatus[trio.CancelScope],
+) -> None:
+    with trio.CancelScope() as scope:
+        task_status.started(scope)
+        try:
+            await session.run()
+        finally:
+            finished.set()
+
+
+async def _wake_on_cooldown_expiry(
+    registry: Registry, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Bump the registry when a breaker cooldown ends, so queued requests route again."""
+    task_status.started()
+    while True:
+        expiry = registry.breaker.next_expiry(trio.current_time())
+        with trio.move_on_at(math.inf if expiry is None else expiry):
+            await registry.generation.wait_transition()  # a sooner cooldown may have begun
+            continue
+        registry.cooldown_expired()
+
+
+def build_registry(settings: Settings, *, seed: int | None = None) -> Registry:
+    breaker = CircuitBreaker(
+        settings.breaker_threshold, settings.breaker_window_s, settings.breaker_cooldown_s
+    )
+    gates = Gates(settings.tools_min_version, settings.challenge_max_age_s, breaker)
+    return Registry(gates, seed=seed)
+
+
+@asynccontextmanager
+async def open_supervisor(
+    settings: Settings, store: Store, *, seed: int | None = None
+) -> AsyncIterator[Supervisor]:
+    registry = build_registry(settings, seed=seed)
+    queue = AdmissionQueue(
+        registry, max_per_model=settings.queue_max, timeout=settings.queue_timeout_s
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(queue.run)
+        await nursery.start(_wake_on_cooldown_expiry, registry)
+        yield Supervisor(settings, store, registry, queue, nursery)
+        nursery.cancel_scope.cancel(reason="daemon shutting down")

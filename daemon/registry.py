@@ -1,0 +1,292 @@
+"""The registry actor: every connected provider, its models, trust, load, speed and breaker.
+
+State changes only in the plain `def` methods below (atomic under Trio: no await inside);
+`lock` guards the few sequences that must await between steps, such as superseding a session.
+Every change that could make a waiting request routable bumps `generation`, an AsyncValue the
+admission queue parks on.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Final, Literal, Protocol
+
+import trio
+from nacl.public import PublicKey
+from nacl.signing import VerifyKey
+from trio_util import AsyncValue
+
+from daemon.breaker import CircuitBreaker, Shape
+from daemon.eligibility import Gates, RequestTraits, refusal
+from protocol.messages import ModelInfo
+
+# A model that had a provider this recently queues instead of failing as unknown: providers
+# reconnect after restarts and network blips.
+MODEL_MEMORY_S: Final = 600.0
+# Three consecutive failed challenges make a provider untrusted (PROTOCOL.md §4).
+CHALLENGE_FAILURES_TO_UNTRUST: Final = 3
+# Costs within this fraction of the best are a near tie, broken at random to spread load.
+NEAR_TIE: Final = 0.10
+# Speeds assumed for a provider that advertised none and has not been observed yet.
+DEFAULT_PREFILL_TPS: Final = 500.0
+DEFAULT_DECODE_TPS: Final = 20.0
+EWMA_WEIGHT: Final = 0.3
+
+
+class SessionLink(Protocol):
+    """What routing needs of a live provider session."""
+
+    def kick(self, code: int, reason: str) -> None: ...
+
+
+@dataclass(eq=False)
+class ProviderEntry:
+    """One connected provider, as the registry sees it."""
+
+    provider_id: str
+    session: SessionLink
+    version: str
+    backend: str
+    public_key: PublicKey
+    identity_key: VerifyKey
+    models: dict[str, ModelInfo]
+    max_concurrency: int
+    advertised_prefill_tps: float | None = None
+    advertised_decode_tps: float | None = None
+    token_id: str | None = None
+    in_flight: int = 0
+    trusted: bool = False
+    banned_reason: str | None = None
+    challenge_failures: int = 0
+    last_challenge_pass: float | None = None
+    last_challenge_at: float | None = None  # wall clock, for the admin view
+    draining: bool = False
+    observed_ttft_s: float | None = None
+    observed_decode_tps: float | None = None
+
+    @property
+    def has_free_slot(self) -> bool:
+        return self.in_flight < self.max_concurrency
+
+
+@dataclass(eq=False)
+class Lease:
+    """A reserved slot on one provider's model; release it exactly once."""
+
+    entry: ProviderEntry
+    model: str
+    released: bool = field(default=False)
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """What can happen to a request right now, without waiting."""
+
+    verdict: Literal["ready", "queue", "unavailable", "unknown_model"]
+    reason: str = ""
+
+
+class Registry:
+    def __init__(self, gates: Gates, *, seed: int | None = None) -> None:
+        self.gates = gates
+        self.lock = trio.Lock()
+        self.generation = AsyncValue(0)
+        self._providers: dict[str, ProviderEntry] = {}
+        self._model_seen: dict[str, float] = {}
+        self._rng = random.Random(seed)
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        return self.gates.breaker
+
+    def providers(self) -> list[ProviderEntry]:
+        return list(self._providers.values())
+
+    def get(self, provider_id: str) -> ProviderEntry | None:
+        return self._providers.get(provider_id)
+
+    # Membership -----------------------------------------------------------------------------
+
+    def add(self, entry: ProviderEntry) -> ProviderEntry | None:
+        """Register `entry`; return the entry it supersedes (same identity), if any."""
+        old = self._providers.get(entry.provider_id)
+        self._providers[entry.provider_id] = entry
+        self.breaker.forget_provider(entry.provider_id)
+        self._remember_models(entry.models)
+        self._bump()
+        return old
+
+    def remove(self, entry: ProviderEntry) -> None:
+        """Forget `entry` unless a newer session of the same identity replaced it."""
+        if self._providers.get(entry.provider_id) is entry:
+            del self._providers[entry.provider_id]
+            self._remember_models(entry.models)
+            self._bump()
+
+    def update_models(self, entry: ProviderEntry, models: Iterable[ModelInfo]) -> None:
+        self._remember_models(entry.models)
+        entry.models = {info.id: info for info in models}
+        self._remember_models(entry.models)
+        self._bump()
+
+    def _remember_models(self, models: Iterable[str]) -> None:
+        now = trio.current_time()
+        for model in models:
+            self._model_seen[model] = now
+
+    def is_current(self, entry: ProviderEntry) -> bool:
+        return self._providers.get(entry.provider_id) is entry
+
+    # Trust ----------------------------------------------------------------------------------
+
+    def challenge_passed(self, entry: ProviderEntry) -> None:
+        entry.challenge_failures = 0
+        entry.last_challenge_pass = trio.current_time()
+        entry.last_challenge_at = time.time()
+        entry.trusted = entry.banned_reason is None
+        self._bump()
+
+    def challenge_failed(self, entry: ProviderEntry) -> bool:
+        """Count a failed challenge; True when it made the provider untrusted."""
+        entry.challenge_failures += 1
+        entry.last_challenge_at = time.time()
+        if entry.challenge_failures >= CHALLENGE_FAILURES_TO_UNTRUST and entry.trusted:
+            entry.trusted = False
+            return True
+        return False
+
+    def ban(self, entry: ProviderEntry, reason: str) -> None:
+        """Never route to this session again (it broke the protocol's crypto contract)."""
+        entry.banned_reason = reason
+        entry.trusted = False
+
+    def set_draining(self, entry: ProviderEntry, draining: bool) -> None:
+        if entry.draining != draining:
+            entry.draining = draining
+            self._bump()
+
+    # Routing --------------------------------------------------------------------------------
+
+    def refusal(self, entry: ProviderEntry, traits: RequestTraits) -> str | None:
+        return refusal(entry, traits, self.gates, trio.current_time())
+
+    def preflight(self, traits: RequestTraits) -> Preflight:
+        """Ready, queue, unavailable (with the reason) or unknown model: never waits."""
+        now = trio.current_time()
+        serving = [e for e in self._providers.values() if traits.model in e.models]
+        if not serving:
+            return self._preflight_unserved(traits.model, now)
+        refusals = {e.provider_id: refusal(e, traits, self.gates, now) for e in serving}
+        capable = [e for e in serving if refusals[e.provider_id] is None]
+        if any(e.has_free_slot for e in capable):
+            return Preflight("ready")
+        if capable:
+            return Preflight("queue", f'every provider of model "{traits.model}" is busy')
+        return Preflight("unavailable", _explain(traits.model, refusals.values()))
+
+    def _preflight_unserved(self, model: str, now: float) -> Preflight:
+        seen = self._model_seen.get(model)
+        if seen is not None and now - seen < MODEL_MEMORY_S:
+            return Preflight("queue", f'no provider of model "{model}" is connected right now')
+        return Preflight("unknown_model", f'the model "{model}" does not exist')
+
+    def reserve(
+        self,
+        traits: RequestTraits,
+        *,
+        exclude: frozenset[str] = frozenset(),
+        avoid_version: str | None = None,
+    ) -> Lease | None:
+        """Choose the provider expected to finish first and take a slot on it, atomically."""
+        now = trio.current_time()
+        candidates = [
+            e
+            for e in self._providers.values()
+            if e.provider_id not in exclude
+            and e.has_free_slot
+            and refusal(e, traits, self.gates, now) is None
+        ]
+        if avoid_version is not None:
+            other = [e for e in candidates if e.version != avoid_version]
+            candidates = other or candidates
+        if not candidates:
+            return None
+        entry = self._pick(candidates, traits)
+        entry.in_flight += 1
+        return Lease(entry, traits.model)
+
+    def _pick(self, candidates: list[ProviderEntry], traits: RequestTraits) -> ProviderEntry:
+        costs = [(expected_seconds(e, traits), e) for e in candidates]
+        best = min(cost for cost, _ in costs)
+        near = [e for cost, e in costs if cost <= best * (1 + NEAR_TIE)]
+        return near[0] if len(near) == 1 else self._rng.choice(near)
+
+    def release(self, lease: Lease) -> None:
+        if not lease.released:
+            lease.released = True
+            lease.entry.in_flight -= 1
+            self._bump()
+
+    # Outcomes -------------------------------------------------------------------------------
+
+    def record_success(
+        self,
+        entry: ProviderEntry,
+        model: str,
+        shape: Shape,
+        *,
+        ttft_s: float,
+        decode_tps: float | None,
+    ) -> None:
+        self.breaker.record_success((entry.provider_id, model, shape), trio.current_time())
+        entry.observed_ttft_s = _ewma(entry.observed_ttft_s, ttft_s)
+        if decode_tps is not None:
+            entry.observed_decode_tps = _ewma(entry.observed_decode_tps, decode_tps)
+
+    def record_failure(self, entry: ProviderEntry, model: str, shape: Shape, status: int) -> bool:
+        """A failed attempt; True when it put (provider, model, shape) into cooldown."""
+        return self.breaker.record_failure(
+            (entry.provider_id, model, shape), status, trio.current_time()
+        )
+
+    def cooldown_expired(self) -> None:
+        """Called by the supervisor when a cooldown ends: queued requests may route again."""
+        self.breaker.sweep(trio.current_time())
+        self._bump()
+
+    def _bump(self) -> None:
+        self.generation.value += 1
+
+
+def expected_seconds(entry: ProviderEntry, traits: RequestTraits) -> float:
+    """Expected completion time: prefill + decode, stretched by the provider's current load."""
+    prefill_tps = entry.advertised_prefill_tps or DEFAULT_PREFILL_TPS
+    ttft = (
+        entry.observed_ttft_s
+        if entry.observed_ttft_s is not None
+        else traits.prompt_tokens / prefill_tps
+    )
+    decode_tps = entry.observed_decode_tps or entry.advertised_decode_tps or DEFAULT_DECODE_TPS
+    alone = ttft + traits.max_tokens / decode_tps
+    return alone * (1 + entry.in_flight / entry.max_concurrency)
+
+
+def _ewma(old: float | None, sample: float) -> float:
+    return sample if old is None else old + EWMA_WEIGHT * (sample - old)
+
+
+def _explain(model: str, refusals: Iterable[str | None]) -> str:
+    counts = Counter(reason for reason in refusals if reason is not None)
+    if len(counts) == 1:
+        (reason,) = counts
+        return f'every provider of model "{model}" is {reason}'
+    parts = "; ".join(f"{_count(n)} {reason}" for reason, n in counts.most_common())
+    return f'no provider of model "{model}" can serve this request: {parts}'
+
+
+def _count(n: int) -> str:
+    return "1 provider is" if n == 1 else f"{n} providers are"

@@ -1,0 +1,101 @@
+"""`dinfer serve`: the store, the supervisor nursery and one Hypercorn server on one port."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve as hypercorn_serve
+
+from daemon.app import create_app
+from daemon.config import Settings
+from daemon.nursery.supervisor import Supervisor, open_supervisor
+from daemon.store import open_store
+from protocol.messages import MAX_FRAME_BYTES
+
+log = logging.getLogger("dinfer")
+
+ShutdownTrigger = Callable[[], Awaitable[None]]
+
+
+def hypercorn_config(settings: Settings) -> Config:
+    config = Config()
+    config.bind = [settings.listen]
+    # Slack above the protocol's 10 MiB so the session can refuse an oversized frame with a
+    # reason; beyond it Hypercorn closes with 1009.
+    config.websocket_max_message_size = MAX_FRAME_BYTES + 2 * 1024 * 1024
+    config.graceful_timeout = 5
+    config.accesslog = None
+    return config
+
+
+async def until_signalled() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s: shutting down", signal.Signals(signum).name)
+            return
+
+
+@dataclass(frozen=True)
+class RunningDaemon:
+    """What `serve` reports once listening: the bound addresses and the supervisor."""
+
+    binds: list[str]
+    supervisor: Supervisor
+
+    @property
+    def base_url(self) -> str:
+        return self.binds[0]
+
+    @property
+    def provider_url(self) -> str:
+        return self.base_url.replace("http://", "ws://", 1) + "/ws/provider"
+
+
+async def serve(
+    settings: Settings,
+    *,
+    shutdown_trigger: ShutdownTrigger = until_signalled,
+    seed: int | None = None,
+    task_status: trio.TaskStatus[RunningDaemon] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the daemon until `shutdown_trigger` returns; report where it listens."""
+    if settings.admin_key is None:
+        log.warning("DINFER_ADMIN_KEY is not set: the admin API refuses every call")
+    async with (
+        open_store(settings.data_dir) as store,
+        open_supervisor(settings, store, seed=seed) as sup,
+    ):
+        stopped = trio.Event()
+        server = partial(
+            _serve_http, create_app(sup), hypercorn_config(settings), shutdown_trigger, stopped
+        )
+        binds: list[str] = await sup.nursery.start(server)
+        sup.ready = True
+        log.info(
+            "dinfer listening on %s (provider auth: %s)", ", ".join(binds), settings.provider_auth
+        )
+        task_status.started(RunningDaemon(binds, sup))
+        await stopped.wait()
+
+
+async def _serve_http(
+    app: Any,
+    config: Config,
+    shutdown_trigger: ShutdownTrigger,
+    stopped: trio.Event,
+    *,
+    task_status: trio.TaskStatus[list[str]],
+) -> None:
+    try:
+        await hypercorn_serve(
+            app, config, shutdown_trigger=shutdown_trigger, task_status=task_status
+        )
+    finally:
+        stopped.set()

@@ -1,0 +1,363 @@
+"""One provider's WebSocket session: registration, challenges, the reader, in-flight streams.
+
+A session is one task (plus its challenge loop) owned by the supervisor nursery. The reader is
+the only task that receives frames; writes from any task go through one StrictFIFOLock with a
+deadline, so a slow or dead provider socket never blocks anything but its own requests. Every
+in-flight request has a bounded stream the reader routes frames into; when the session ends,
+each stream is closed, which its dispatch reads as 502 `provider disconnected`. The session's
+own `finally` removes its registry entry.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final, Protocol
+
+import trio
+from trio_util import periodic
+
+from daemon.config import Settings
+from daemon.registry import ProviderEntry, Registry
+from protocol import crypto
+from protocol.messages import (
+    PROTOCOL_VERSION,
+    AttestationChallenge,
+    AttestationResponse,
+    Cancel,
+    DaemonMessage,
+    EncryptedPayload,
+    Heartbeat,
+    InferenceComplete,
+    InferenceError,
+    InferenceRequest,
+    ModelInfo,
+    ModelsUpdate,
+    ProtocolError,
+    ProviderMessage,
+    Register,
+    TrustStatus,
+    decode_provider_frame,
+    encode,
+)
+
+log = logging.getLogger("dinfer.session")
+
+CLOSE_POLICY: Final = 1008
+CLOSE_GOING_AWAY: Final = 1001
+CLOSE_SUPERSEDED: Final = 4001
+CLOSE_STALE: Final = 4002
+# Malformed frames after registration are dropped silently up to this many, then the session
+# is closed: a buggy provider gets some slack, a hostile one does not get a free CPU sink.
+MAX_MALFORMED_FRAMES: Final = 8
+# Frames buffered per in-flight request before the reader gives up on that request rather
+# than stall every other request on this provider.
+STREAM_BUFFER: Final = 1024
+# A provider socket that cannot take a frame in this long is dead.
+SEND_TIMEOUT_S: Final = 10.0
+
+StreamFrame = ProviderMessage
+TokenLookup = Callable[[str], str | None]
+
+
+class Transport(Protocol):
+    """A WebSocket as the session needs it (the app adapts quart-trio's)."""
+
+    async def receive(self) -> str | bytes: ...
+
+    async def send(self, text: str) -> None: ...
+
+    async def close(self, code: int, reason: str) -> None: ...
+
+
+class TransportClosed(Exception):
+    """The WebSocket is gone: raised by transports in place of their own errors."""
+
+
+class SessionGone(Exception):
+    """The provider session ended before a frame could be sent."""
+
+
+class Refused(Exception):
+    """A registration the daemon will not accept; the text is sent to the provider."""
+
+
+@dataclass
+class _Challenge:
+    nonce: str
+    timestamp: str
+    answered: trio.Event = field(default_factory=trio.Event)
+    passed: bool = False
+
+
+class ProviderSession:
+    def __init__(
+        self,
+        transport: Transport,
+        registry: Registry,
+        settings: Settings,
+        lookup_token: TokenLookup,
+    ) -> None:
+        self._transport = transport
+        self._registry = registry
+        self._settings = settings
+        self._lookup_token = lookup_token
+        self._send_lock = trio.StrictFIFOLock()
+        self._scope = trio.CancelScope()
+        self._close_code = CLOSE_GOING_AWAY
+        self._close_reason = "daemon shutting down"
+        self._streams: dict[str, trio.MemorySendChannel[StreamFrame]] = {}
+        self._challenge: _Challenge | None = None
+        self._malformed = 0
+        self.entry: ProviderEntry | None = None
+
+    # Lifecycle ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the connection until it closes, then close it with the reason it ended."""
+        with self._scope:
+            try:
+                entry = self._admit(await self._receive_register())
+            except Refused as refusal:
+                await self._refuse(str(refusal))
+                return
+            try:
+                await self._serve(entry)
+            finally:
+                self._close_streams()
+                self._registry.remove(entry)
+                log.info("provider %s disconnected: %s", entry.provider_id, self._close_reason)
+        await self._close()
+
+    def kick(self, code: int, reason: str) -> None:
+        """End the session with this close code (superseded, token revoked, stale...)."""
+        self._close_code, self._close_reason = code, reason
+        self._scope.cancel()
+
+    async def _serve(self, entry: ProviderEntry) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._challenge_loop, entry)
+            await self._read_loop(entry)
+            nursery.cancel_scope.cancel()
+
+    async def _close(self) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            try:
+                await self._transport.close(self._close_code, self._close_reason[:120])
+            except TransportClosed:
+                pass
+
+    # Registration ---------------------------------------------------------------------------
+
+    async def _receive_register(self) -> Register:
+        with trio.move_on_after(self._settings.register_timeout_s):
+            message = self._decode(await self._transport.receive())
+            if isinstance(message, ProtocolError):
+                raise Refused(message.reason)
+            if not isinstance(message, Register):
+                kind = message.__struct_config__.tag
+                raise Refused(f"expected a register frame first, got '{kind}'")
+            return message
+        raise Refused(f"no register frame within {self._settings.register_timeout_s:g} s")
+
+    def _admit(self, register: Register) -> ProviderEntry:
+        entry = self._validate(register)
+        old = self._registry.add(entry)
+        if old is not None:
+            old.session.kick(CLOSE_SUPERSEDED, "superseded by a newer connection")
+        self.entry = entry
+        log.info("provider %s registered (%s %s)", entry.provider_id, entry.backend, entry.version)
+        return entry
+
+    def _validate(self, register: Register) -> ProviderEntry:
+        if register.protocol != PROTOCOL_VERSION:
+            raise Refused(
+                f"unsupported protocol version {register.protocol} "
+                f"(this daemon speaks {PROTOCOL_VERSION})"
+            )
+        try:
+            public_key = crypto.decode_peer_public_key(register.public_key)
+            identity = crypto.decode_identity_key(register.identity_key)
+        except crypto.CryptoError as exc:
+            raise Refused(str(exc)) from None
+        return ProviderEntry(
+            provider_id=crypto.provider_id(identity),
+            session=self,
+            version=register.version,
+            backend=register.backend,
+            public_key=public_key,
+            identity_key=identity,
+            models=_unique_models(register),
+            max_concurrency=register.max_concurrency or 4,
+            advertised_prefill_tps=register.prefill_tps,
+            advertised_decode_tps=register.decode_tps,
+            token_id=self._check_token(register.auth_token),
+        )
+
+    def _check_token(self, token: str | None) -> str | None:
+        if self._settings.provider_auth == "open":
+            return None
+        if not token:
+            raise Refused("auth_token is required: ask the daemon's admin for a provider token")
+        token_id = self._lookup_token(token)
+        if token_id is None:
+            raise Refused("auth_token is unknown or revoked")
+        return token_id
+
+    async def _refuse(self, reason: str) -> None:
+        log.warning("provider registration refused: %s", reason)
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            try:
+                await self._transport.send(encode(TrustStatus(status="rejected", reason=reason)))
+            except TransportClosed:
+                pass
+        self._close_code, self._close_reason = CLOSE_POLICY, reason
+        await self._close()
+
+    # Reading --------------------------------------------------------------------------------
+
+    async def _read_loop(self, entry: ProviderEntry) -> None:
+        while True:
+            with trio.move_on_after(self._settings.heartbeat_timeout_s):
+                try:
+                    frame = await self._transport.receive()
+                except TransportClosed:
+                    self._close_reason = "connection closed by the provider"
+                    return
+                self._handle(entry, self._decode(frame))
+                continue
+            self.kick(CLOSE_STALE, f"no frame for {self._settings.heartbeat_timeout_s:g} s")
+
+    def _decode(self, frame: str | bytes) -> ProviderMessage | ProtocolError:
+        if isinstance(frame, bytes):
+            return ProtocolError("binary frames are not part of the protocol")
+        return decode_provider_frame(frame)
+
+    def _handle(self, entry: ProviderEntry, message: ProviderMessage | ProtocolError) -> None:
+        match message:
+            case InferenceComplete() | InferenceError():
+                self._route(message.request_id, message, final=True)
+            case ProtocolError() | Register():
+                self._malformed_frame(entry, message)
+            case Heartbeat(status=status):
+                self._registry.set_draining(entry, status == "draining")
+            case ModelsUpdate():
+                self._update_models(entry, message)
+            case AttestationResponse():
+                self._answer(entry, message)
+            case _:
+                self._route(message.request_id, message, final=False)
+
+    def _route(self, request_id: str, message: StreamFrame, *, final: bool) -> None:
+        stream = self._streams.pop(request_id, None) if final else self._streams.get(request_id)
+        if stream is None:
+            return  # finished, cancelled or never ours: PROTOCOL.md §6 says drop it
+        try:
+            stream.send_nowait(message)
+        except trio.WouldBlock:
+            log.warning("request %s fell %d frames behind; dropping it", request_id, STREAM_BUFFER)
+            self._streams.pop(request_id, None)
+            final = True
+        if final:
+            stream.close()
+
+    def _malformed_frame(self, entry: ProviderEntry, message: ProtocolError | Register) -> None:
+        self._malformed += 1
+        reason = message.reason if isinstance(message, ProtocolError) else "register sent twice"
+        log.info("provider %s sent a bad frame: %s", entry.provider_id, reason)
+        if self._malformed > MAX_MALFORMED_FRAMES:
+            self.kick(CLOSE_POLICY, f"more than {MAX_MALFORMED_FRAMES} malformed frames")
+
+    def _update_models(self, entry: ProviderEntry, update: ModelsUpdate) -> None:
+        ids = [info.id for info in update.models]
+        if len(set(ids)) != len(ids):
+            self._malformed_frame(entry, ProtocolError("models_update repeats a model id"))
+            return
+        self._registry.update_models(entry, update.models)
+
+    # Challenges -----------------------------------------------------------------------------
+
+    async def _challenge_loop(self, entry: ProviderEntry) -> None:
+        async for _ in periodic(self._settings.challenge_interval_s):
+            await self._run_challenge(entry)
+
+    async def _run_challenge(self, entry: ProviderEntry) -> None:
+        challenge = _Challenge(crypto.new_challenge_nonce(), crypto.challenge_timestamp())
+        self._challenge = challenge
+        await self.send(AttestationChallenge(nonce=challenge.nonce, timestamp=challenge.timestamp))
+        with trio.move_on_after(self._settings.challenge_answer_s):
+            await challenge.answered.wait()
+        self._challenge = None
+        await self.send(self._verdict(entry, challenge.passed))
+
+    def _verdict(self, entry: ProviderEntry, passed: bool) -> TrustStatus:
+        if passed:
+            self._registry.challenge_passed(entry)
+        elif self._registry.challenge_failed(entry):
+            log.warning("provider %s untrusted after failed challenges", entry.provider_id)
+        if entry.trusted:
+            return TrustStatus(status="trusted")
+        reason = entry.banned_reason or f"{entry.challenge_failures} failed challenge(s)"
+        return TrustStatus(status="untrusted", reason=reason)
+
+    def _answer(self, entry: ProviderEntry, response: AttestationResponse) -> None:
+        challenge = self._challenge
+        if challenge is None or challenge.nonce != response.nonce or challenge.answered.is_set():
+            return  # unknown or replayed nonce: ignored (PROTOCOL.md §4)
+        challenge.passed = crypto.verify_challenge(
+            entry.identity_key, challenge.nonce, challenge.timestamp, response.signature
+        )
+        challenge.answered.set()
+
+    # Requests (called by dispatch) ----------------------------------------------------------
+
+    async def send(self, message: DaemonMessage) -> None:
+        """Send one frame; SessionGone if the provider cannot take it."""
+        frame = encode(message)
+        with trio.move_on_after(SEND_TIMEOUT_S):
+            async with self._send_lock:
+                try:
+                    await self._transport.send(frame)
+                except TransportClosed:
+                    raise SessionGone from None
+            return
+        self.kick(CLOSE_GOING_AWAY, f"provider socket stalled for {SEND_TIMEOUT_S:g} s")
+        raise SessionGone
+
+    def open_stream(self, request_id: str) -> trio.MemoryReceiveChannel[StreamFrame]:
+        """The frames of one request, closed after its terminal or when the session ends."""
+        send, receive = trio.open_memory_channel[StreamFrame](STREAM_BUFFER)
+        self._streams[request_id] = send
+        return receive
+
+    async def start_request(self, request_id: str, body: EncryptedPayload) -> None:
+        await self.send(InferenceRequest(request_id=request_id, encrypted_body=body))
+
+    async def cancel(self, request_id: str) -> None:
+        """Stop a request: forget its stream and tell the provider to stop generating."""
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.close()
+            try:
+                await self.send(Cancel(request_id=request_id))
+            except SessionGone:
+                pass
+
+    def finish(self, request_id: str) -> None:
+        """Forget a request that ended (or was abandoned) without a cancel frame."""
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.close()
+
+    def _close_streams(self) -> None:
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream.close()
+
+
+def _unique_models(register: Register) -> dict[str, ModelInfo]:
+    models = {info.id: info for info in register.models}
+    if len(models) != len(register.models):
+        raise Refused("register repeats a model id")
+    return models

@@ -1,0 +1,1 @@
+"""Scripted fakes that speak the real protocols: providers, backends."""

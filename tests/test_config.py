@@ -1,0 +1,167 @@
+"""Settings from the environment: documented defaults, and every bad value names its variable."""
+
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from daemon import config
+from daemon.config import ConfigError, load_settings
+
+
+def test_defaults_match_the_documented_table() -> None:
+    settings = load_settings({})
+    assert settings.listen == "127.0.0.1:8000"
+    assert (settings.listen_host, settings.listen_port) == ("127.0.0.1", 8000)
+    assert settings.data_dir == Path(".dinfer")
+    assert settings.admin_key is None
+    assert settings.provider_auth == "token"
+    assert settings.challenge_interval_s == 300.0
+    assert settings.heartbeat_timeout_s == 90.0
+    assert settings.breaker_threshold == 2
+    assert settings.breaker_window_s == 60.0
+    assert settings.breaker_cooldown_s == 300.0
+    assert settings.queue_max == 10
+    assert settings.queue_timeout_s == 120.0
+    assert settings.tools_min_version == (0, 6, 3)
+    assert settings.max_attempts == 3
+    assert settings.ttft_base_s == 5.0
+    assert settings.ttft_per_token_ms == 1.0
+    assert settings.speculative_ratio == 0.5
+    assert settings.preamble_timeout_s == 90.0
+    assert settings.inference_timeout_s == 600.0
+    assert settings.max_body_bytes == 16 * 1024 * 1024
+    assert settings.register_timeout_s == 10.0
+    assert settings.challenge_answer_s == 30.0
+    assert settings.challenge_max_age_s == 960.0
+    assert settings.log_level == "info"
+
+
+def test_every_setting_has_exactly_one_variable() -> None:
+    fields = set(config.Settings.__struct_fields__) - {"listen_host", "listen_port"}
+    assert {var.field for var in config.ENV_VARS} == fields | {"listen"}
+
+
+def test_empty_values_take_the_default() -> None:
+    env = {var.name: "" for var in config.ENV_VARS}
+    assert load_settings(env) == load_settings({})
+
+
+def test_values_are_read_and_converted() -> None:
+    settings = load_settings(
+        {
+            "DINFER_LISTEN": "0.0.0.0:0",
+            "DINFER_DATA_DIR": "/var/lib/dinfer",
+            "DINFER_ADMIN_KEY": " s3cret \n",
+            "DINFER_QUEUE_MAX": "25",
+            "DINFER_INFERENCE_TIMEOUT_S": "12.5",
+            "DINFER_SPECULATIVE_RATIO": "1",
+            "DINFER_TOOLS_MIN_VERSION": "1.10",
+            "DINFER_LOG_LEVEL": "DEBUG",
+        }
+    )
+    assert (settings.listen_host, settings.listen_port) == ("0.0.0.0", 0)
+    assert settings.data_dir == Path("/var/lib/dinfer")
+    assert settings.admin_key == "s3cret"
+    assert settings.queue_max == 25
+    assert settings.inference_timeout_s == 12.5
+    assert settings.speculative_ratio == 1.0
+    assert settings.tools_min_version == (1, 10)
+    assert settings.log_level == "debug"
+
+
+@pytest.mark.parametrize(
+    ("value", "host", "port", "listen"),
+    [
+        ("[::1]:8000", "::1", 8000, "[::1]:8000"),
+        ("[::]:0", "::", 0, "[::]:0"),
+        ("[2001:DB8::0001]:443", "2001:db8::1", 443, "[2001:db8::1]:443"),
+        ("localhost:65535", "localhost", 65535, "localhost:65535"),
+    ],
+)
+def test_listen_addresses(value: str, host: str, port: int, listen: str) -> None:
+    settings = load_settings({"DINFER_LISTEN": value})
+    assert (settings.listen_host, settings.listen_port, settings.listen) == (host, port, listen)
+
+
+@pytest.mark.parametrize(
+    "value", ["8000", ":8000", "::1:8000", "[::1]", "[::1]:", "[nothost]:80", "h:65536", "h:-1"]
+)
+def test_bad_listen_addresses(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"^DINFER_LISTEN must be host:port"):
+        load_settings({"DINFER_LISTEN": value})
+
+
+@pytest.mark.parametrize("value", ["token", "open", "OPEN"])
+def test_provider_auth_values(value: str) -> None:
+    assert load_settings({"DINFER_PROVIDER_AUTH": value}).provider_auth == value.lower()
+
+
+def test_unknown_provider_auth_is_an_error() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"DINFER_PROVIDER_AUTH": "none"})
+    assert str(caught.value) == "DINFER_PROVIDER_AUTH must be one of token, open, got 'none'"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("DINFER_BREAKER_THRESHOLD", "x", "a positive integer"),
+        ("DINFER_QUEUE_MAX", "0", "a positive integer"),
+        ("DINFER_MAX_ATTEMPTS", "-3", "a positive integer"),
+        ("DINFER_MAX_BODY_BYTES", "1.5", "a positive integer"),
+        ("DINFER_QUEUE_TIMEOUT_S", "soon", "a positive number"),
+        ("DINFER_HEARTBEAT_TIMEOUT_S", "0", "a positive number"),
+        ("DINFER_CHALLENGE_INTERVAL_S", "-1", "a positive number"),
+        ("DINFER_PREAMBLE_TIMEOUT_S", "inf", "a positive number"),
+        ("DINFER_TTFT_BASE_S", "nan", "a positive number"),
+        ("DINFER_SPECULATIVE_RATIO", "0", "a number in (0, 1]"),
+        ("DINFER_SPECULATIVE_RATIO", "1.01", "a number in (0, 1]"),
+        ("DINFER_SPECULATIVE_RATIO", "half", "a number in (0, 1]"),
+        ("DINFER_TOOLS_MIN_VERSION", "0.6.x", "a dot-separated version of integers"),
+        ("DINFER_TOOLS_MIN_VERSION", "v1", "a dot-separated version of integers"),
+        ("DINFER_LOG_LEVEL", "loud", "one of debug, info, warning, error, critical"),
+    ],
+)
+def test_bad_values_name_their_variable(name: str, value: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({name: value})
+    message = str(caught.value)
+    assert message.startswith(f"{name} must be {expected}")
+    assert message.endswith(f", got {value!r}")
+
+
+def test_the_documented_example_message() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"DINFER_BREAKER_THRESHOLD": "x"})
+    assert str(caught.value) == "DINFER_BREAKER_THRESHOLD must be a positive integer, got 'x'"
+
+
+def test_settings_are_frozen_and_replaceable() -> None:
+    settings = load_settings({})
+    with pytest.raises(AttributeError):
+        settings.queue_max = 3  # type: ignore[misc]
+    changed = msgspec.structs.replace(settings, queue_max=3)
+    assert (changed.queue_max, settings.queue_max) == (3, 10)
+
+
+def test_unknown_variables_are_reported_not_fatal() -> None:
+    env = {"DINFER_QUEU_MAX": "5", "DINFER_QUEUE_MAX": "5", "PATH": "/bin"}
+    assert load_settings(env).queue_max == 5
+    assert config.unknown_variables(env) == ["DINFER_QUEU_MAX"]
+
+
+def test_describe_env_lists_every_variable_with_its_default() -> None:
+    lines = config.describe_env().splitlines()
+    assert [line.split()[0] for line in lines] == [var.name for var in config.ENV_VARS]
+    assert lines[0].split()[1] == "127.0.0.1:8000"
+    assert "(unset)" in lines[2]
+
+
+def test_module_docstring_documents_every_variable_and_default() -> None:
+    rows = {
+        line.split()[0]: line.split()[1]
+        for line in (config.__doc__ or "").splitlines()
+        if line.startswith("DINFER_")
+    }
+    assert rows == {var.name: var.default or "(unset)" for var in config.ENV_VARS}

@@ -1,0 +1,208 @@
+"""The SQLite store: migrations run once, secrets are issued, looked up, revoked, never kept."""
+
+import hashlib
+import re
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from daemon import store as store_module
+from daemon.store import MIGRATIONS, StoreError, database_path, open_store
+
+
+def query(data_dir: Path, sql: str) -> list[Any]:
+    """Read the database file the way an operator (or an attacker with the file) would."""
+    with closing(sqlite3.connect(database_path(data_dir))) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def files_bytes(data_dir: Path) -> bytes:
+    """Every byte the store left on disk (the database, and its WAL if any)."""
+    return b"".join(path.read_bytes() for path in data_dir.iterdir() if path.is_file())
+
+
+async def test_open_creates_the_directory_and_applies_every_migration(tmp_path: Path) -> None:
+    data_dir = tmp_path / "nested" / "state"
+    async with open_store(data_dir):
+        pass
+    assert database_path(data_dir) == data_dir / "dinfer.sqlite3"
+    versions = query(data_dir, "SELECT version FROM schema_version ORDER BY version")
+    assert versions == [(n,) for n in range(1, len(MIGRATIONS) + 1)]
+
+
+async def test_reopening_applies_nothing_twice(tmp_path: Path) -> None:
+    async with open_store(tmp_path) as store:
+        issued = await store.create_api_key("kept")
+    before = query(tmp_path, "SELECT version, applied_at FROM schema_version")
+    async with open_store(tmp_path) as store:
+        assert store.lookup_api_key(issued.secret) == issued.id
+    assert query(tmp_path, "SELECT version, applied_at FROM schema_version") == before
+
+
+async def test_a_new_migration_is_applied_once_on_the_next_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with open_store(tmp_path):
+        pass
+    extra = "CREATE TABLE usage (id INTEGER PRIMARY KEY); INSERT INTO usage VALUES (7);"
+    monkeypatch.setattr(store_module, "MIGRATIONS", (*MIGRATIONS, extra))
+    for _ in range(2):
+        async with open_store(tmp_path):
+            pass
+    assert query(tmp_path, "SELECT id FROM usage") == [(7,)]
+    assert query(tmp_path, "SELECT max(version) FROM schema_version") == [(len(MIGRATIONS) + 1,)]
+
+
+async def test_a_failing_migration_leaves_no_trace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with open_store(tmp_path):
+        pass
+    broken = "CREATE TABLE half (id INTEGER); INSERT INTO missing VALUES (1);"
+    monkeypatch.setattr(store_module, "MIGRATIONS", (*MIGRATIONS, broken))
+    with pytest.raises(sqlite3.OperationalError, match="no such table: missing"):
+        async with open_store(tmp_path):
+            pass
+    tables = query(tmp_path, "SELECT name FROM sqlite_master WHERE name = 'half'")
+    assert tables == []
+    assert query(tmp_path, "SELECT max(version) FROM schema_version") == [(len(MIGRATIONS),)]
+
+
+def test_a_migration_another_opener_already_applied_is_skipped(tmp_path: Path) -> None:
+    # The losing side of two daemons racing to migrate the same fresh file.
+    with closing(store_module._connect(database_path(tmp_path))) as conn:
+        store_module._apply_migration(conn, 1)
+        assert not conn.in_transaction
+        assert conn.execute("SELECT count(*) FROM schema_version").fetchone() == (1,)
+
+
+async def test_a_database_from_a_newer_dinfer_is_refused(tmp_path: Path) -> None:
+    async with open_store(tmp_path):
+        pass
+    with closing(sqlite3.connect(database_path(tmp_path))) as conn, conn:
+        conn.execute("INSERT INTO schema_version VALUES (?, 0)", (len(MIGRATIONS) + 1,))
+    with pytest.raises(StoreError, match="newer than this dinfer supports"):
+        async with open_store(tmp_path):
+            pass
+
+
+async def test_the_database_is_in_wal_mode(tmp_path: Path) -> None:
+    async with open_store(tmp_path):
+        assert query(tmp_path, "PRAGMA journal_mode") == [("wal",)]
+
+
+async def test_the_connection_is_closed_at_exit(tmp_path: Path) -> None:
+    async with open_store(tmp_path) as store:
+        pass
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        await store.create_api_key("too late")
+
+
+async def test_provider_tokens_are_issued_looked_up_and_revoked(tmp_path: Path) -> None:
+    async with open_store(tmp_path) as store:
+        issued = await store.create_provider_token("gpu box 1")
+        assert re.fullmatch(r"pt_[0-9a-f]{12}", issued.id)
+        assert re.fullmatch(r"dpt_[A-Za-z0-9_-]{43}", issued.secret)
+        assert store.lookup_provider_token(issued.secret) == issued.id
+        assert store.lookup_provider_token(issued.secret + "x") is None
+        assert await store.revoke_provider_token(issued.id) is True
+        assert store.lookup_provider_token(issued.secret) is None
+        assert await store.revoke_provider_token(issued.id) is False
+        assert await store.revoke_provider_token("pt_000000000000") is False
+
+
+async def test_api_keys_are_issued_looked_up_and_revoked(tmp_path: Path) -> None:
+    async with open_store(tmp_path) as store:
+        issued = await store.create_api_key("alice")
+        assert re.fullmatch(r"key_[0-9a-f]{12}", issued.id)
+        assert re.fullmatch(r"dk_[A-Za-z0-9_-]{43}", issued.secret)
+        assert store.lookup_api_key(issued.secret) == issued.id
+        assert await store.revoke_api_key(issued.id) is True
+        assert store.lookup_api_key(issued.secret) is None
+        assert await store.revoke_api_key(issued.id) is False
+        assert await store.revoke_api_key("key_000000000000") is False
+
+
+async def test_the_two_kinds_never_stand_in_for_each_other(tmp_path: Path) -> None:
+    async with open_store(tmp_path) as store:
+        token = await store.create_provider_token("box")
+        key = await store.create_api_key("alice")
+        assert store.lookup_api_key(token.secret) is None
+        assert store.lookup_provider_token(key.secret) is None
+        assert await store.revoke_api_key(token.id) is False
+        assert await store.revoke_provider_token(key.id) is False
+        assert store.lookup_provider_token(token.secret) == token.id
+
+
+async def test_revocations_and_live_secrets_survive_a_reopen(tmp_path: Path) -> None:
+    async with open_store(tmp_path) as store:
+        revoked_token = await store.create_provider_token("old box")
+        live_token = await store.create_provider_token("new box")
+        revoked_key = await store.create_api_key("bob")
+        live_key = await store.create_api_key("carol")
+        await store.revoke_provider_token(revoked_token.id)
+        await store.revoke_api_key(revoked_key.id)
+    async with open_store(tmp_path) as store:
+        assert store.lookup_provider_token(revoked_token.secret) is None
+        assert store.lookup_api_key(revoked_key.secret) is None
+        assert store.lookup_provider_token(live_token.secret) == live_token.id
+        assert store.lookup_api_key(live_key.secret) == live_key.id
+        assert await store.revoke_api_key(revoked_key.id) is False
+
+
+async def test_secrets_are_stored_only_as_sha256_digests(tmp_path: Path) -> None:
+    async with open_store(tmp_path) as store:
+        token = await store.create_provider_token("box")
+        key = await store.create_api_key("alice")
+    rows = query(tmp_path, "SELECT id, name, secret_hash FROM provider_tokens")
+    rows += query(tmp_path, "SELECT id, name, secret_hash FROM api_keys")
+    assert rows == [
+        (token.id, "box", hashlib.sha256(token.secret.encode()).hexdigest()),
+        (key.id, "alice", hashlib.sha256(key.secret.encode()).hexdigest()),
+    ]
+    raw = files_bytes(tmp_path)
+    assert rows[0][2].encode() in raw  # the read sees the stored rows
+    assert token.secret.encode() not in raw
+    assert key.secret.encode() not in raw
+
+
+async def test_an_issued_secret_does_not_print_its_secret(tmp_path: Path) -> None:
+    async with open_store(tmp_path) as store:
+        issued = await store.create_api_key("alice")
+    assert issued.id in repr(issued)
+    assert issued.secret not in repr(issued)
+
+
+@pytest.mark.parametrize("name", ["", "   ", "x" * 201])
+async def test_bad_names_are_refused_and_nothing_is_stored(tmp_path: Path, name: str) -> None:
+    async with open_store(tmp_path) as store:
+        with pytest.raises(ValueError, match="name must"):
+            await store.create_provider_token(name)
+        with pytest.raises(ValueError, match="name must"):
+            await store.create_api_key(name)
+    assert query(tmp_path, "SELECT count(*) FROM provider_tokens") == [(0,)]
+    assert query(tmp_path, "SELECT count(*) FROM api_keys") == [(0,)]
+
+
+async def test_a_name_of_exactly_200_characters_is_accepted(tmp_path: Path) -> None:
+    async with open_store(tmp_path) as store:
+        issued = await store.create_api_key("x" * 200)
+        assert store.lookup_api_key(issued.secret) == issued.id
+
+
+async def test_concurrent_writers_share_the_one_connection(tmp_path: Path) -> None:
+    issued = []
+
+    async def create(n: int) -> None:
+        issued.append(await store.create_api_key(f"key {n}"))
+
+    async with open_store(tmp_path) as store:
+        async with trio.open_nursery() as nursery:
+            for n in range(20):
+                nursery.start_soon(create, n)
+        assert all(store.lookup_api_key(i.secret) == i.id for i in issued)
+    assert query(tmp_path, "SELECT count(*) FROM api_keys") == [(20,)]
