@@ -16,6 +16,7 @@ from quart import Response, websocket
 from quart_trio import QuartTrio
 
 from daemon.admin import admin, json_error
+from daemon.api.chat import ChatCompletions
 from daemon.nursery.supervisor import Supervisor
 from daemon.session import TransportClosed
 
@@ -99,4 +100,5 @@ class Router:
 
 
 def create_app(sup: Supervisor) -> Router:
-    return Router(cast(ASGIApp, create_quart_app(sup)), {})
+    routes: dict[str, ASGIApp] = {"/v1/chat/completions": ChatCompletions(sup)}
+    return Router(cast(ASGIApp, create_quart_app(sup)), routes)

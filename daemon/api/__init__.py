@@ -1,0 +1,1 @@
+"""The consumer API: OpenAI-shaped routes served as hand-written ASGI handlers."""

@@ -1,0 +1,109 @@
+"""Assemble a non-streaming `chat.completion` from the chunks of a provider's stream.
+
+Providers always stream; a consumer that asked for one answer gets the content, reasoning and
+tool calls accumulated (tool calls by index, arguments concatenated), the finish reason and
+the usage.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocol.messages import Usage
+
+
+@dataclass
+class _ToolCall:
+    id: str | None = None
+    type: str = "function"
+    name: str = ""
+    arguments: list[str] = field(default_factory=list)
+
+    def merge(self, delta: dict[str, Any]) -> None:
+        self.id = delta.get("id") or self.id
+        self.type = delta.get("type") or self.type
+        function = delta.get("function") or {}
+        self.name += function.get("name") or ""
+        if function.get("arguments"):
+            self.arguments.append(function["arguments"])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": self.type,
+            "function": {"name": self.name, "arguments": "".join(self.arguments)},
+        }
+
+
+@dataclass
+class CompletionAssembler:
+    model: str
+    id: str | None = None
+    created: int | None = None
+    content: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    refusal: list[str] = field(default_factory=list)
+    tool_calls: dict[int, _ToolCall] = field(default_factory=dict)
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+
+    def add(self, event: dict[str, Any] | None) -> None:
+        if not event:
+            return
+        self.id = self.id or event.get("id")
+        self.created = self.created or event.get("created")
+        if isinstance(event.get("usage"), dict):
+            self.usage = event["usage"]
+        for choice in event.get("choices") or ():
+            if isinstance(choice, dict):
+                self._add_choice(choice)
+
+    def _add_choice(self, choice: dict[str, Any]) -> None:
+        self.finish_reason = choice.get("finish_reason") or self.finish_reason
+        delta = choice.get("delta")
+        if not isinstance(delta, dict):
+            return
+        _append(self.content, delta.get("content"))
+        _append(self.reasoning, delta.get("reasoning_content") or delta.get("reasoning"))
+        _append(self.refusal, delta.get("refusal"))
+        for call in delta.get("tool_calls") or ():
+            if isinstance(call, dict):
+                self.tool_calls.setdefault(int(call.get("index", 0)), _ToolCall()).merge(call)
+
+    def result(self, usage: Usage | None) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content)}
+        if self.reasoning:
+            message["reasoning_content"] = "".join(self.reasoning)
+        if self.refusal:
+            message["refusal"] = "".join(self.refusal)
+        if self.tool_calls:
+            message["tool_calls"] = [self.tool_calls[i].as_dict() for i in sorted(self.tool_calls)]
+        return {
+            "id": self.id or "chatcmpl-dinfer",
+            "object": "chat.completion",
+            "created": self.created or int(time.time()),
+            "model": self.model,
+            "choices": [
+                {"index": 0, "message": message, "finish_reason": self.finish_reason or "stop"}
+            ],
+            "usage": self._usage(usage),
+        }
+
+    def _usage(self, usage: Usage | None) -> dict[str, Any]:
+        if self.usage is not None:
+            return self.usage
+        if usage is None:
+            return {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        total = usage.prompt_tokens + usage.completion_tokens
+        return {
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": total,
+        }
+
+
+def _append(parts: list[str], value: Any) -> None:
+    if isinstance(value, str) and value:
+        parts.append(value)

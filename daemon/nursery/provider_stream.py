@@ -1,0 +1,154 @@
+"""One attempt on one provider: seal and send the request, then read its frames as events.
+
+A `ProviderStream` turns the session's raw frames for one request id into typed events:
+decrypted, classified chunks (PROTOCOL.md §6), `accepted`, `completed`, or a `Failure` with the
+status the breaker and the consumer see. It has no deadlines of its own: callers wrap
+`next_event()` in cancel scopes. `close()` is the one cleanup path: it tells the provider to
+stop (a `cancel` frame) unless the request already ended, and frees the slot.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any, Final
+
+import trio
+
+from daemon.registry import Lease, Registry
+from daemon.session import ProviderSession, SessionGone
+from protocol import crypto
+from protocol.messages import (
+    InferenceAccepted,
+    InferenceComplete,
+    InferenceError,
+    InferenceResponseChunk,
+    Usage,
+)
+from protocol.sse import ChunkKind, classify, parse_data_line
+
+# A cancel frame to a provider gets this long, even from a request that is being cancelled.
+CANCEL_GRACE_S: Final = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One SSE data line from the provider, classified."""
+
+    kind: ChunkKind
+    line: str
+    event: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """The provider is working on it (loading the model): first content may take long."""
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """An attempt that went wrong; `status` is what the breaker counts and the consumer sees."""
+
+    status: int
+    message: str
+    kind: str = "provider_error"  # or "timeout"
+
+    @property
+    def is_request_fault(self) -> bool:
+        """400/413/415/422: the request itself is bad; retrying elsewhere cannot help."""
+        return self.status in {400, 413, 415, 422}
+
+
+Event = Chunk | Accepted | Completed | Failure
+
+DISCONNECTED: Final = Failure(502, "provider disconnected")
+INVALID_CHUNK: Final = Failure(502, "provider returned invalid encrypted chunk")
+
+
+class ProviderStream:
+    def __init__(self, lease: Lease, registry: Registry) -> None:
+        self.lease = lease
+        self.entry = lease.entry
+        self.request_id = str(uuid.uuid4())
+        self._registry = registry
+        self._session: ProviderSession = lease.entry.session  # type: ignore[assignment]
+        self._frames: trio.MemoryReceiveChannel[Any] | None = None
+        self._opener: crypto.ChunkOpener | None = None
+        self.ended = False
+        self.closed = False
+
+    @property
+    def provider_id(self) -> str:
+        return self.entry.provider_id
+
+    async def start(self, plaintext: bytes) -> Failure | None:
+        """Seal the request to this provider with a fresh key and send it."""
+        payload, self._opener = crypto.seal_request(plaintext, self.entry.public_key)
+        self._frames = self._session.open_stream(self.request_id)
+        try:
+            await self._session.start_request(self.request_id, payload)
+        except SessionGone:
+            self.ended = True
+            return DISCONNECTED
+        return None
+
+    async def next_event(self) -> Event:
+        assert self._frames is not None
+        try:
+            frame = await self._frames.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            self.ended = True
+            return DISCONNECTED
+        return self._event(frame)
+
+    def _event(self, frame: Any) -> Event:
+        match frame:
+            case InferenceResponseChunk(encrypted_data=payload):
+                return self._chunk(payload)
+            case InferenceAccepted():
+                return Accepted()
+            case InferenceComplete(usage=usage):
+                self.ended = True
+                return Completed(usage)
+            case InferenceError(status_code=status, error=message):
+                self.ended = True
+                return Failure(status, message or f"provider error {status}")
+        return DISCONNECTED  # unreachable: the session routes only these frames
+
+    def _chunk(self, payload: Any) -> Chunk | Failure:
+        assert self._opener is not None
+        try:
+            line = self._opener.open(payload).decode()
+        except (crypto.CryptoError, UnicodeDecodeError):
+            self._registry.ban(self.entry, INVALID_CHUNK.message)
+            return INVALID_CHUNK
+        data = parse_data_line(line)
+        if data is None:  # an SSE comment or event: line: nothing to relay
+            return Chunk(ChunkKind.DONE, line, None)
+        kind, event = classify(data)
+        return Chunk(kind, line, event)
+
+    async def close(self) -> None:
+        """Stop the provider if the request is still running, free the slot; idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self._registry.release(self.lease)
+        if self.ended:
+            self._session.finish(self.request_id)
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_GRACE_S):
+            await self._session.cancel(self.request_id)
+
+
+def error_message(event: dict[str, Any] | None) -> str:
+    """The text of an SSE `{"error": ...}` event, for logs and the in-band error."""
+    error = (event or {}).get("error")
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return str(error["message"])
+    return error if isinstance(error, str) else "the provider's backend reported an error"
