@@ -71,11 +71,12 @@ class AdmissionQueue:
 
     async def admit(self, traits: RequestTraits) -> Lease:
         """A slot on the best capable provider, waiting in the queue if all are busy."""
-        self._pump()  # earlier waiters get first pick of anything already free
-        if not self._waiting.get(traits.model):
-            lease = self._try_now(traits)
-            if lease is not None:
-                return lease
+        # Earlier waiters get first pick of anything already free; what they leave, none of
+        # them can use, so the newcomer may take it without jumping the queue.
+        self._pump()
+        lease = self._try_now(traits)
+        if lease is not None:
+            return lease
         return await self._wait(traits)
 
     def _try_now(self, traits: RequestTraits) -> Lease | None:

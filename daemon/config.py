@@ -30,8 +30,10 @@ DINFER_TTFT_BASE_S             5              first-token deadline, fixed part
 DINFER_TTFT_PER_TOKEN_MS       1              first-token deadline, added per prompt token
 DINFER_SPECULATIVE_RATIO       0.5            fraction of the first-token deadline after which
                                               a backup provider is started, in (0, 1]
-DINFER_PREAMBLE_TIMEOUT_S      90             longest wait for the first real content
-DINFER_INFERENCE_TIMEOUT_S     600            longest a whole request may take
+DINFER_PREAMBLE_TIMEOUT_S      90             extra wait for content, once, when a provider sent
+                                              only boilerplate by the first-token deadline
+DINFER_INFERENCE_TIMEOUT_S     600            wait for content after `inference_accepted`, and
+                                              the longest silence after the first content
 DINFER_MAX_BODY_BYTES          16777216       largest accepted request body (16 MiB)
 DINFER_REGISTER_TIMEOUT_S      10             time a new connection has to send `register`
 DINFER_CHALLENGE_ANSWER_S      30             time a provider has to answer a challenge
@@ -197,13 +199,13 @@ ENV_VARS: Final[tuple[EnvVar, ...]] = (
     _var("DINFER_MAX_ATTEMPTS", "3", "providers tried per request", _positive_int),
     _var("DINFER_TTFT_BASE_S", "5", "first-token deadline, fixed part", _positive_float),
     _var("DINFER_TTFT_PER_TOKEN_MS", "1", "first-token deadline, per token", _positive_float),
-    _var("DINFER_SPECULATIVE_RATIO", "0.5", "deadline fraction before a backup", _ratio),
-    _var("DINFER_PREAMBLE_TIMEOUT_S", "90", "longest wait for real content", _positive_float),
-    _var("DINFER_INFERENCE_TIMEOUT_S", "600", "longest a request may take", _positive_float),
+    _var("DINFER_SPECULATIVE_RATIO", "0.5", "TTFT fraction that starts a backup", _ratio),
+    _var("DINFER_PREAMBLE_TIMEOUT_S", "90", "extra wait for content after a preamble", _positive_float),
+    _var("DINFER_INFERENCE_TIMEOUT_S", "600", "wait for content once accepted; silence after it", _positive_float),
     _var("DINFER_MAX_BODY_BYTES", "16777216", "largest request body (16 MiB)", _positive_int),
-    _var("DINFER_REGISTER_TIMEOUT_S", "10", "time to send register", _positive_float),
+    _var("DINFER_REGISTER_TIMEOUT_S", "10", "time a new provider has to register", _positive_float),
     _var("DINFER_CHALLENGE_ANSWER_S", "30", "time to answer a challenge", _positive_float),
-    _var("DINFER_CHALLENGE_MAX_AGE_S", "960", "age of a stale challenge pass", _positive_float),
+    _var("DINFER_CHALLENGE_MAX_AGE_S", "960", "challenge pass age that stops routing", _positive_float),
     _var(
         "DINFER_LOG_LEVEL",
         "info",

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from daemon.breaker import CircuitBreaker, Shape, shape_of
 from protocol.messages import ModelInfo
 
 if TYPE_CHECKING:
     from daemon.registry import ProviderEntry
+
+
+# The refusal of a provider that registered moments ago and has not answered its first
+# challenge yet (PROTOCOL.md §4: it has `challenge_answer_s` to do so).
+AWAITING_ATTESTATION: Final = "waiting for its first attestation"
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,15 +68,23 @@ def refusal(entry: ProviderEntry, traits: RequestTraits, gates: Gates, now: floa
 
     A reason reads after "the provider is": the preflight joins them into one message.
     """
+    # Trust comes last: a refusal equal to AWAITING_ATTESTATION then means "capable as soon
+    # as its first challenge passes", which the preflight answers with a wait, not a 503.
     return (
-        _trust_refusal(entry, gates, now)
-        or _model_refusal(entry, traits)
+        _model_refusal(entry, traits)
         or _capability_refusal(entry, traits, gates)
         or _breaker_refusal(entry, traits, gates, now)
+        or _trust_refusal(entry, gates, now)
     )
 
 
 def _trust_refusal(entry: ProviderEntry, gates: Gates, now: float) -> str | None:
+    if (
+        entry.last_challenge_pass is None
+        and entry.challenge_failures == 0
+        and entry.banned_reason is None
+    ):
+        return AWAITING_ATTESTATION
     if not entry.trusted:
         return "untrusted"
     if (

@@ -21,7 +21,7 @@ from nacl.signing import VerifyKey
 from trio_util import AsyncValue
 
 from daemon.breaker import CircuitBreaker, Shape
-from daemon.eligibility import Gates, RequestTraits, refusal
+from daemon.eligibility import AWAITING_ATTESTATION, Gates, RequestTraits, refusal
 from protocol.messages import ModelInfo
 
 # A model that had a provider this recently queues instead of failing as unknown: providers
@@ -154,6 +154,7 @@ class Registry:
         """Count a failed challenge; True when it made the provider untrusted."""
         entry.challenge_failures += 1
         entry.last_challenge_at = time.time()
+        self._bump()  # a waiter counting on this provider's first pass may be hopeless now
         if entry.challenge_failures >= CHALLENGE_FAILURES_TO_UNTRUST and entry.trusted:
             entry.trusted = False
             return True
@@ -163,6 +164,7 @@ class Registry:
         """Never route to this session again (it broke the protocol's crypto contract)."""
         entry.banned_reason = reason
         entry.trusted = False
+        self._bump()
 
     def set_draining(self, entry: ProviderEntry, draining: bool) -> None:
         if entry.draining != draining:
@@ -186,6 +188,8 @@ class Registry:
             return Preflight("ready")
         if capable:
             return Preflight("queue", f'every provider of model "{traits.model}" is busy')
+        if AWAITING_ATTESTATION in refusals.values():
+            return Preflight("queue", f'the providers of model "{traits.model}" are connecting')
         return Preflight("unavailable", _explain(traits.model, refusals.values()))
 
     def _preflight_unserved(self, model: str, now: float) -> Preflight:
@@ -249,9 +253,12 @@ class Registry:
 
     def record_failure(self, entry: ProviderEntry, model: str, shape: Shape, status: int) -> bool:
         """A failed attempt; True when it put (provider, model, shape) into cooldown."""
-        return self.breaker.record_failure(
+        opened = self.breaker.record_failure(
             (entry.provider_id, model, shape), status, trio.current_time()
         )
+        if opened:
+            self._bump()  # the cooldown timer must learn the new expiry; waiters may be hopeless
+        return opened
 
     def cooldown_expired(self) -> None:
         """Called by the supervisor when a cooldown ends: queued requests may route again."""

@@ -31,7 +31,8 @@ def hypercorn_config(settings: Settings) -> Config:
     # reason; beyond it Hypercorn closes with 1009.
     config.websocket_max_message_size = MAX_FRAME_BYTES + 2 * 1024 * 1024
     config.graceful_timeout = 5
-    config.accesslog = None
+    config.accesslog = None  # request lines would be noise; errors still go to our logging
+    config.errorlog = logging.getLogger("hypercorn.error")
     return config
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -134,6 +135,11 @@ class ProviderSession:
         """End the session with this close code (superseded, token revoked, stale...)."""
         self._close_code, self._close_reason = code, reason
         self._scope.cancel()
+
+    def connection_lost(self) -> None:
+        """The WebSocket task ended first: the provider hung up, or the server is stopping."""
+        if not self._scope.cancel_called:
+            self._close_reason = "connection closed"
 
     async def _serve(self, entry: ProviderEntry) -> None:
         async with trio.open_nursery() as nursery:
@@ -279,8 +285,10 @@ class ProviderSession:
     # Challenges -----------------------------------------------------------------------------
 
     async def _challenge_loop(self, entry: ProviderEntry) -> None:
-        async for _ in periodic(self._settings.challenge_interval_s):
-            await self._run_challenge(entry)
+        # aclosing: a cancelled loop must close the generator itself, not leave it to the GC.
+        async with aclosing(periodic(self._settings.challenge_interval_s)) as ticks:
+            async for _ in ticks:
+                await self._run_challenge(entry)
 
     async def _run_challenge(self, entry: ProviderEntry) -> None:
         challenge = _Challenge(crypto.new_challenge_nonce(), crypto.challenge_timestamp())

@@ -68,7 +68,7 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
 def _decode(raw: bytes) -> dict[str, Any]:
     try:
         body = _decoder.decode(raw)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # RecursionError: nesting too deep
         raise BadRequest("the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")

@@ -53,6 +53,7 @@ class Supervisor:
         try:
             await finished.wait()
         finally:
+            session.connection_lost()
             scope.cancel()
 
     def kick_token(self, token_id: str) -> int:

@@ -9,9 +9,11 @@ request bodies, the cancels, the trust verdicts, how the daemon closed the conne
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import trio
 import trio_websocket
@@ -177,7 +179,7 @@ class FakeProvider:
     async def run(self, *, task_status: trio.TaskStatus[FakeProvider] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect and serve; `started` once the first verdict arrives (or the socket closes)."""
         try:
-            async with trio_websocket.open_websocket_url(self.url) as ws:
+            async with open_provider_socket(self.url) as ws:
                 await ws.send_message(encode(self.register_frame()))
                 async with trio.open_nursery() as nursery:
                     self._ws, self._nursery = ws, nursery
@@ -186,9 +188,10 @@ class FakeProvider:
                         nursery.start_soon(self._heartbeat, ws)
                     await self._read(ws, task_status)
                     nursery.cancel_scope.cancel()
-        except trio_websocket.ConnectionClosed as exc:
-            self._closed(exc.reason)
-        except trio_websocket.HandshakeError:
+        # Nurseries wrap the close in an exception group (strict_exception_groups).
+        except* trio_websocket.ConnectionClosed as closed:
+            self._closed(_first_leaf(closed).reason)
+        except* (trio_websocket.HandshakeError, OSError):
             self._closed(None)
         finally:
             self.closed.set()
@@ -280,6 +283,35 @@ class FakeProvider:
         return True
 
 
+
+
+def _first_leaf(group: BaseExceptionGroup[Any]) -> Any:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+@asynccontextmanager
+async def open_provider_socket(
+    url: str, *, max_message_size: int = 1024 * 1024
+) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+    """`open_websocket_url`, but the TCP stream is always closed on exit.
+
+    trio-websocket 0.12's client never closes its socket when the server closes the
+    connection first (it waits for the server's TCP close, then returns early from
+    `aclose`), which leaks the socket: a ResourceWarning, an error under
+    `filterwarnings = error`. Owning the stream here closes it.
+    """
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    async with await trio.open_tcp_stream(host, port) as stream, trio.open_nursery() as nursery:
+        ws = await trio_websocket.wrap_client_stream(
+            nursery, stream, host, parts.path, max_message_size=max_message_size
+        )
+        try:
+            yield ws
+        finally:
+            with trio.move_on_after(5):
+                await ws.aclose()
 
 
 async def start_fakes(nursery: trio.Nursery, fakes: Sequence[FakeProvider]) -> list[FakeProvider]:

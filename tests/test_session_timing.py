@@ -1,0 +1,327 @@
+"""A provider session's clocks, on a virtual clock: challenges, trust, staleness, registration.
+
+The daemon's side runs the real ProviderSession; the test plays the provider over an in-memory
+transport and checks each frame and close at the exact virtual second PROTOCOL.md §4 names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import pytest
+import trio
+import trio.testing
+from nacl.signing import SigningKey
+
+from daemon.config import load_settings
+from daemon.eligibility import RequestTraits
+from daemon.nursery.supervisor import build_registry
+from daemon.registry import ProviderEntry, Registry
+from daemon.session import ProviderSession, TransportClosed
+from protocol import crypto
+from protocol.messages import (
+    AttestationChallenge,
+    AttestationResponse,
+    DaemonMessage,
+    Heartbeat,
+    ModelInfo,
+    ProtocolError,
+    ProviderMessage,
+    Register,
+    TrustStatus,
+    decode_daemon_frame,
+    encode,
+)
+
+# Frames in flight each way before a sender waits: far more than any test leaves unread.
+CHANNEL_BOUND = 16
+BASE = RequestTraits(model="m")
+
+
+@dataclass(frozen=True)
+class Closed:
+    code: int
+    reason: str
+    at: float
+
+
+class FakeTransport:
+    """The daemon's end of an in-memory WebSocket; the test is the provider at the other end."""
+
+    def __init__(self) -> None:
+        self._to_daemon, self._from_provider = trio.open_memory_channel[str](CHANNEL_BOUND)
+        self._to_provider, self._from_daemon = trio.open_memory_channel[str](CHANNEL_BOUND)
+        self.closed: Closed | None = None
+
+    # The daemon's side (session.Transport)
+
+    async def receive(self) -> str:
+        try:
+            return await self._from_provider.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise TransportClosed from None
+
+    async def send(self, text: str) -> None:
+        try:
+            await self._to_provider.send(text)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise TransportClosed from None
+
+    async def close(self, code: int, reason: str) -> None:
+        self.closed = Closed(code, reason, trio.current_time())
+        await self._to_provider.aclose()
+
+    # The provider's side
+
+    async def provider_send(self, message: ProviderMessage) -> None:
+        await self._to_daemon.send(encode(message))
+
+    async def provider_receive(self) -> DaemonMessage:
+        """The next frame from the daemon; EndOfChannel once it closed the connection."""
+        message = decode_daemon_frame(await self._from_daemon.receive())
+        assert not isinstance(message, ProtocolError), message.reason
+        return message
+
+    async def hang_up(self) -> None:
+        await self._to_daemon.aclose()
+
+
+class Provider:
+    """The provider's keys and the frames it sends."""
+
+    def __init__(self, transport: FakeTransport) -> None:
+        self.transport = transport
+        self.identity = crypto.generate_identity_key()
+        self.provider_id = crypto.provider_id(self.identity.verify_key)
+
+    async def register(self) -> None:
+        await self.transport.provider_send(
+            Register(
+                protocol=1,
+                version="0.7.0",
+                backend="llama.cpp",
+                public_key=crypto.encode_key(crypto.generate_box_key().public_key),
+                identity_key=crypto.encode_key(self.identity.verify_key),
+                models=[ModelInfo(id="m")],
+            )
+        )
+
+    async def challenge(self) -> AttestationChallenge:
+        message = await self.transport.provider_receive()
+        assert isinstance(message, AttestationChallenge), message
+        return message
+
+    async def answer(
+        self, challenge: AttestationChallenge, key: SigningKey | None = None, nonce: str = ""
+    ) -> None:
+        """Sign `challenge` (with another key or over another nonce, to misbehave)."""
+        nonce = nonce or challenge.nonce
+        signature = crypto.sign_challenge(key or self.identity, nonce, challenge.timestamp)
+        await self.transport.provider_send(AttestationResponse(nonce=nonce, signature=signature))
+
+    async def verdict(self) -> TrustStatus:
+        message = await self.transport.provider_receive()
+        assert isinstance(message, TrustStatus), message
+        return message
+
+    async def attest(self) -> None:
+        """Answer the next challenge correctly and see it pass."""
+        await self.answer(await self.challenge())
+        assert await self.verdict() == TrustStatus(status="trusted")
+
+
+@dataclass
+class Connection:
+    registry: Registry
+    transport: FakeTransport
+    provider: Provider
+
+    @property
+    def entry(self) -> ProviderEntry | None:
+        return self.registry.get(self.provider.provider_id)
+
+    def routable(self) -> bool:
+        entry = self.entry
+        return entry is not None and self.registry.refusal(entry, BASE) is None
+
+
+@asynccontextmanager
+async def connection(**env: str) -> AsyncIterator[Connection]:
+    """A ProviderSession served in a nursery; on exit the provider hangs up and it ends."""
+    settings = load_settings({"DINFER_PROVIDER_AUTH": "open", **env})
+    registry = build_registry(settings)
+    transport = FakeTransport()
+    session = ProviderSession(transport, registry, settings, lambda token: None)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        yield Connection(registry, transport, Provider(transport))
+        await transport.hang_up()
+    assert registry.providers() == []
+
+
+# Challenges -------------------------------------------------------------------------------
+
+# Silence limit far beyond each test's span, so only the challenge clocks act.
+QUIET = {"DINFER_HEARTBEAT_TIMEOUT_S": "100000"}
+
+
+async def test_challenges_start_at_register_then_repeat_every_interval(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with connection(**QUIET) as c:
+        await trio.sleep(2)
+        await c.provider.register()
+        for expected in (2, 302, 602, 902):
+            challenge = await c.provider.challenge()
+            assert trio.current_time() == expected
+            await trio.sleep(1)
+            await c.provider.answer(challenge)
+            assert await c.provider.verdict() == TrustStatus(status="trusted")
+            assert trio.current_time() == expected + 1
+
+
+async def test_routable_only_after_the_first_challenge_passes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with connection(**QUIET) as c:
+        await c.provider.register()
+        challenge = await c.provider.challenge()
+        assert c.entry is not None
+        assert not c.routable()
+        await trio.sleep(5)
+        await c.provider.answer(challenge)
+        assert await c.provider.verdict() == TrustStatus(status="trusted")
+        assert trio.current_time() == 5
+        assert c.routable()
+
+
+async def test_a_missing_answer_fails_after_exactly_the_answer_window(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with connection(**QUIET) as c:
+        await c.provider.register()
+        await c.provider.challenge()
+        verdict = await c.provider.verdict()
+        assert trio.current_time() == 30  # DINFER_CHALLENGE_ANSWER_S default
+        assert verdict == TrustStatus(status="untrusted", reason="1 failed challenge(s)")
+        assert not c.routable()
+
+
+async def test_three_consecutive_failures_make_a_provider_untrusted(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with connection(**QUIET) as c:
+        await c.provider.register()
+        await c.provider.attest()
+        for failures, at in ((1, 330), (2, 630)):
+            await c.provider.challenge()
+            assert await c.provider.verdict() == TrustStatus(status="trusted")
+            assert trio.current_time() == at
+            assert c.entry is not None and c.entry.challenge_failures == failures
+            assert c.routable()
+        await c.provider.challenge()
+        verdict = await c.provider.verdict()
+        assert trio.current_time() == 930
+        assert verdict == TrustStatus(status="untrusted", reason="3 failed challenge(s)")
+        assert not c.routable()
+
+
+async def test_a_pass_resets_the_count_of_consecutive_failures(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with connection(**QUIET) as c:
+        await c.provider.register()
+        await c.provider.attest()
+        for _ in range(2):
+            await c.provider.challenge()
+            assert await c.provider.verdict() == TrustStatus(status="trusted")
+        await c.provider.attest()
+        await c.provider.challenge()
+        assert await c.provider.verdict() == TrustStatus(status="trusted")
+        assert trio.current_time() == 1230
+        assert c.entry is not None and c.entry.challenge_failures == 1
+        assert c.routable()
+
+
+async def test_a_wrong_signature_fails_at_once(autojump_clock: trio.testing.MockClock) -> None:
+    async with connection(**QUIET) as c:
+        await c.provider.register()
+        challenge = await c.provider.challenge()
+        await trio.sleep(4)
+        await c.provider.answer(challenge, key=crypto.generate_identity_key())
+        verdict = await c.provider.verdict()
+        assert trio.current_time() == 4
+        assert verdict == TrustStatus(status="untrusted", reason="1 failed challenge(s)")
+        assert not c.routable()
+
+
+async def test_an_unknown_nonce_is_ignored(autojump_clock: trio.testing.MockClock) -> None:
+    async with connection(**QUIET) as c:
+        await c.provider.register()
+        challenge = await c.provider.challenge()
+        # Well signed, but over a nonce the daemon never sent: neither a pass nor a failure.
+        await c.provider.answer(challenge, nonce=crypto.new_challenge_nonce())
+        await trio.sleep(10)
+        await c.provider.answer(challenge)
+        assert await c.provider.verdict() == TrustStatus(status="trusted")
+        assert trio.current_time() == 10
+        assert c.entry is not None and c.entry.challenge_failures == 0
+
+
+async def test_a_replayed_answer_is_ignored(autojump_clock: trio.testing.MockClock) -> None:
+    async with connection(**QUIET) as c:
+        await c.provider.register()
+        first = await c.provider.challenge()
+        await c.provider.answer(first)
+        assert await c.provider.verdict() == TrustStatus(status="trusted")
+        await c.provider.challenge()
+        await c.provider.answer(first)  # yesterday's signature on yesterday's nonce
+        assert await c.provider.verdict() == TrustStatus(status="trusted")
+        assert trio.current_time() == 330  # the answer window ran out: a failure
+        assert c.entry is not None and c.entry.challenge_failures == 1
+
+
+async def test_a_pass_older_than_sixteen_minutes_is_not_routable(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # No challenge between the pass at 0 and the check at 960: only the pass's age changes.
+    async with connection(DINFER_CHALLENGE_INTERVAL_S="2000", **QUIET) as c:
+        await c.provider.register()
+        await c.provider.attest()
+        await trio.sleep_until(959)
+        assert c.routable()
+        await trio.sleep_until(960)  # DINFER_CHALLENGE_MAX_AGE_S default
+        assert not c.routable()
+        assert c.entry is not None and c.entry.trusted
+
+
+# Staleness and registration -----------------------------------------------------------------
+
+
+async def test_a_silent_provider_is_closed_stale_at_exactly_the_heartbeat_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with connection() as c:
+        await c.provider.register()
+        await c.provider.attest()
+        await trio.sleep(50)
+        await c.transport.provider_send(Heartbeat(active_requests=0))
+        assert c.entry is not None
+        with pytest.raises(trio.EndOfChannel):  # nothing more: the daemon closed the socket
+            await c.transport.provider_receive()
+        assert c.transport.closed == Closed(4002, "no frame for 90 s", 140)
+        assert c.entry is None
+
+
+async def test_no_register_frame_is_rejected_at_exactly_the_register_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with connection() as c:
+        rejection = await c.provider.verdict()
+        assert trio.current_time() == 10  # DINFER_REGISTER_TIMEOUT_S default
+        assert rejection == TrustStatus(status="rejected", reason="no register frame within 10 s")
+        await trio.testing.wait_all_tasks_blocked()
+        assert c.transport.closed == Closed(1008, "no register frame within 10 s", 10)
+        assert c.registry.providers() == []
