@@ -165,6 +165,13 @@ def _live_hashes(conn: sqlite3.Connection, kind: _Kind) -> dict[str, str]:
     return dict(rows.fetchall())
 
 
+def _find_live(conn: sqlite3.Connection, kind: _Kind, digest: str) -> str | None:
+    row = conn.execute(
+        f"SELECT id FROM {kind.table} WHERE secret_hash = ? AND revoked_at IS NULL", (digest,)
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
 def _insert(conn: sqlite3.Connection, kind: _Kind, id_: str, name: str, digest: str) -> None:
     conn.execute(
         f"INSERT INTO {kind.table} (id, name, secret_hash, created_at) VALUES (?, ?, ?, ?)",
@@ -243,6 +250,20 @@ class Store:
     def lookup_api_key(self, secret: str) -> str | None:
         """The id of the live key `secret`, else None. Synchronous: served from memory."""
         return self._lookup(_API_KEYS, secret)
+
+    async def find_api_key(self, secret: str) -> str | None:
+        """lookup_api_key, falling back to the database on a miss.
+
+        `dinfer keys create` writes keys from another process while the daemon runs; the
+        fallback finds them (and caches them) without a restart. Hits never leave memory.
+        """
+        found = self._lookup(_API_KEYS, secret)
+        if found is None and secret:
+            digest = hash_secret(secret)
+            found = await self._run(lambda conn: _find_live(conn, _API_KEYS, digest))
+            if found is not None:
+                self._live[_API_KEYS][digest] = found
+        return found
 
 
 def _open(path: Path) -> tuple[sqlite3.Connection, dict[_Kind, dict[str, str]]]:

@@ -602,7 +602,7 @@ async def test_two_failures_put_a_provider_in_cooldown(api: Api) -> None:
     sick = (await api.connect(api.fake(always([role_chunk(), Fail(500)]))))[0]
     for _ in range(2):
         failed = await api.chat()
-        assert_openai_error(failed, 500, "provider_error")
+        assert_openai_error(failed, 502, "provider_error")  # a provider 500 is a bad gateway
     assert dispatches(sick) == 2
 
     skipped = await api.chat()
@@ -784,6 +784,18 @@ async def test_the_usage_chunk_reaches_only_consumers_who_asked(
     )
     assert streamed_text(events) == "Let me check."
     assert sse_data(response.text).count("[DONE]") == 1
+
+
+async def test_usage_comes_from_inference_complete_when_the_backend_sent_no_usage_chunk(
+    api: Api,
+) -> None:
+    await api.connect(api.fake(always(answer("Hi"))))  # no usage chunk; Complete(3, 2)
+    response = await api.chat(stream=True, stream_options={"include_usage": True})
+    events = sse_events(response.text)
+    usage = [event["usage"] for event in events if event.get("usage")]
+    assert usage == [{"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}]
+    assert events[-1]["choices"] == []
+    assert sse_data(response.text)[-1] == "[DONE]"
 
 
 async def test_capacity_errors_are_retried_elsewhere_and_are_not_strikes(api: Api) -> None:

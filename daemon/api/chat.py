@@ -8,6 +8,7 @@ not even the status line, is sent before the dispatch commits on a content chunk
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from typing import Any, Final
 
@@ -64,7 +65,6 @@ class ChatCompletions:
             await drain(receive)
             await send_error(send, 405, "use POST", "method_not_allowed", headers=ident)
             return
-        authorized = self._authorized(scope)
         try:
             raw = await read_body(scope, receive, self._settings.max_body_bytes)
         except ClientGone:
@@ -79,7 +79,7 @@ class ChatCompletions:
                 headers=ident,
             )
             return
-        if not authorized:
+        if not await self._authorized(scope):
             await send_error(
                 send,
                 401,
@@ -98,12 +98,12 @@ class ChatCompletions:
             await self._serve(request, ident, send)
             nursery.cancel_scope.cancel()
 
-    def _authorized(self, scope: dict[str, Any]) -> bool:
+    async def _authorized(self, scope: dict[str, Any]) -> bool:
         value = header(scope, b"authorization") or ""
         scheme, _, key = value.partition(" ")
-        return (
-            scheme.lower() == "bearer" and self._sup.store.lookup_api_key(key.strip()) is not None
-        )
+        if scheme.lower() != "bearer" or not key.strip():
+            return False
+        return await self._sup.store.find_api_key(key.strip()) is not None
 
     async def _serve(
         self, request: ChatRequest, ident: list[tuple[bytes, bytes]], send: Send
@@ -124,7 +124,7 @@ class ChatCompletions:
         try:
             headers = [*ident, *_commit_headers(committed)]
             if request.stream:
-                await _stream(send, committed, headers, request.include_usage)
+                await _stream(send, committed, headers, request.include_usage, request.traits.model)
             else:
                 await _complete(send, committed, headers, request.traits.model)
         finally:
@@ -150,7 +150,11 @@ def _server_timing(phases: Phases) -> str:
 
 
 async def _stream(
-    send: Send, committed: Committed, headers: list[tuple[bytes, bytes]], include_usage: bool
+    send: Send,
+    committed: Committed,
+    headers: list[tuple[bytes, bytes]],
+    include_usage: bool,
+    model: str,
 ) -> None:
     await send(
         {
@@ -164,14 +168,39 @@ async def _stream(
             ],
         }
     )
+    usage_sent = False
     while (event := await committed.next_event()) is not None:
         if isinstance(event, InBandError):
             error = _encoder.encode({"error": {"type": event.kind, "message": event.message}})
             await _body(send, b"data: " + error + b"\n\n", more=True)
             break
-        if include_usage or not _usage_only(event.event):
+        usage_only = _usage_only(event.event)
+        usage_sent = usage_sent or usage_only
+        if include_usage or not usage_only:
             await _body(send, event.line.encode() + b"\n\n", more=True)
+    else:
+        if include_usage and not usage_sent and committed.usage is not None:
+            await _body(send, _usage_chunk(committed, model), more=True)
     await _body(send, DONE, more=False)
+
+
+def _usage_chunk(committed: Committed, model: str) -> bytes:
+    """The usage chunk the consumer asked for, built from `inference_complete`."""
+    assert committed.usage is not None
+    usage = committed.usage
+    chunk = {
+        "id": f"chatcmpl-{committed.racer.stream.request_id}",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [],
+        "usage": {
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        },
+    }
+    return b"data: " + _encoder.encode(chunk) + b"\n\n"
 
 
 def _usage_only(event: dict[str, Any] | None) -> bool:

@@ -187,4 +187,7 @@ def _exhausted(failures: list[Failure], attempts: int) -> DispatchFailed:
     message = f"{last.message} (gave up after {tried} on {len(failures)} provider(s))"
     code = {503: "provider_capacity", 504: "provider_timeout"}.get(last.status, "provider_error")
     retry_after = 5 if last.status == 503 else None
-    return DispatchFailed(last.status, message, code, retry_after)
+    # A provider's own 500 is a bad gateway from the consumer's side: a 500 would read as the
+    # daemon crashing.
+    status = last.status if last.status in {502, 503, 504} else 502
+    return DispatchFailed(status, message, code, retry_after)

@@ -1,0 +1,842 @@
+"""The dispatch rules on a virtual clock: hedging, deadlines, failover, commit, cancellation.
+
+Every test runs `dispatch()` against in-memory providers (`tests.fakes.memory_session`)
+registered in a real `Registry`, on pytest-trio's autojump MockClock (which starts at 0), and
+asserts exact virtual times: when each provider got the request, when it got `cancel`, when
+the consumer got its first chunk or its error. The TTFT deadline is 10 s, so the backup goes
+out at 5 s, the preamble extension ends at 100 s and `inference_accepted` allows until 600 s
+after it.
+
+Providers are ranked by advertised decode speed, each added one twice as slow as the one
+before, so the first provider added is always the primary and the next free one the backup.
+Every test ends by checking that no slot leaked and no provider is left generating.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from trio.testing import MockClock
+
+from daemon.admission import AdmissionQueue
+from daemon.config import load_settings
+from daemon.eligibility import RequestTraits
+from daemon.nursery.dispatch import Committed, DispatchFailed, InBandError, Job, dispatch
+from daemon.nursery.race import Timing
+from daemon.nursery.supervisor import build_registry
+from daemon.registry import ProviderEntry
+from protocol.messages import Usage
+from tests.fakes.memory_session import MemorySession, in_turn
+from tests.fakes.provider import (
+    Accept,
+    Chunk,
+    Complete,
+    Drop,
+    Fail,
+    Plaintext,
+    Script,
+    Stall,
+    Step,
+    Wait,
+    answer,
+    content_chunk,
+    role_chunk,
+)
+
+MODEL = "m"
+TRAITS = RequestTraits(model=MODEL)
+TIMING = Timing(ttft=10.0, speculative_ratio=0.5, preamble=90.0, inference=600.0)
+BACKUP_AT = 5.0
+ENVELOPE = {
+    "endpoint": "/v1/chat/completions",
+    "body": {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    },
+}
+ERROR_EVENT = Chunk('data: {"error": {"message": "out of memory"}}')
+
+
+class Fake:
+    """One registered in-memory provider."""
+
+    def __init__(self, session: MemorySession, entry: ProviderEntry) -> None:
+        self.session = session
+        self.entry = entry
+
+    @property
+    def id(self) -> str:
+        return self.entry.provider_id
+
+    @property
+    def dispatched(self) -> list[float]:
+        return self.session.dispatch_times
+
+    @property
+    def cancelled(self) -> list[float]:
+        return self.session.cancel_times
+
+
+class World:
+    """A registry, an admission queue and the providers of one test."""
+
+    def __init__(self, nursery: trio.Nursery, **env: str) -> None:
+        settings = load_settings({"DINFER_CHALLENGE_MAX_AGE_S": "100000", **env})
+        self.registry = build_registry(settings, seed=7)
+        self.queue = AdmissionQueue(self.registry, max_per_model=10, timeout=120)
+        self.nursery = nursery
+        self.fakes: list[Fake] = []
+
+    def provider(self, *scripts: Script, version: str = "0.7.0", max_concurrency: int = 4) -> Fake:
+        """A provider playing `scripts` in turn, slower than every provider added before."""
+        session = MemorySession(self.nursery, in_turn(*scripts))
+        decode_tps = 1000.0 / 2 ** len(self.fakes)
+        entry = session.entry(
+            version=version, decode_tps=decode_tps, max_concurrency=max_concurrency
+        )
+        self.registry.add(entry)
+        fake = Fake(session, entry)
+        self.fakes.append(fake)
+        return fake
+
+    async def dispatch(self, *, max_attempts: int = 3, timing: Timing = TIMING) -> Committed:
+        plaintext = json.dumps(ENVELOPE).encode()
+        job = Job(TRAITS, plaintext, timing, max_attempts)
+        return await dispatch(job, self.registry, self.queue)
+
+    async def fails(self, *, max_attempts: int = 3) -> DispatchFailed:
+        with pytest.raises(DispatchFailed) as caught:
+            await self.dispatch(max_attempts=max_attempts)
+        return caught.value
+
+    async def assert_nothing_leaked(self) -> None:
+        await trio.testing.wait_all_tasks_blocked()
+        for fake in self.fakes:
+            assert fake.entry.in_flight == 0, f"{fake.id} kept a slot"
+            assert fake.session.running == set(), f"{fake.id} was left generating"
+            assert fake.session.open_streams == set(), f"{fake.id} has a stream open"
+
+    def cooling(self, fake: Fake) -> bool:
+        key = (fake.id, MODEL, TRAITS.shape)
+        return self.registry.breaker.in_cooldown(key, trio.current_time())
+
+
+@pytest.fixture
+def world(nursery: trio.Nursery) -> World:
+    return World(nursery)
+
+
+class Drained:
+    """What the consumer received after the commit, and when it ended."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.error: InBandError | None = None
+        self.ended_at = 0.0
+
+    @property
+    def models(self) -> set[str]:
+        return {event["model"] for event in self._json()}
+
+    @property
+    def text(self) -> str:
+        deltas = (e["choices"][0]["delta"].get("content") or "" for e in self._json())
+        return "".join(deltas)
+
+    @property
+    def events(self) -> list[str]:
+        return [line for line in self.lines if line != "data: [DONE]"]
+
+    def _json(self) -> list[dict[str, Any]]:
+        return [json.loads(line.removeprefix("data: ")) for line in self.events]
+
+
+async def drain(committed: Committed) -> Drained:
+    """Relay the committed stream to its end (or its in-band error), then close it."""
+    drained = Drained()
+    try:
+        while (event := await committed.next_event()) is not None:
+            if isinstance(event, InBandError):
+                drained.error = event
+                break
+            drained.lines.append(event.line)
+    finally:
+        drained.ended_at = trio.current_time()
+        await committed.close()
+    return drained
+
+
+def stalls_after(*steps: Step) -> Script:
+    return [*steps, Stall()]
+
+
+def answer_at(seconds: float, text: str, model: str = MODEL) -> Script:
+    return [Wait(seconds), *answer(text, model=model)]
+
+
+# Hedging ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("ttft", "ratio"), [(10.0, 0.5), (8.0, 0.25), (30.0, 0.5)])
+async def test_backup_is_sent_at_exactly_the_speculative_fraction_of_the_deadline(
+    autojump_clock: MockClock, world: World, ttft: float, ratio: float
+) -> None:
+    primary = world.provider(stalls_after())
+    backup = world.provider(answer("from the backup", model="b"))
+    timing = Timing(ttft=ttft, speculative_ratio=ratio, preamble=90.0, inference=600.0)
+
+    committed = await world.dispatch(timing=timing)
+
+    assert primary.dispatched == [0.0]
+    assert backup.dispatched == [ttft * ratio]
+    assert committed.provider_id == backup.id
+    assert committed.phases.ttft == ttft * ratio
+    assert primary.cancelled == [ttft * ratio]
+    assert (await drain(committed)).text == "from the backup"
+    await world.assert_nothing_leaked()
+
+
+async def test_each_racer_gets_the_same_request_sealed_under_its_own_key(
+    autojump_clock: MockClock, world: World
+) -> None:
+    primary = world.provider(stalls_after())
+    backup = world.provider(answer("hi"))
+
+    await drain(await world.dispatch())
+
+    (first,), (second,) = primary.session.requests, backup.session.requests
+    assert first.envelope == second.envelope == ENVELOPE
+    assert first.ephemeral_key != second.ephemeral_key
+    await world.assert_nothing_leaked()
+
+
+async def test_no_backup_is_started_when_no_other_provider_is_free(
+    autojump_clock: MockClock, world: World
+) -> None:
+    primary = world.provider(answer_at(8, "late but alone", model="a"))
+    busy = world.provider(answer("never asked", model="b"), max_concurrency=1)
+    lease = world.registry.reserve(TRAITS, exclude=frozenset({primary.id}))
+    assert lease is not None and lease.entry is busy.entry
+
+    committed = await world.dispatch()
+    drained = await drain(committed)
+
+    assert committed.provider_id == primary.id
+    assert committed.phases.ttft == 8.0
+    assert drained.text == "late but alone"
+    assert busy.dispatched == []
+    world.registry.release(lease)
+    await world.assert_nothing_leaked()
+
+
+async def test_the_first_attempt_waits_in_the_queue_for_a_slot(
+    autojump_clock: MockClock, nursery: trio.Nursery
+) -> None:
+    world = World(nursery)
+    await nursery.start(world.queue.run)
+    busy = world.provider(answer("queued"), max_concurrency=1)
+    lease = world.registry.reserve(TRAITS)
+    assert lease is not None
+
+    async def free_the_slot_at_3() -> None:
+        await trio.sleep_until(3.0)
+        world.registry.release(lease)
+
+    nursery.start_soon(free_the_slot_at_3)
+    committed = await world.dispatch()
+
+    assert busy.dispatched == [3.0]
+    assert (committed.phases.queue, committed.phases.ttft) == (3.0, 3.0)
+    assert (await drain(committed)).text == "queued"
+    await world.assert_nothing_leaked()
+
+
+async def test_a_retry_never_waits_in_the_queue(
+    autojump_clock: MockClock, nursery: trio.Nursery
+) -> None:
+    world = World(nursery)
+    await nursery.start(world.queue.run)
+    failing = world.provider([Fail(500, "backend crashed")])
+    busy = world.provider(answer("never"), max_concurrency=1)
+    lease = world.registry.reserve(TRAITS, exclude=frozenset({failing.id}))
+    assert lease is not None and lease.entry is busy.entry
+
+    failed = await world.fails()
+
+    assert trio.current_time() == 0.0
+    assert (failed.status, busy.dispatched) == (
+        502,
+        [],
+    )  # a provider 500 reaches the consumer as 502
+    assert "gave up after 1 attempt " in str(failed)
+    world.registry.release(lease)
+    await world.assert_nothing_leaked()
+
+
+# Race outcomes ----------------------------------------------------------------------------
+
+
+async def test_primary_wins_before_the_backup_point_and_no_backup_is_sent(
+    autojump_clock: MockClock, world: World
+) -> None:
+    primary = world.provider(answer_at(2, "primary", model="a"))
+    backup = world.provider(answer("backup", model="b"))
+
+    committed = await world.dispatch()
+    drained = await drain(committed)
+    await trio.sleep(TIMING.ttft)  # well past the point where a backup would have gone out
+
+    assert committed.provider_id == primary.id
+    assert committed.phases.ttft == 2.0
+    assert drained.text == "primary"
+    assert drained.ended_at == 2.0
+    assert "data: [DONE]" not in drained.lines  # the API writes the one [DONE] itself
+    assert backup.dispatched == []
+    assert primary.cancelled == []  # it ended with inference_complete: nothing to cancel
+    assert primary.session.requests[0].finished_at == 2.0
+    await world.assert_nothing_leaked()
+
+
+async def test_primary_wins_after_the_backup_started_and_the_backup_is_cancelled(
+    autojump_clock: MockClock,
+    world: World,
+) -> None:
+    primary = world.provider(answer_at(7, "primary", model="a"))
+    backup = world.provider(answer_at(3, "backup", model="b"))
+
+    committed = await world.dispatch()
+    drained = await drain(committed)
+
+    assert backup.dispatched == [BACKUP_AT]
+    assert committed.provider_id == primary.id
+    assert committed.phases.ttft == 7.0
+    assert backup.cancelled == [7.0]
+    assert drained.models == {"a"}
+    await world.assert_nothing_leaked()
+
+
+async def test_backup_wins_and_the_primary_is_cancelled_with_its_slot_freed(
+    autojump_clock: MockClock, world: World
+) -> None:
+    primary = world.provider(stalls_after(Wait(1), role_chunk("a")))
+    backup = world.provider(answer_at(1, "backup", model="b"))
+
+    committed = await world.dispatch()
+
+    assert committed.provider_id == backup.id
+    assert committed.phases.ttft == 6.0
+    assert primary.cancelled == [6.0]
+    assert primary.entry.in_flight == 0  # freed at once, not when the consumer is done
+    drained = await drain(committed)
+    assert drained.models == {"b"}  # the primary's held role chunk never reaches the consumer
+    assert drained.text == "backup"
+    await world.assert_nothing_leaked()
+
+
+async def test_primary_errors_and_the_backup_wins(autojump_clock: MockClock, world: World) -> None:
+    primary = world.provider([Wait(6), Fail(500)])
+    backup = world.provider(answer_at(2, "backup", model="b"))
+
+    committed = await world.dispatch()
+    drained = await drain(committed)
+
+    assert committed.provider_id == backup.id
+    assert committed.phases.ttft == 7.0
+    assert committed.attempts == 1
+    assert primary.cancelled == []  # its own error ended it
+    assert primary.session.requests[0].finished_at == 6.0
+    assert drained.text == "backup"
+    await world.assert_nothing_leaked()
+
+
+async def test_a_failing_backup_does_not_cancel_the_primary(
+    autojump_clock: MockClock, world: World
+) -> None:
+    primary = world.provider(answer_at(8, "primary", model="a"))
+    backup = world.provider([Wait(1), Fail(500)])
+
+    committed = await world.dispatch()
+    drained = await drain(committed)
+
+    assert backup.session.requests[0].finished_at == 6.0
+    assert committed.provider_id == primary.id
+    assert committed.phases.ttft == 8.0  # after the backup's error, by the primary's deadline
+    assert committed.attempts == 1
+    assert primary.cancelled == []
+    assert drained.text == "primary"
+    await world.assert_nothing_leaked()
+
+
+async def test_when_both_racers_fail_the_next_attempt_starts_on_a_third_provider(
+    autojump_clock: MockClock,
+    world: World,
+) -> None:
+    primary = world.provider([Wait(6), Fail(500)])
+    backup = world.provider([Wait(2), Fail(502)])
+    third = world.provider(answer("third", model="c"))
+
+    committed = await world.dispatch()
+    drained = await drain(committed)
+
+    assert primary.dispatched == [0.0]
+    assert backup.dispatched == [BACKUP_AT]
+    assert third.dispatched == [7.0]
+    assert committed.provider_id == third.id
+    assert committed.attempts == 2
+    assert committed.phases.route == 7.0
+    assert committed.phases.ttft == 7.0
+    assert drained.models == {"c"}
+    await world.assert_nothing_leaked()
+
+
+async def test_a_retry_hedges_at_half_the_deadline_from_its_own_start(
+    autojump_clock: MockClock, world: World
+) -> None:
+    first = world.provider([Wait(3), Fail(500)])
+    second = world.provider(stalls_after())
+    third = world.provider(answer("third", model="c"))
+
+    committed = await world.dispatch()
+
+    assert first.dispatched == [0.0]
+    assert second.dispatched == [3.0]  # at once: nobody is left in the first attempt
+    assert third.dispatched == [3.0 + BACKUP_AT]
+    assert second.cancelled == [8.0]
+    assert committed.provider_id == third.id
+    assert (await drain(committed)).models == {"c"}
+    await world.assert_nothing_leaked()
+
+
+async def test_inference_accepted_wins_and_no_backup_is_sent(
+    autojump_clock: MockClock, world: World
+) -> None:
+    primary = world.provider([Wait(1), Accept(), *answer_at(299, "loaded", model="a")])
+    backup = world.provider(answer("backup", model="b"))
+
+    committed = await world.dispatch()
+    drained = await drain(committed)
+
+    assert committed.provider_id == primary.id
+    assert committed.phases.ttft == 300.0
+    assert backup.dispatched == []
+    assert drained.text == "loaded"
+    await world.assert_nothing_leaked()
+
+
+async def test_a_backup_that_accepts_wins_and_cancels_the_primary(
+    autojump_clock: MockClock, world: World
+) -> None:
+    primary = world.provider(stalls_after())
+    backup = world.provider([Wait(1), Accept(), *answer_at(100, "loaded", model="b")])
+
+    committed = await world.dispatch()
+
+    assert primary.cancelled == [6.0]
+    assert committed.provider_id == backup.id
+    assert committed.phases.ttft == 106.0
+    assert (await drain(committed)).text == "loaded"
+    await world.assert_nothing_leaked()
+
+
+async def test_inference_accepted_allows_600_s_for_first_content_then_fails_over(
+    autojump_clock: MockClock,
+    world: World,
+) -> None:
+    loading = world.provider(stalls_after(Wait(1), Accept()))
+    other = world.provider(answer("other", model="b"))
+
+    committed = await world.dispatch()
+
+    assert loading.cancelled == [601.0]
+    assert other.dispatched == [601.0]  # no backup at 5 s: the accepted racer had won
+    assert committed.provider_id == other.id
+    assert committed.attempts == 2
+    assert (await drain(committed)).text == "other"
+    await world.assert_nothing_leaked()
+
+
+# Deadlines --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("script", "fails_at", "message"),
+    [
+        (stalls_after(), 10.0, "no first token in time"),
+        (stalls_after(Wait(1), role_chunk()), 100.0, "no content after its preamble"),
+        (stalls_after(Wait(9), role_chunk()), 100.0, "no content after its preamble"),
+    ],
+    ids=["silent", "preamble-early", "preamble-late"],
+)
+async def test_the_deadline_is_extended_once_for_a_racer_holding_a_preamble(
+    autojump_clock: MockClock, nursery: trio.Nursery, script: Script, fails_at: float, message: str
+) -> None:
+    world = World(nursery, DINFER_BREAKER_THRESHOLD="1")
+    alone = world.provider(script)
+
+    failed = await world.fails(max_attempts=1)
+
+    assert trio.current_time() == fails_at
+    assert alone.cancelled == [fails_at]
+    assert failed.status == 504
+    assert message in str(failed)
+    assert world.cooling(alone)  # a timeout is a 504 for the breaker
+    await world.assert_nothing_leaked()
+
+
+async def test_content_after_a_preamble_within_the_extension_commits(
+    autojump_clock: MockClock, world: World
+) -> None:
+    alone = world.provider([Wait(1), role_chunk(), Wait(98), content_chunk("late"), Complete()])
+
+    committed = await world.dispatch()
+    drained = await drain(committed)
+
+    assert committed.provider_id == alone.id
+    assert committed.phases.ttft == 99.0
+    assert drained.text == "late"
+    await world.assert_nothing_leaked()
+
+
+async def test_both_racers_holding_a_preamble_fail_at_their_own_extended_deadlines(
+    autojump_clock: MockClock,
+    world: World,
+) -> None:
+    primary = world.provider(stalls_after(Wait(1), role_chunk()))
+    backup = world.provider(stalls_after(Wait(1), role_chunk()))
+
+    failed = await world.fails()
+
+    assert primary.cancelled == [TIMING.ttft + TIMING.preamble]
+    assert backup.cancelled == [BACKUP_AT + TIMING.ttft + TIMING.preamble]
+    assert trio.current_time() == 105.0
+    assert failed.status == 504
+    assert failed.code == "provider_timeout"
+    assert "1 attempt " in str(failed)
+    await world.assert_nothing_leaked()
+
+
+# Commit -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("roles", [8, 9])
+async def test_at_most_eight_boilerplate_chunks_are_held_and_the_ninth_commits(
+    autojump_clock: MockClock, world: World, roles: int
+) -> None:
+    preamble = [step for _ in range(roles) for step in (Wait(1), role_chunk())]
+    alone = world.provider([*preamble, Wait(200), content_chunk("text"), Complete()])
+
+    if roles == 8:
+        failed = await world.fails(max_attempts=1)
+        assert failed.status == 504
+        assert alone.cancelled == [100.0]
+    else:
+        committed = await world.dispatch()
+        assert committed.phases.ttft == float(roles)
+        drained = await drain(committed)
+        assert drained.lines == [role_chunk().line] * roles + [content_chunk("text").line]
+    await world.assert_nothing_leaked()
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [Fail(500), Drop(), ERROR_EVENT, Plaintext()],
+    ids=["inference_error", "disconnect", "error-event", "invalid-chunk"],
+)
+async def test_a_failed_racers_held_chunks_never_reach_the_consumer(
+    autojump_clock: MockClock, world: World, failure: Step
+) -> None:
+    primary = world.provider([Wait(1), role_chunk("a"), role_chunk("a"), Wait(5), failure])
+    backup = world.provider([Wait(1), role_chunk("b"), *answer_at(1, "backup", model="b")])
+
+    committed = await world.dispatch()
+    drained = await drain(committed)
+
+    assert committed.provider_id == backup.id
+    assert committed.phases.ttft == 7.0
+    assert drained.models == {"b"}
+    assert drained.lines.count(role_chunk("b").line) == 2  # its own held chunk and answer's
+    # A provider that said nothing final is told to stop; one that ended is not.
+    assert primary.cancelled == ([6.0] if isinstance(failure, Chunk | Plaintext) else [])
+    assert primary.entry.trusted is not isinstance(failure, Plaintext)
+    await world.assert_nothing_leaked()
+
+
+async def test_a_provider_whose_session_is_gone_fails_over_at_once(
+    autojump_clock: MockClock, world: World
+) -> None:
+    gone = world.provider(answer("never"))
+    gone.session.kick(1001, "going away")
+    other = world.provider(answer("other", model="b"))
+
+    committed = await world.dispatch()
+
+    assert committed.provider_id == other.id
+    assert other.dispatched == [0.0]
+    assert (await drain(committed)).text == "other"
+    await world.assert_nothing_leaked()
+
+
+# Errors that are not retried, retries, the breaker ----------------------------------------
+
+
+@pytest.mark.parametrize("status", [400, 413, 415, 422])
+async def test_a_request_fault_is_returned_without_a_retry(
+    autojump_clock: MockClock, world: World, status: int
+) -> None:
+    faulty = world.provider([Wait(1), Fail(status, "the prompt is too long")])
+    other = world.provider(answer("never"))
+
+    failed = await world.fails()
+
+    assert (failed.status, str(failed)) == (status, "the prompt is too long")
+    assert trio.current_time() == 1.0
+    assert faulty.dispatched == [0.0]
+    assert other.dispatched == []
+    assert not world.cooling(faulty)
+    await world.assert_nothing_leaked()
+
+
+async def test_a_request_fault_from_the_backup_cancels_the_primary(
+    autojump_clock: MockClock, world: World
+) -> None:
+    primary = world.provider(stalls_after())
+    backup = world.provider([Wait(1), Fail(422, "bad schema")])
+    third = world.provider(answer("never"))
+
+    failed = await world.fails()
+
+    assert failed.status == 422
+    assert backup.dispatched == [BACKUP_AT]
+    assert primary.cancelled == [6.0]
+    assert third.dispatched == []
+    await world.assert_nothing_leaked()
+
+
+@pytest.mark.parametrize(("status", "strikes"), [(503, False), (500, True), (502, True)])
+async def test_503_is_retried_elsewhere_and_is_no_breaker_strike(
+    autojump_clock: MockClock, world: World, status: int, strikes: bool
+) -> None:
+    flaky = world.provider([Fail(status)])
+    healthy = world.provider(answer("fine", model="b"))
+
+    for _ in range(3):  # the breaker threshold is 2
+        committed = await world.dispatch()
+        assert committed.provider_id == healthy.id
+        assert (await drain(committed)).text == "fine"
+
+    assert world.cooling(flaky) is strikes
+    assert len(flaky.dispatched) == (2 if strikes else 3)
+    assert len(healthy.dispatched) == 3
+    await world.assert_nothing_leaked()
+
+
+@pytest.mark.parametrize("max_attempts", [1, 2, 3])
+async def test_max_attempts_are_respected(
+    autojump_clock: MockClock, world: World, max_attempts: int
+) -> None:
+    fakes = [world.provider([Fail(500)]) for _ in range(4)]
+
+    failed = await world.fails(max_attempts=max_attempts)
+
+    assert [len(f.dispatched) for f in fakes] == [1] * max_attempts + [0] * (4 - max_attempts)
+    plural = "attempt" if max_attempts == 1 else "attempts"
+    assert f"gave up after {max_attempts} {plural}" in str(failed)
+    await world.assert_nothing_leaked()
+
+
+@pytest.mark.parametrize(
+    ("last", "status", "code", "retry_after"),
+    [
+        ([Fail(502, "backend unreachable")], 502, "provider_error", None),
+        ([Fail(503, "busy")], 503, "provider_capacity", 5),
+        ([Drop()], 502, "provider_error", None),
+        (stalls_after(), 504, "provider_timeout", None),
+    ],
+    ids=["502", "503", "disconnect", "timeout"],
+)
+async def test_the_exhausted_error_carries_the_last_providers_status(
+    autojump_clock: MockClock,
+    world: World,
+    last: Script,
+    status: int,
+    code: str,
+    retry_after: int | None,
+) -> None:
+    world.provider([Fail(500, "first")])
+    world.provider([Fail(500, "second")])
+    world.provider(last)
+
+    failed = await world.fails(max_attempts=3)
+
+    assert (failed.status, failed.code, failed.retry_after) == (status, code, retry_after)
+    assert "gave up after 3 attempts" in str(failed)
+    await world.assert_nothing_leaked()
+
+
+async def test_a_failed_provider_is_excluded_and_its_version_avoided(
+    autojump_clock: MockClock, world: World
+) -> None:
+    first = world.provider([Fail(500)], version="0.7.0")
+    same_version = world.provider(answer("same version", model="b"), version="0.7.0")
+    other_version = world.provider([Fail(500)], version="0.8.0")
+
+    committed = await world.dispatch()
+    drained = await drain(committed)
+
+    assert first.dispatched == [0.0]  # the fastest, yet never asked again
+    assert other_version.dispatched == [0.0]  # attempt 2 steered off version 0.7.0
+    # Attempt 3 avoids 0.8.0; only a 0.7.0 provider is left, so the avoidance yields.
+    assert committed.provider_id == same_version.id
+    assert committed.attempts == 3
+    assert drained.text == "same version"
+    await world.assert_nothing_leaked()
+
+
+# After the commit -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("failure", "message"),
+    [
+        (Fail(500, "backend crashed"), "backend crashed"),
+        (Drop(), "provider disconnected"),
+        (ERROR_EVENT, "out of memory"),
+    ],
+    ids=["inference_error", "disconnect", "error-event"],
+)
+async def test_an_error_after_the_commit_is_one_in_band_error_and_a_strike(
+    autojump_clock: MockClock, nursery: trio.Nursery, failure: Step, message: str
+) -> None:
+    world = World(nursery, DINFER_BREAKER_THRESHOLD="1")
+    alone = world.provider([Wait(1), content_chunk("partial"), Wait(2), failure, Stall()])
+
+    committed = await world.dispatch()
+    drained = await drain(committed)
+
+    assert drained.text == "partial"
+    assert drained.error == InBandError("provider_error", message)
+    assert drained.ended_at == 3.0
+    assert alone.dispatched == [0.0]  # never retried after the commit
+    assert world.cooling(alone)
+    await world.assert_nothing_leaked()
+
+
+async def test_inference_complete_records_a_success(
+    autojump_clock: MockClock, world: World
+) -> None:
+    alone = world.provider(answer_at(2, "done"))
+    world.registry.record_failure(alone.entry, MODEL, TRAITS.shape, 500)
+
+    committed = await world.dispatch()
+    drained = await drain(committed)
+
+    assert drained.error is None
+    assert committed.usage == Usage(prompt_tokens=3, completion_tokens=2)
+    assert alone.entry.observed_ttft_s == 2.0
+    # The success cleared the earlier strike: one more failure is not two in a row.
+    world.registry.record_failure(alone.entry, MODEL, TRAITS.shape, 500)
+    assert not world.cooling(alone)
+    await world.assert_nothing_leaked()
+
+
+async def test_no_chunk_for_the_inference_timeout_after_the_commit_is_an_in_band_timeout(
+    autojump_clock: MockClock,
+    nursery: trio.Nursery,
+) -> None:
+    world = World(nursery, DINFER_BREAKER_THRESHOLD="1")
+    alone = world.provider(stalls_after(Wait(1), content_chunk("a"), Wait(500), content_chunk("b")))
+
+    committed = await world.dispatch()
+    drained = await drain(committed)
+
+    assert drained.text == "ab"
+    assert drained.error is not None and drained.error.kind == "timeout"
+    assert drained.ended_at == 1101.0  # 600 s after the last chunk, not after the first
+    assert alone.cancelled == [1101.0]
+    assert world.cooling(alone)
+    await world.assert_nothing_leaked()
+
+
+# The consumer hangs up --------------------------------------------------------------------
+
+
+async def test_hanging_up_during_the_race_cancels_every_provider_and_frees_every_slot(
+    autojump_clock: MockClock,
+    world: World,
+) -> None:
+    primary = world.provider(stalls_after(Wait(1), role_chunk()))
+    backup = world.provider(stalls_after())
+
+    with trio.move_on_at(7.0) as hung_up:
+        await world.dispatch()
+
+    assert hung_up.cancelled_caught
+    assert primary.cancelled == [7.0]
+    assert backup.cancelled == [7.0]
+    await world.assert_nothing_leaked()
+
+
+async def test_hanging_up_after_inference_accepted_cancels_the_claimed_racer(
+    autojump_clock: MockClock,
+    world: World,
+) -> None:
+    loading = world.provider(stalls_after(Wait(1), Accept()))
+
+    with trio.move_on_at(3.0) as hung_up:
+        await world.dispatch()
+
+    assert hung_up.cancelled_caught
+    assert loading.cancelled == [3.0]
+    await world.assert_nothing_leaked()
+
+
+async def test_hanging_up_after_the_commit_cancels_the_winner(
+    autojump_clock: MockClock, world: World
+) -> None:
+    alone = world.provider(stalls_after(Wait(1), content_chunk("a")))
+
+    with trio.move_on_at(4.0) as hung_up:
+        committed = await world.dispatch()
+        await drain(committed)
+
+    assert hung_up.cancelled_caught
+    assert alone.cancelled == [4.0]
+    await world.assert_nothing_leaked()
+
+
+async def test_hanging_up_while_the_loser_is_still_being_cancelled_cancels_the_winner_too(
+    autojump_clock: MockClock, world: World
+) -> None:
+    primary = world.provider(stalls_after())
+    primary.session.cancel_delay = 1.0  # a slow socket: its cancel frame takes a second
+    backup = world.provider(stalls_after(Wait(1), content_chunk("backup")))
+
+    with trio.move_on_at(6.5) as hung_up:
+        # The race had a winner when the hang-up came: dispatch hands it over (it ends at no
+        # checkpoint), and the caller's first checkpoint closes it, as the handler does.
+        await drain(await world.dispatch())
+
+    assert hung_up.cancelled_caught
+    assert primary.cancelled == [7.0]
+    assert backup.cancelled == [7.0]  # it had won, but nobody is left to relay it
+    await world.assert_nothing_leaked()
+
+
+async def test_hanging_up_while_the_request_frame_is_being_sent_frees_the_slot(
+    autojump_clock: MockClock, world: World
+) -> None:
+    slow = world.provider(answer("never"))
+    slow.session.send_delay = 2.0
+
+    with trio.move_on_at(1.0) as hung_up:
+        await world.dispatch()
+
+    assert hung_up.cancelled_caught
+    assert slow.session.requests == []
+    await world.assert_nothing_leaked()
