@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
 from daemon.cli_serve import add_subcommands as add_daemon_commands
+from provider.cli import add_subcommand as add_provider_command
 
 
 def package_version() -> str:
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dinfer {package_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_daemon_commands(subparsers)
+    add_provider_command(subparsers)
     return parser
 
 

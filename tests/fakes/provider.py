@@ -176,7 +176,9 @@ class FakeProvider:
             max_concurrency=self.max_concurrency,
         )
 
-    async def run(self, *, task_status: trio.TaskStatus[FakeProvider] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: trio.TaskStatus[FakeProvider] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Connect and serve; `started` once the first verdict arrives (or the socket closes)."""
         try:
             async with open_provider_socket(self.url) as ws:
@@ -245,7 +247,9 @@ class FakeProvider:
             await ws.send_message(encode(Heartbeat(active_requests=len(self._streams))))
             await trio.sleep(self.heartbeat_every)
 
-    async def _serve_request(self, ws: trio_websocket.WebSocketConnection, request: InferenceRequest) -> None:
+    async def _serve_request(
+        self, ws: trio_websocket.WebSocketConnection, request: InferenceRequest
+    ) -> None:
         plaintext, sealer = crypto.open_request(request.encrypted_body, self.box_key)
         envelope = json.loads(plaintext)
         self.received.append(envelope)
@@ -262,12 +266,16 @@ class FakeProvider:
         match step:
             case Chunk(line=line):
                 payload = sealer.seal(line.encode())
-                await ws.send_message(encode(InferenceResponseChunk(request_id=request_id, encrypted_data=payload)))
+                await ws.send_message(
+                    encode(InferenceResponseChunk(request_id=request_id, encrypted_data=payload))
+                )
             case Complete(prompt_tokens=p, completion_tokens=c):
                 usage = Usage(prompt_tokens=p, completion_tokens=c)
                 await ws.send_message(encode(InferenceComplete(request_id=request_id, usage=usage)))
             case Fail(status=status, message=text):
-                await ws.send_message(encode(InferenceError(request_id=request_id, error=text, status_code=status)))
+                await ws.send_message(
+                    encode(InferenceError(request_id=request_id, error=text, status_code=status))
+                )
             case Accept():
                 await ws.send_message(encode(InferenceAccepted(request_id=request_id)))
             case Wait(seconds=seconds):
@@ -276,13 +284,13 @@ class FakeProvider:
                 await trio.sleep_forever()
             case Plaintext():
                 forged = crypto.seal_request(b"data: {}", self.box_key.public_key)[0]
-                await ws.send_message(encode(InferenceResponseChunk(request_id=request_id, encrypted_data=forged)))
+                await ws.send_message(
+                    encode(InferenceResponseChunk(request_id=request_id, encrypted_data=forged))
+                )
             case Drop():
                 await ws.aclose(code=1011, reason="fake provider died")
                 return False
         return True
-
-
 
 
 def _first_leaf(group: BaseExceptionGroup[Any]) -> Any:

@@ -1,0 +1,143 @@
+"""The WebSocket connection to the daemon, with its TCP (or TLS) stream owned here.
+
+trio-websocket's `open_websocket_url` leaves the client's socket open when the daemon is the
+side that closes (as it does for a rejected token or a stale session), leaking one socket per
+reconnect. So the node opens the stream itself, lets trio-websocket speak the protocol over it
+(`wrap_client_stream`), and closes the stream whatever happened. Connection failures of any
+kind are translated here, once, into `LinkError`.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final, TypeVar
+from urllib.parse import urlsplit
+
+import trio
+from trio_websocket import (
+    ConnectionRejected,
+    HandshakeError,
+    WebSocketConnection,
+    wrap_client_stream,
+)
+
+from protocol.messages import MAX_FRAME_BYTES
+
+CONNECT_TIMEOUT: Final = 10.0
+CLOSE_TIMEOUT: Final = 5.0
+
+T = TypeVar("T")
+Stream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
+
+
+class LinkError(Exception):
+    """The daemon could not be reached or refused the WebSocket upgrade; says which."""
+
+
+@dataclass(frozen=True)
+class _Target:
+    host: str
+    port: int
+    resource: str
+    tls: bool
+
+    @property
+    def host_header(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 literal
+        return host if self.port in (80, 443) else f"{host}:{self.port}"
+
+
+async def connected(url: str, use: Callable[[WebSocketConnection], Awaitable[T]]) -> T:
+    """Open a WebSocket to `url`, run `use` on it, then close it and its stream."""
+    target = _target(url)
+    stream = await _open_stream(target)
+    async with stream:
+        return await _speak(stream, target, use)
+
+
+async def _speak(
+    stream: Stream, target: _Target, use: Callable[[WebSocketConnection], Awaitable[T]]
+) -> T:
+    failure: LinkError | None = None
+    try:
+        # The nursery owns trio-websocket's reader task for this connection.
+        async with trio.open_nursery() as nursery:
+            ws = await _handshake(nursery, stream, target)
+            try:
+                return await use(ws)
+            finally:
+                await _close(ws)
+                nursery.cancel_scope.cancel(reason="session over")
+    except* LinkError as group:
+        failure = group.exceptions[0]  # type: ignore[assignment]
+    except* HandshakeError as group:  # the reader task raises the upgrade's rejection
+        failure = LinkError(_refusal_detail(group.exceptions[0]))
+    raise failure or LinkError("WebSocket connection failed")
+
+
+def _target(url: str) -> _Target:
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise LinkError(f"{url!r} is not a ws:// or wss:// URL")
+    tls = parts.scheme == "wss"
+    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return _Target(parts.hostname, parts.port or (443 if tls else 80), resource, tls)
+
+
+async def _open_stream(target: _Target) -> Stream:
+    where = f"{target.host}:{target.port}"
+    try:
+        with trio.fail_after(CONNECT_TIMEOUT):
+            if not target.tls:
+                return await trio.open_tcp_stream(target.host, target.port)
+            stream = await trio.open_ssl_over_tcp_stream(
+                target.host, target.port, ssl_context=ssl.create_default_context()
+            )
+            await _tls_handshake(stream, where)
+            return stream
+    except trio.TooSlowError:
+        raise LinkError(f"no connection to {where} within {CONNECT_TIMEOUT:g} s") from None
+    except OSError as exc:
+        raise LinkError(f"cannot connect to {where}: {exc}") from None
+
+
+async def _tls_handshake(stream: trio.SSLStream[trio.SocketStream], where: str) -> None:
+    # Done here, not lazily inside trio-websocket, so a certificate error is reported as such.
+    try:
+        await stream.do_handshake()
+    except trio.BrokenResourceError as exc:
+        await stream.aclose()
+        raise LinkError(f"TLS with {where} failed: {exc.__cause__ or exc}") from None
+
+
+async def _handshake(nursery: trio.Nursery, stream: Stream, target: _Target) -> WebSocketConnection:
+    try:
+        with trio.fail_after(CONNECT_TIMEOUT):
+            return await wrap_client_stream(
+                nursery,
+                stream,
+                target.host_header,
+                target.resource,
+                max_message_size=MAX_FRAME_BYTES,
+            )
+    except trio.TooSlowError:
+        raise LinkError(
+            f"no WebSocket handshake from {target.host_header}{target.resource} "
+            f"within {CONNECT_TIMEOUT:g} s"
+        ) from None
+
+
+async def _close(ws: WebSocketConnection) -> None:
+    # Not shielded: when the node itself is cancelled, trio-websocket's reader is cancelled too
+    # and could never read the daemon's close reply, so the stream is just closed (trio closes
+    # a socket even under cancellation); the daemon sees the drop as a disconnect.
+    with trio.move_on_after(CLOSE_TIMEOUT):
+        await ws.aclose()
+
+
+def _refusal_detail(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionRejected):
+        return f"the daemon refused the WebSocket upgrade (HTTP {exc.status_code}); check the URL"
+    return f"WebSocket handshake failed: {exc!r}"

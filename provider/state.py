@@ -1,0 +1,34 @@
+"""What the supervisor and its sessions share: the backend, the models, the drain switch.
+
+The supervisor (`provider.node`) owns one `NodeState` for the node's lifetime and keeps it up
+to date; each WebSocket session reads it and waits on its AsyncValues, so a session started
+after a reconnect picks up where the last one left off.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import trio
+from trio_util import AsyncBool, AsyncValue
+
+from protocol.messages import ModelInfo
+from provider.backend import Backend
+from provider.models import GENERIC_KIND
+
+
+@dataclass
+class NodeState:
+    backend: Backend
+    backend_kind: str = GENERIC_KIND
+    models: AsyncValue[tuple[ModelInfo, ...]] = field(default_factory=lambda: AsyncValue(()))
+    draining: AsyncBool = field(default_factory=AsyncBool)
+    # When draining, in-flight requests get until this (trio clock) time to finish.
+    drain_deadline: float = math.inf
+
+    def start_draining(self, grace: float) -> None:
+        """Stop taking requests; idempotent, so a second call never extends the grace."""
+        if not self.draining.value:
+            self.drain_deadline = trio.current_time() + grace
+            self.draining.value = True

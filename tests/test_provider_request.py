@@ -1,0 +1,360 @@
+"""One request through the provider node against a fake backend over real loopback HTTP.
+
+Each backend failure mode must end in the terminal PROTOCOL.md §6 names, and a stream counts as
+a success only when a finish reason arrived.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from nacl.public import PrivateKey
+
+from protocol.crypto import ChunkOpener, seal_request
+from protocol.messages import (
+    EncryptedPayload,
+    InferenceComplete,
+    InferenceError,
+    InferenceRequest,
+    InferenceResponseChunk,
+    ProviderMessage,
+    Usage,
+)
+from provider.backend import Backend, open_client
+from provider.request import serve_request
+from tests.fakes.backend import (
+    DONE,
+    MODEL,
+    FakeBackend,
+    Reply,
+    chunk,
+    content_lines,
+    cut_reply,
+    data,
+    done_without_finish_reply,
+    empty_reply,
+    error_event_reply,
+    http_error,
+    ollama_eof_reply,
+    slow_reply,
+    stalled_reply,
+    stream_reply,
+)
+
+NODE_KEY = PrivateKey.generate()
+CHAT = "/v1/chat/completions"
+PROMPT = "Say hello to the world, politely."  # 33 characters: 9 estimated tokens
+BODY: dict[str, Any] = {
+    "model": MODEL,
+    "messages": [{"role": "user", "content": PROMPT}],
+    "stream": True,
+    "stream_options": {"include_usage": True},
+}
+
+
+@dataclass
+class Outcome:
+    chunks: list[str]
+    terminal: InferenceComplete | InferenceError
+
+
+@pytest.fixture
+async def fake(nursery: trio.Nursery) -> FakeBackend:
+    backend = FakeBackend()
+    await nursery.start(backend.run)
+    return backend
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with open_client(read_timeout=30) as http:
+        yield http
+
+
+def sealed(body: Any = BODY, endpoint: str = CHAT) -> tuple[InferenceRequest, ChunkOpener]:
+    plaintext = json.dumps({"endpoint": endpoint, "body": body}).encode()
+    payload, opener = seal_request(plaintext, NODE_KEY.public_key)
+    return InferenceRequest(request_id="req-1", encrypted_body=payload), opener
+
+
+async def serve(
+    client: httpx.AsyncClient, url: str, body: Any = BODY, endpoint: str = CHAT
+) -> Outcome:
+    request, opener = sealed(body, endpoint)
+    frames: list[ProviderMessage] = []
+
+    async def send(message: ProviderMessage) -> None:
+        frames.append(message)
+
+    await serve_request(request, box=NODE_KEY, backend=Backend(client, url), send=send)
+    return outcome(frames, opener)
+
+
+def outcome(frames: list[ProviderMessage], opener: ChunkOpener) -> Outcome:
+    *chunks, terminal = frames
+    assert isinstance(terminal, InferenceComplete | InferenceError)
+    assert all(isinstance(frame, InferenceResponseChunk) for frame in chunks)
+    opened = [opener.open(frame.encrypted_data).decode() for frame in chunks]  # type: ignore[union-attr]
+    return Outcome(opened, terminal)
+
+
+def lines_of(reply: Reply) -> list[str]:
+    return [step.text for step in reply.steps if hasattr(step, "text")]
+
+
+async def test_each_data_line_is_relayed_as_the_backend_wrote_it(fake, client) -> None:
+    usage = {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14}
+    reply = stream_reply(["Hello", " world"], usage=usage)
+    fake.script(reply)
+    result = await serve(client, fake.url)
+    # `[DONE]` is not relayed: the terminal frame says the stream ended.
+    assert result.chunks == [line for line in lines_of(reply) if line != DONE.text]
+    assert result.terminal == InferenceComplete("req-1", Usage(12, 2))
+
+
+async def test_the_backend_gets_the_request_body(fake, client) -> None:
+    await serve(client, fake.url)
+    (served,) = fake.completions
+    assert served.path == CHAT
+    assert served.json == BODY
+
+
+async def test_completions_endpoint_is_served_too(fake, client) -> None:
+    event = {
+        "object": "text_completion",
+        "choices": [{"index": 0, "text": "hi", "finish_reason": None}],
+    }
+    finish = {
+        "object": "text_completion",
+        "choices": [{"index": 0, "text": "", "finish_reason": "length"}],
+    }
+    fake.script(Reply(steps=(data(event), data(finish), DONE)))
+    result = await serve(
+        client, fake.url, {"model": MODEL, "prompt": "12345678"}, "/v1/completions"
+    )
+    assert fake.completions[0].path == "/v1/completions"
+    assert result.terminal == InferenceComplete(
+        "req-1", Usage(prompt_tokens=2, completion_tokens=1)
+    )
+
+
+# --- the stream success rule and the error table ---------------------------------------------
+
+
+def refused_url() -> str:
+    """A loopback port nobody listens on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+FAILURES = [
+    pytest.param(
+        error_event_reply(code=500), 500, "backend_error_event", id="llama-server-error-event"
+    ),
+    pytest.param(
+        error_event_reply(code=None, pieces=["Hi"], then_done=True),
+        500,
+        "backend_error_event",
+        id="vllm-error-then-done",
+    ),
+    pytest.param(error_event_reply(code=400), 400, "bad_request", id="error-event-with-400"),
+    pytest.param(empty_reply(), 502, "empty_response", id="llama-cpp-python-empty-200"),
+    pytest.param(done_without_finish_reply(), 502, "incomplete_stream", id="done-without-finish"),
+    pytest.param(ollama_eof_reply(), 502, "incomplete_stream", id="ollama-empty-chunk-eof"),
+    pytest.param(cut_reply(), 502, "backend_disconnected", id="connection-cut-mid-body"),
+    pytest.param(http_error(500), 500, "backend_error", id="http-500"),
+    pytest.param(http_error(502), 500, "backend_error", id="http-502"),
+    pytest.param(http_error(429), 503, "backend_busy", id="http-429"),
+    pytest.param(http_error(503), 503, "backend_busy", id="http-503"),
+    pytest.param(http_error(404), 503, "not_found", id="http-404-model-not-loaded"),
+    pytest.param(http_error(401), 500, "backend_error", id="http-401-misconfigured"),
+]
+
+
+@pytest.mark.parametrize(("reply", "status", "reason"), FAILURES)
+async def test_backend_failure_ends_in_the_right_error(fake, client, reply, status, reason) -> None:
+    fake.script(reply)
+    result = await serve(client, fake.url)
+    assert isinstance(result.terminal, InferenceError)
+    assert (result.terminal.status_code, result.terminal.error_reason) == (status, reason)
+
+
+@pytest.mark.parametrize("status", [400, 413, 415, 422])
+async def test_bad_request_codes_pass_through_with_the_backend_message(
+    fake, client, status
+) -> None:
+    fake.script(http_error(status, "prompt exceeds the context window"))
+    result = await serve(client, fake.url)
+    assert result.terminal == InferenceError(
+        "req-1", "prompt exceeds the context window", status, "bad_request"
+    )
+
+
+async def test_an_error_event_is_never_relayed(fake, client) -> None:
+    fake.script(error_event_reply("out of memory", pieces=["Hel"]))
+    result = await serve(client, fake.url)
+    assert not any('"error"' in line for line in result.chunks)
+    assert len(result.chunks) == 2  # the role chunk and "Hel"
+    assert isinstance(result.terminal, InferenceError)
+    assert "out of memory" in result.terminal.error
+
+
+async def test_connection_refused_is_502(client) -> None:
+    result = await serve(client, refused_url())
+    assert isinstance(result.terminal, InferenceError)
+    assert (result.terminal.status_code, result.terminal.error_reason) == (
+        502,
+        "backend_unreachable",
+    )
+
+
+async def test_a_silent_backend_times_out_with_504_at_the_read_timeout(
+    fake, autojump_clock
+) -> None:
+    fake.script(stalled_reply(seconds=100))
+    async with open_client(read_timeout=30) as client:
+        result = await serve(client, fake.url)
+    assert isinstance(result.terminal, InferenceError)
+    assert (result.terminal.status_code, result.terminal.error_reason) == (504, "backend_timeout")
+    assert trio.current_time() == 30.0
+
+
+# --- usage ------------------------------------------------------------------------------------
+
+
+async def test_usage_is_estimated_when_the_backend_sends_none(fake, client) -> None:
+    fake.script(stream_reply(["a", "b", "c"], usage=None))
+    result = await serve(client, fake.url)
+    assert result.terminal == InferenceComplete(
+        "req-1", Usage(prompt_tokens=9, completion_tokens=3)
+    )
+
+
+async def test_zero_completion_usage_is_replaced_when_content_streamed(fake, client) -> None:
+    fake.script(stream_reply(["a", "b"], usage={"prompt_tokens": 0, "completion_tokens": 0}))
+    result = await serve(client, fake.url)
+    assert result.terminal == InferenceComplete(
+        "req-1", Usage(prompt_tokens=9, completion_tokens=2)
+    )
+
+
+async def test_tool_call_deltas_count_as_output(fake, client) -> None:
+    call = [
+        {"index": 0, "id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    ]
+    steps = (
+        *content_lines([]),
+        data(chunk(tool_calls=call)),
+        data(chunk(finish_reason="tool_calls")),
+    )
+    fake.script(Reply(steps=steps))
+    result = await serve(client, fake.url)
+    assert result.terminal == InferenceComplete(
+        "req-1", Usage(prompt_tokens=9, completion_tokens=1)
+    )
+
+
+# --- repairs reach the backend ----------------------------------------------------------------
+
+
+async def test_null_content_beside_tool_calls_reaches_the_backend_as_empty_string(
+    fake, client
+) -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"},
+    ]
+    await serve(client, fake.url, {**BODY, "messages": messages})
+    sent = fake.completions[0].json["messages"]
+    assert sent[1] == {"role": "assistant", "content": "", "tool_calls": [call]}
+
+
+async def test_tool_schemas_are_normalized_before_the_backend_sees_them(fake, client) -> None:
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "parameters": {"type": "object", "properties": {"q": {"type": ["string", "null"]}}},
+        },
+    }
+    await serve(client, fake.url, {**BODY, "tools": [tool]})
+    schema = fake.completions[0].json["tools"][0]["function"]["parameters"]
+    assert schema["properties"]["q"] == {"type": "string", "nullable": True}
+
+
+# --- requests the node cannot serve -----------------------------------------------------------
+
+
+async def test_a_request_that_does_not_decrypt_is_a_provider_fault(fake, client) -> None:
+    request, _ = sealed()
+    other_key = PrivateKey.generate()
+    frames: list[ProviderMessage] = []
+
+    async def send(message: ProviderMessage) -> None:
+        frames.append(message)
+
+    await serve_request(request, box=other_key, backend=Backend(client, fake.url), send=send)
+    assert [(f.status_code, f.error_reason) for f in frames] == [(500, "undecryptable")]  # type: ignore[union-attr]
+    assert fake.completions == []
+
+
+@pytest.mark.parametrize(
+    ("body", "endpoint"),
+    [
+        pytest.param(BODY, "/v1/embeddings", id="unserved-endpoint"),
+        pytest.param([1, 2], CHAT, id="body-not-an-object"),
+    ],
+)
+async def test_a_malformed_request_is_400_and_never_reaches_the_backend(
+    fake, client, body, endpoint
+) -> None:
+    result = await serve(client, fake.url, body, endpoint)
+    assert isinstance(result.terminal, InferenceError)
+    assert result.terminal.status_code == 400
+    assert fake.completions == []
+
+
+# --- cancel -----------------------------------------------------------------------------------
+
+
+async def test_cancel_closes_the_backend_stream_and_sends_nothing_more(fake, client) -> None:
+    gate = trio.Event()
+    fake.script(slow_reply(gate))
+    request, _ = sealed()
+    frames: list[ProviderMessage] = []
+    first_chunk = trio.Event()
+
+    async def send(message: ProviderMessage) -> None:
+        frames.append(message)
+        first_chunk.set()
+
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            backend = Backend(client, fake.url)
+            nursery.start_soon(
+                lambda: serve_request(request, box=NODE_KEY, backend=backend, send=send)
+            )
+            await first_chunk.wait()
+            scope.cancel(reason="cancelled by the daemon")
+    (served,) = fake.completions
+    with trio.fail_after(5):  # a guard against a hang, not a timing assertion
+        await served.disconnected.wait()
+    gate.set()
+    assert all(isinstance(frame, InferenceResponseChunk) for frame in frames)
+    assert not served.finished.is_set()
+
+
+def test_fixture_payload_type_is_the_wire_type() -> None:
+    request, _ = sealed()
+    assert isinstance(request.encrypted_body, EncryptedPayload)
