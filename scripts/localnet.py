@@ -49,7 +49,11 @@ def model_file(cache_dir: Path) -> Path:
     path = cache_dir / "gemma-3-270m-q4_k_m.gguf"
     if not path.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
-        assemble(path)
+        # Written aside and renamed: an interrupted first run must not leave a truncated model
+        # that every later run would take for a finished one.
+        partial = path.with_suffix(".partial")
+        assemble(partial, overwrite=True)
+        partial.replace(path)
     return path
 
 
@@ -80,13 +84,17 @@ async def run_model_server(
     port: int,
     log: Path,
     *,
+    n_threads: int = 2,
     task_status: trio.TaskStatus[Backend] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """llama-cpp-python's OpenAI-compatible server on `port`, ready when it lists models."""
+    """llama-cpp-python's OpenAI-compatible server on `port`, ready when it lists models.
+
+    `n_threads`: the machine's cores to use; servers running side by side should share them.
+    """
     command = [
         PYTHON, "-m", "llama_cpp.server",
         "--model", str(model), "--model_alias", MODEL_ALIAS, "--chat_format", "gemma",
-        "--n_threads", "2", "--n_ctx", "2048", "--interrupt_requests", "False",
+        "--n_threads", str(n_threads), "--n_ctx", "2048", "--interrupt_requests", "False",
         "--logits_all", "False", "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
     with log.open("ab") as out:
@@ -210,5 +218,8 @@ async def _run(
         stderr=out,
         env=env,
         check=False,
+        # Ctrl-C reaches only the parent, which stops each child with SIGTERM (a provider
+        # drains on it) when its nursery is cancelled.
+        start_new_session=True,
         task_status=task_status,
     )

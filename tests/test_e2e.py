@@ -1,0 +1,437 @@
+"""End to end with a real model: the daemon, provider nodes and llama-cpp-python.
+
+Every process is real and started by `scripts/localnet.py`: Gemma 3 270M served by
+llama-cpp-python, `dinfer serve`, `dinfer provider`; faults are real too (a model server killed
+with SIGKILL). The model is a *base* model: its words are gibberish and differ from run to run,
+so the tests assert the shape of what a consumer sees (status, content present, finish reason,
+usage, the serving provider, how a stream ends), never the words. Every request sets
+`max_tokens` and forbids the end-of-turn tokens, so an answer is exactly as long as asked.
+
+Each test starts its own small network (a few seconds); the model file is written once per
+checkout under `.dinfer/e2e-cache`. When a test fails, the tails of every process's log are
+printed. Run with `.venv/bin/pytest -m e2e tests/test_e2e.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Final, TypeVar
+from unittest.mock import ANY
+
+import httpx
+import openai
+import pytest
+import trio
+from openai.types.chat import ChatCompletionMessageParam
+
+REPO: Final = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+
+import localnet  # noqa: E402
+from localnet import MODEL_ALIAS, Backend, Daemon, ProviderNode  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+T = TypeVar("T")
+CACHE: Final = REPO / ".dinfer" / "e2e-cache"
+# Gemma 3's <eos> (1) and <end_of_turn> (106): a base model may otherwise stop at any token,
+# and a test about a long generation needs it to run as long as asked.
+NO_EOS: Final = {"1": -100, "106": -100}
+HELLO: Final[list[ChatCompletionMessageParam]] = [
+    {"role": "user", "content": "Count from one to one thousand."}
+]
+# The longest any one request may take here; real answers take well under a second or two.
+BOUND_S: Final = 30.0
+LONG_TOKENS: Final = 1500
+LOG_TAIL_LINES: Final = 30
+
+
+# The network ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Net:
+    """Starts the processes of one test in the test's nursery; logs go to `logs`."""
+
+    nursery: trio.Nursery
+    model: Path
+    logs: Path
+
+    async def backend(self, name: str, *, n_threads: int) -> Backend:
+        start = partial(localnet.run_model_server, n_threads=n_threads)
+        backend: Backend = await self.nursery.start(
+            start, self.model, localnet.free_port(), self._log(name)
+        )
+        return backend
+
+    async def daemon(self, env: dict[str, str] | None = None) -> Daemon:
+        daemon: Daemon = await self.nursery.start(
+            localnet.run_daemon, self.logs / "daemon", self._log("daemon"), env
+        )
+        return daemon
+
+    async def node(self, daemon: Daemon, backend: Backend, name: str, *args: str) -> ProviderNode:
+        # No drain grace: at the end of a test the node must stop at once, not finish requests.
+        node: ProviderNode = await self.nursery.start(
+            localnet.run_provider,
+            daemon,
+            backend.url,
+            self.logs / name,
+            self._log(name),
+            ["--drain-grace", "0", *args],
+        )
+        return node
+
+    def _log(self, name: str) -> Path:
+        return self.logs / f"{name}.log"
+
+
+@asynccontextmanager
+async def open_net(model: Path, logs: Path) -> AsyncIterator[Net]:
+    """A nursery for a test's processes; on any failure, print the tail of every log."""
+    try:
+        async with trio.open_nursery() as nursery:
+            yield Net(nursery, model, logs)
+            nursery.cancel_scope.cancel(reason="test over")
+    except BaseException:
+        print_log_tails(logs)
+        raise
+
+
+def print_log_tails(logs: Path) -> None:
+    for log in sorted(logs.glob("*.log")):
+        lines = log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        print(f"----- {log.name} (last {len(lines)} lines) -----", *lines, sep="\n")
+
+
+@dataclass
+class Pair:
+    """A daemon with two provider nodes, each in front of its own model server."""
+
+    daemon: Daemon
+    nodes: tuple[ProviderNode, ProviderNode]
+    backends: tuple[Backend, Backend]
+
+    def backend_of(self, provider_id: str) -> Backend:
+        (backend,) = (
+            b
+            for n, b in zip(self.nodes, self.backends, strict=True)
+            if n.provider_id == provider_id
+        )
+        return backend
+
+    def other_than(self, provider_id: str) -> ProviderNode:
+        (node,) = (n for n in self.nodes if n.provider_id != provider_id)
+        return node
+
+
+async def start_pair(net: Net) -> Pair:
+    # Two servers share the machine's two cores: one thread each.
+    backends = (
+        await net.backend("model-a", n_threads=1),
+        await net.backend("model-b", n_threads=1),
+    )
+    daemon = await net.daemon()
+    nodes = (
+        await net.node(daemon, backends[0], "node-a"),
+        await net.node(daemon, backends[1], "node-b"),
+    )
+    return Pair(daemon, nodes, backends)
+
+
+async def kill(backend: Backend) -> None:
+    """SIGKILL: the model server vanishes mid-whatever, as when it crashes or is OOM-killed."""
+    backend.process.kill()
+    with trio.fail_after(BOUND_S):
+        await backend.process.wait()
+
+
+@pytest.fixture(scope="session")
+def model() -> Path:
+    return localnet.model_file(CACHE)
+
+
+# The consumer --------------------------------------------------------------------------------
+
+
+def chat(max_tokens: int, *, stream: bool) -> dict[str, Any]:
+    return {
+        "model": MODEL_ALIAS,
+        "messages": HELLO,
+        "max_tokens": max_tokens,
+        "logit_bias": NO_EOS,
+        "stream": stream,
+    }
+
+
+@dataclass
+class Consumer:
+    client: httpx.AsyncClient
+
+    async def complete(self, max_tokens: int) -> httpx.Response:
+        with trio.fail_after(BOUND_S):
+            return await self.client.post(
+                "/v1/chat/completions", json=chat(max_tokens, stream=False)
+            )
+
+    @asynccontextmanager
+    async def stream(self, max_tokens: int) -> AsyncIterator[Sse]:
+        body = chat(max_tokens, stream=True)
+        async with self.client.stream("POST", "/v1/chat/completions", json=body) as response:
+            sse = Sse(response)
+            try:
+                yield sse
+            finally:
+                await sse.finish()
+
+
+@asynccontextmanager
+async def consumer(daemon: Daemon) -> AsyncIterator[Consumer]:
+    key = await daemon.create_key("e2e")
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(
+        base_url=daemon.url, headers=headers, timeout=BOUND_S, trust_env=False
+    ) as client:
+        yield Consumer(client)
+
+
+class Sse:
+    """The `data:` payloads of a streamed answer, read one at a time."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+        self._lines = response.aiter_lines()
+
+    @property
+    def provider_id(self) -> str:
+        return self.response.headers["x-provider-id"]
+
+    async def next_data(self) -> str | None:
+        with trio.fail_after(BOUND_S):
+            async for line in self._lines:
+                if line.startswith("data: "):
+                    return line.removeprefix("data: ")
+        return None
+
+    async def first_content(self) -> str:
+        """Read up to and including the first chunk that carries content; return its text."""
+        while (data := await self.next_data()) is not None:
+            if text := content_of(data):
+                return text
+        raise AssertionError("the stream ended before any content")
+
+    async def rest(self) -> list[str]:
+        payloads = []
+        while (data := await self.next_data()) is not None:
+            payloads.append(data)
+        return payloads
+
+    async def finish(self) -> None:
+        # httpx's line reader is a chain of async generators; a cancelled read ends every one
+        # of them, where leaving them suspended would have Trio warn when they are collected.
+        with trio.CancelScope() as scope:
+            scope.cancel(reason="done reading")
+            async for _ in self._lines:
+                pass
+
+
+def content_of(data: str) -> str:
+    if data == "[DONE]":
+        return ""
+    choices = json.loads(data).get("choices") or [{}]
+    content: str = (choices[0].get("delta") or {}).get("content") or ""
+    return content
+
+
+def assert_whole_answer(response: httpx.Response, max_tokens: int) -> None:
+    assert response.status_code == 200, response.text
+    body = response.json()
+    (choice,) = body["choices"]
+    assert choice["message"]["content"]
+    assert choice["finish_reason"] == "length"
+    assert_usage(body["usage"], max_tokens)
+
+
+def assert_usage(usage: dict[str, Any], max_tokens: int) -> None:
+    assert usage["prompt_tokens"] > 0
+    assert 0 < usage["completion_tokens"] <= max_tokens
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+# The openai SDK ------------------------------------------------------------------------------
+
+
+async def with_sdk(daemon: Daemon, call: Callable[[openai.OpenAI], T]) -> T:
+    """Run `call` with the synchronous SDK client in a worker thread.
+
+    The async client leaks its stream's async generators under Trio (see test_openai_sdk).
+    """
+    key = await daemon.create_key("e2e-sdk")
+
+    def run() -> T:
+        with openai.OpenAI(
+            base_url=f"{daemon.url}/v1", api_key=key, max_retries=0, timeout=BOUND_S
+        ) as client:
+            return call(client)
+
+    with trio.fail_after(BOUND_S):
+        return await trio.to_thread.run_sync(run)
+
+
+@dataclass
+class SdkAnswer:
+    status: int
+    provider_id: str
+    text: str
+    finish_reasons: list[str]
+    usage: dict[str, Any]
+
+
+def sdk_complete(client: openai.OpenAI, max_tokens: int) -> SdkAnswer:
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL_ALIAS, messages=HELLO, max_tokens=max_tokens, logit_bias=NO_EOS
+    )
+    completion = raw.parse()
+    (choice,) = completion.choices
+    assert completion.usage is not None
+    return SdkAnswer(
+        raw.status_code,
+        raw.headers["x-provider-id"],
+        choice.message.content or "",
+        [choice.finish_reason],
+        completion.usage.model_dump(),
+    )
+
+
+def sdk_stream(client: openai.OpenAI, max_tokens: int) -> SdkAnswer:
+    with client.chat.completions.with_streaming_response.create(
+        model=MODEL_ALIAS,
+        messages=HELLO,
+        max_tokens=max_tokens,
+        logit_bias=NO_EOS,
+        stream=True,
+        stream_options={"include_usage": True},
+    ) as response:
+        chunks = list(response.parse())
+        usage = chunks[-1].usage
+        assert usage is not None, "the last chunk carries the usage"
+        choices = [choice for chunk in chunks for choice in chunk.choices]
+        return SdkAnswer(
+            response.status_code,
+            response.headers["x-provider-id"],
+            "".join(choice.delta.content or "" for choice in choices),
+            [choice.finish_reason for choice in choices if choice.finish_reason],
+            usage.model_dump(),
+        )
+
+
+# The tests -----------------------------------------------------------------------------------
+
+
+async def test_the_openai_sdk_gets_whole_and_streamed_answers(model: Path, tmp_path: Path) -> None:
+    async with open_net(model, tmp_path) as net:
+        pair = await start_pair(net)
+        served_by = {node.provider_id for node in pair.nodes}
+        for ask in (sdk_complete, sdk_stream):
+            answer = await with_sdk(pair.daemon, partial(ask, max_tokens=16))
+            assert answer.status == 200
+            assert answer.provider_id in served_by
+            assert answer.text
+            assert answer.finish_reasons == ["length"]
+            assert_usage(answer.usage, max_tokens=16)
+
+
+async def test_a_dead_backend_is_invisible_to_consumers(model: Path, tmp_path: Path) -> None:
+    async with open_net(model, tmp_path) as net:
+        backend_a = await net.backend("model-a", n_threads=1)
+        backend_b = await net.backend("model-b", n_threads=1)
+        # One failure puts a provider in cooldown, so the admin view shows that A was tried.
+        daemon = await net.daemon({"DINFER_BREAKER_THRESHOLD": "1"})
+        node_a = await net.node(daemon, backend_a, "node-a")
+        async with consumer(daemon) as user:
+            # A served once and is measured fast; B, unmeasured, is estimated at the daemon's
+            # slow default, so the next request goes to A first.
+            warm = await user.complete(32)
+            assert warm.headers["x-provider-id"] == node_a.provider_id
+            node_b = await net.node(daemon, backend_b, "node-b")
+            await kill(backend_a)
+
+            for _ in range(2):
+                answer = await user.complete(64)
+                assert_whole_answer(answer, 64)
+                assert answer.headers["x-provider-id"] == node_b.provider_id
+                async with user.stream(64) as sse:
+                    assert sse.response.status_code == 200
+                    assert sse.provider_id == node_b.provider_id
+                    assert await sse.first_content()
+                    rest = await sse.rest()
+                    assert rest[-1] == "[DONE]"
+                    assert not any('"error"' in data for data in rest)
+
+            cooldowns = {p["provider_id"]: p["cooldowns"] for p in await daemon.providers()}
+            assert cooldowns[node_a.provider_id] == [
+                {"model": MODEL_ALIAS, "shape": "base", "until": ANY}
+            ], "the first request after the kill was tried on A, and failed over to B"
+            assert cooldowns[node_b.provider_id] == []
+
+
+async def test_a_backend_killed_mid_stream_ends_it_with_an_in_band_error(
+    model: Path, tmp_path: Path
+) -> None:
+    async with open_net(model, tmp_path) as net:
+        pair = await start_pair(net)
+        async with consumer(pair.daemon) as user, user.stream(LONG_TOKENS) as sse:
+            assert sse.response.status_code == 200
+            assert await sse.first_content()
+            await kill(pair.backend_of(sse.provider_id))
+            *content, error, done = await sse.rest()
+
+            assert done == "[DONE]"
+            assert json.loads(error)["error"]["type"] == "provider_error"
+            assert json.loads(error)["error"]["message"]
+            events = [json.loads(data) for data in content]
+            assert all("error" not in event for event in events)
+            assert all(
+                choice.get("finish_reason") is None for e in events for choice in e["choices"]
+            ), "the answer was cut short: nothing may say it finished"
+
+
+async def test_a_consumer_hanging_up_stops_the_generation(model: Path, tmp_path: Path) -> None:
+    async with open_net(model, tmp_path) as net:
+        backend = await net.backend("model", n_threads=2)
+        daemon = await net.daemon()
+        await net.node(daemon, backend, "node", "--max-concurrency", "1")
+        async with consumer(daemon) as user:
+            per_token_s = await seconds_per_token(user)
+            long_generation_s = LONG_TOKENS * per_token_s
+
+            async with user.stream(LONG_TOKENS) as sse:
+                assert await sse.first_content()
+            # The backend serves one request at a time: unless the hang-up stopped the long
+            # generation, this short one waits for it to end.
+            started = time.monotonic()
+            answer = await user.complete(4)
+            elapsed = time.monotonic() - started
+
+            assert_whole_answer(answer, 4)
+            assert elapsed < long_generation_s / 5, (
+                f"a 4-token answer took {elapsed:.1f} s; the abandoned generation of "
+                f"{LONG_TOKENS} tokens would take about {long_generation_s:.0f} s"
+            )
+    print(f"4-token answer after a hang-up: {elapsed:.2f} s; {1 / per_token_s:.0f} tokens/s")
+
+
+async def seconds_per_token(user: Consumer) -> float:
+    """The backend's decoding speed: time between the first and last content of a stream."""
+    async with user.stream(64) as sse:
+        await sse.first_content()
+        first = time.monotonic()
+        tokens = sum(1 for data in await sse.rest() if content_of(data))
+        return (time.monotonic() - first) / tokens
