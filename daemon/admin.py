@@ -41,8 +41,11 @@ def requires_admin(handler: Handler) -> Handler:
             return json_error(
                 403, "the admin API is disabled: set DINFER_ADMIN_KEY", "admin_disabled"
             )
-        offered = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(offered.encode(), expected.encode()):
+        scheme, _, offered = request.headers.get("Authorization", "").partition(" ")
+        valid = scheme.lower() == "bearer" and hmac.compare_digest(
+            offered.strip().encode(), expected.encode()
+        )
+        if not valid:
             return json_error(401, "a valid admin bearer key is required", "invalid_admin_key")
         return await handler(*args, **kwargs)
 

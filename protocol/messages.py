@@ -191,14 +191,22 @@ def decode_daemon_frame(frame: bytes | str) -> DaemonMessage | ProtocolError:
 def _decode(decoder: msgspec.json.Decoder[Any], frame: bytes | str) -> Any:
     if not isinstance(frame, bytes | str):
         return ProtocolError(f"expected a text frame, got {type(frame).__name__}")
-    if len(frame) > MAX_FRAME_BYTES:
-        return ProtocolError(f"frame of {len(frame)} bytes exceeds the 10 MiB limit")
+    size = _utf8_size(frame)
+    if size > MAX_FRAME_BYTES:
+        return ProtocolError(f"frame of {size} bytes exceeds the 10 MiB limit")
     try:
         return decoder.decode(frame)
     except msgspec.ValidationError as exc:  # a DecodeError subclass: catch it first
         return _explain(frame, str(exc))
     except msgspec.DecodeError as exc:
         return _malformed(exc)
+
+
+def _utf8_size(frame: bytes | str) -> int:
+    # A character is at most 4 UTF-8 bytes: only a long text frame pays for encoding.
+    if isinstance(frame, bytes) or len(frame) <= MAX_FRAME_BYTES // 4:
+        return len(frame)
+    return len(frame.encode(errors="surrogatepass"))
 
 
 def _explain(frame: bytes | str, detail: str) -> ProtocolError:

@@ -136,3 +136,13 @@ def test_known_types_with_arbitrary_fields_never_raise(
 ) -> None:
     result = m.decode_provider_frame(msgspec.json.encode({"type": kind, **fields}))
     assert isinstance(result, m.ProtocolError) or result.__struct_config__.tag == kind
+
+
+def test_the_frame_limit_counts_utf8_bytes_not_characters() -> None:
+    frame = (
+        '{"type":"heartbeat","active_requests":0,"status":"' + "é" * (m.MAX_FRAME_BYTES // 2) + '"}'
+    )
+    assert len(frame) < m.MAX_FRAME_BYTES < len(frame.encode())
+    result = m.decode_provider_frame(frame)
+    assert isinstance(result, m.ProtocolError)
+    assert "10 MiB" in result.reason

@@ -1,0 +1,647 @@
+"""Provider sessions over real sockets: registration refusals, superseding, malformed frames,
+disconnects, attestation challenges and heartbeats (PROTOCOL.md §1, §4, §5).
+
+Refusals and frame-level faults use a raw trio-websocket connection (`RawProvider`) so a test
+controls every byte; well-behaved providers are `FakeProvider`s. Ordering proofs lean on the
+session's one reader: frames are handled in the order sent, so a verdict for a challenge
+answered after some frames proves those frames were handled first, without any sleep.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from itertools import cycle, islice
+from typing import Any, TypeVar
+
+import httpx
+import msgspec
+import pytest
+import trio
+from trio_websocket import (
+    CloseReason,
+    ConnectionClosed,
+    WebSocketConnection,
+    wrap_client_stream,
+)
+
+from daemon.eligibility import RequestTraits
+from daemon.registry import ProviderEntry
+from daemon.serve import RunningDaemon
+from daemon.session import MAX_MALFORMED_FRAMES, ProviderSession
+from protocol import crypto
+from protocol.messages import (
+    MAX_FRAME_BYTES,
+    AttestationChallenge,
+    AttestationResponse,
+    DaemonMessage,
+    Heartbeat,
+    InferenceAccepted,
+    InferenceComplete,
+    InferenceError,
+    InferenceResponseChunk,
+    ModelInfo,
+    ModelsUpdate,
+    ProtocolError,
+    TrustStatus,
+    Usage,
+    decode_daemon_frame,
+    encode,
+)
+from tests.conftest import ADMIN_KEY, StartDaemon
+from tests.fakes.provider import FakeProvider, open_provider_socket
+
+M = TypeVar("M")
+BOUND_S = 5  # every wait in this module is bounded: a hang fails, it never stalls the suite
+
+# Helpers ------------------------------------------------------------------------------------
+
+_ABSENT: Any = object()  # a register field to leave out
+
+
+class RawProvider:
+    """A provider whose every frame the test writes by hand."""
+
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self.ws = ws
+        self.identity = crypto.generate_identity_key()
+        self.box_key = crypto.generate_box_key()
+
+    @property
+    def provider_id(self) -> str:
+        return crypto.provider_id(self.identity.verify_key)
+
+    def register_fields(self, **changes: Any) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            "type": "register",
+            "protocol": 1,
+            "version": "0.7.0",
+            "backend": "fake",
+            "public_key": crypto.encode_key(self.box_key.public_key),
+            "identity_key": crypto.encode_key(self.identity.verify_key),
+            "models": [{"id": "m"}],
+        }
+        fields.update(changes)
+        return {k: v for k, v in fields.items() if v is not _ABSENT}
+
+    async def send(self, frame: Any) -> None:
+        """Send a raw text or binary frame, a dict as JSON text, or a protocol message."""
+        if isinstance(frame, dict):
+            frame = msgspec.json.encode(frame).decode()
+        elif not isinstance(frame, str | bytes):
+            frame = encode(frame)
+        await self.ws.send_message(frame)
+
+    async def register(self, **changes: Any) -> AttestationChallenge:
+        """Register and return the challenge the daemon sends at once."""
+        await self.send(self.register_fields(**changes))
+        return await self.expect(AttestationChallenge)
+
+    async def expect(self, kind: type[M]) -> M:
+        message = await self.receive()
+        assert isinstance(message, kind), message
+        return message
+
+    async def receive(self) -> DaemonMessage:
+        message = decode_daemon_frame(await self.ws.get_message())
+        assert not isinstance(message, ProtocolError), message
+        return message
+
+    async def answer(self, challenge: AttestationChallenge, *, correct: bool = True) -> None:
+        signed_nonce = challenge.nonce if correct else challenge.nonce + "x"
+        signature = crypto.sign_challenge(self.identity, signed_nonce, challenge.timestamp)
+        await self.send(AttestationResponse(nonce=challenge.nonce, signature=signature))
+
+    async def become_trusted(self) -> None:
+        await self.answer(await self.register())
+        assert (await self.expect(TrustStatus)).status == "trusted"
+
+    async def closed(self) -> CloseReason:
+        """Read until the daemon closes the connection; fail on any other frame."""
+        with pytest.raises(ConnectionClosed) as closed:
+            frame = await self.ws.get_message()
+            raise AssertionError(f"expected the connection to close, got {frame!r}")
+        reason = closed.value.reason
+        assert reason is not None
+        return reason
+
+
+@asynccontextmanager
+async def raw_provider(daemon: RunningDaemon) -> AsyncIterator[RawProvider]:
+    async with open_provider_socket(daemon.provider_url) as ws:
+        yield RawProvider(ws)
+
+
+async def refused(daemon: RunningDaemon, frame: Any) -> tuple[TrustStatus, CloseReason]:
+    """Send one first frame; return the daemon's verdict and how it closed the connection."""
+    async with raw_provider(daemon) as provider:
+        if frame is not None:
+            await provider.send(frame(provider) if callable(frame) else frame)
+        verdict = await provider.expect(TrustStatus)
+        return verdict, await provider.closed()
+
+
+def assert_rejected(verdict: TrustStatus, close: CloseReason, *reason_parts: str) -> None:
+    assert verdict.status == "rejected"
+    assert verdict.reason is not None
+    for part in reason_parts:
+        assert part in verdict.reason, (part, verdict.reason)
+    assert close.code == 1008
+    assert close.reason == verdict.reason[:120]
+
+
+def b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def session_of(entry: ProviderEntry | None) -> ProviderSession:
+    assert entry is not None
+    assert isinstance(entry.session, ProviderSession)
+    return entry.session
+
+
+def ready(daemon: RunningDaemon, model: str = "m") -> str:
+    return daemon.supervisor.registry.preflight(RequestTraits(model=model)).verdict
+
+
+async def started(nursery: trio.Nursery, fake: FakeProvider) -> FakeProvider:
+    with trio.fail_after(BOUND_S):
+        started_fake: FakeProvider = await nursery.start(fake.run)
+    return started_fake
+
+
+async def issue_token(daemon: RunningDaemon) -> tuple[str, str]:
+    async with httpx.AsyncClient(base_url=daemon.base_url) as client:
+        reply = await client.post(
+            "/v1/admin/provider-tokens",
+            json={"name": "rig"},
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        )
+    assert reply.status_code == 201, reply.text
+    return reply.json()["id"], reply.json()["token"]
+
+
+async def revoke_token(daemon: RunningDaemon, token_id: str) -> None:
+    async with httpx.AsyncClient(base_url=daemon.base_url) as client:
+        reply = await client.delete(
+            f"/v1/admin/provider-tokens/{token_id}",
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        )
+    assert reply.status_code == 200, reply.text
+
+
+# Registration refusals ----------------------------------------------------------------------
+
+Frame = Callable[[RawProvider], Any]
+
+REFUSALS: list[tuple[str, Frame, tuple[str, ...]]] = [
+    (
+        "wrong protocol version",
+        lambda p: p.register_fields(protocol=2),
+        ("unsupported protocol version 2",),
+    ),
+    (
+        "public_key not base64",
+        lambda p: p.register_fields(public_key="not base64!"),
+        ("public_key", "base64"),
+    ),
+    (
+        "identity_key not base64",
+        lambda p: p.register_fields(identity_key="@@@@"),
+        ("identity_key", "base64"),
+    ),
+    (
+        "public_key too short",
+        lambda p: p.register_fields(public_key=b64(b"k" * 31)),
+        ("public_key must be 32 bytes, got 31",),
+    ),
+    (
+        "identity_key too long",
+        lambda p: p.register_fields(identity_key=b64(b"k" * 33)),
+        ("identity_key must be 32 bytes, got 33",),
+    ),
+    (
+        "public_key a low-order point",
+        lambda p: p.register_fields(public_key=b64(bytes(32))),
+        ("public_key",),
+    ),
+    (
+        "empty model id",
+        lambda p: p.register_fields(models=[{"id": "m"}, {"id": ""}]),
+        ("$.models[1].id",),
+    ),
+    (
+        "duplicate model ids",
+        lambda p: p.register_fields(models=[{"id": "m"}, {"id": "n"}, {"id": "m"}]),
+        ("repeats a model id",),
+    ),
+    (
+        "missing identity_key",
+        lambda p: p.register_fields(identity_key=_ABSENT),
+        ("missing field 'identity_key'",),
+    ),
+    (
+        "missing models",
+        lambda p: p.register_fields(models=_ABSENT),
+        ("missing field 'models'",),
+    ),
+    (
+        "protocol of the wrong JSON type",
+        lambda p: p.register_fields(protocol="1"),
+        ("expected 'int', got 'str'", "$.protocol"),
+    ),
+    (
+        "max_concurrency zero",
+        lambda p: p.register_fields(max_concurrency=0),
+        ("$.max_concurrency",),
+    ),
+    (
+        "heartbeat first",
+        lambda p: Heartbeat(active_requests=0),
+        ("expected a register frame first, got 'heartbeat'",),
+    ),
+    (
+        "binary frame",
+        lambda p: msgspec.json.encode(p.register_fields()),
+        ("binary frames are not part of the protocol",),
+    ),
+    ("not JSON", lambda p: "{register", ("malformed JSON",)),
+    ("not an object", lambda p: '["register"]', ("expected object, got array",)),
+    ("no type", lambda p: '{"protocol": 1}', ("missing field 'type'",)),
+    ("unknown type", lambda p: '{"type": "hello"}', ("unknown type 'hello'",)),
+    (
+        "oversized frame",
+        lambda p: p.register_fields(backend="x" * MAX_FRAME_BYTES),
+        ("exceeds the 10 MiB limit",),
+    ),
+    (
+        # Under 10 Mi characters but over 10 MiB of UTF-8: the limit is on bytes.
+        "oversized frame in multi-byte characters",
+        lambda p: p.register_fields(backend="é" * (MAX_FRAME_BYTES // 2 + 1)),
+        ("exceeds the 10 MiB limit",),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("frame", "reason_parts"),
+    [pytest.param(frame, parts, id=name) for name, frame, parts in REFUSALS],
+)
+async def test_a_bad_first_frame_is_rejected_with_a_reason_and_1008(
+    daemon: RunningDaemon, frame: Frame, reason_parts: tuple[str, ...]
+) -> None:
+    with trio.fail_after(BOUND_S):
+        verdict, close = await refused(daemon, frame)
+    assert_rejected(verdict, close, *reason_parts)
+    assert daemon.supervisor.registry.providers() == []
+
+
+async def test_no_register_within_the_timeout_is_rejected(start_daemon: StartDaemon) -> None:
+    daemon = await start_daemon(register_timeout_s="0.2")
+    with trio.fail_after(BOUND_S):
+        verdict, close = await refused(daemon, None)
+    assert_rejected(verdict, close, "no register frame within 0.2 s")
+
+
+async def test_a_hang_up_before_register_leaves_the_daemon_serving(
+    daemon: RunningDaemon, nursery: trio.Nursery
+) -> None:
+    async with raw_provider(daemon):
+        pass
+    async with raw_provider(daemon) as provider:
+        await provider.send('{"type": ')
+        await provider.ws.aclose()
+    fake = await started(nursery, FakeProvider(daemon.provider_url))
+    assert fake.trusted.is_set()
+
+
+async def test_token_mode_rejects_a_register_without_auth_token(
+    start_daemon: StartDaemon,
+) -> None:
+    daemon = await start_daemon(provider_auth="token")
+    with trio.fail_after(BOUND_S):
+        verdict, close = await refused(daemon, lambda p: p.register_fields())
+    assert_rejected(verdict, close, "auth_token is required")
+
+
+async def test_token_mode_rejects_an_unknown_auth_token(start_daemon: StartDaemon) -> None:
+    daemon = await start_daemon(provider_auth="token")
+    with trio.fail_after(BOUND_S):
+        verdict, close = await refused(
+            daemon, lambda p: p.register_fields(auth_token="dpt_made_up")
+        )
+    assert_rejected(verdict, close, "auth_token is unknown or revoked")
+
+
+async def test_token_mode_rejects_a_revoked_auth_token(start_daemon: StartDaemon) -> None:
+    daemon = await start_daemon(provider_auth="token")
+    token_id, token = await issue_token(daemon)
+    await revoke_token(daemon, token_id)
+    with trio.fail_after(BOUND_S):
+        verdict, close = await refused(daemon, lambda p: p.register_fields(auth_token=token))
+    assert_rejected(verdict, close, "auth_token is unknown or revoked")
+
+
+async def test_token_mode_admits_a_live_auth_token(
+    start_daemon: StartDaemon, nursery: trio.Nursery
+) -> None:
+    daemon = await start_daemon(provider_auth="token")
+    token_id, token = await issue_token(daemon)
+    fake = await started(nursery, FakeProvider(daemon.provider_url, auth_token=token))
+    assert fake.trusted.is_set()
+    entry = daemon.supervisor.registry.get(fake.provider_id)
+    assert entry is not None and entry.token_id == token_id
+
+
+# Superseding --------------------------------------------------------------------------------
+
+
+async def test_a_second_connection_with_the_same_identity_supersedes_the_first(
+    daemon: RunningDaemon, nursery: trio.Nursery
+) -> None:
+    registry = daemon.supervisor.registry
+    first = await started(nursery, FakeProvider(daemon.provider_url))
+    old_entry = registry.get(first.provider_id)
+    in_flight = session_of(old_entry).open_stream("rid")
+
+    second = FakeProvider(daemon.provider_url, identity=first.identity, box_key=first.box_key)
+    await started(nursery, second)
+
+    with trio.fail_after(BOUND_S):
+        await first.closed.wait()
+        with pytest.raises(trio.EndOfChannel):
+            await in_flight.receive()
+    assert first.close_code == 4001
+    new_entry = registry.get(first.provider_id)
+    assert new_entry is not None and new_entry is not old_entry
+    assert session_of(new_entry) is not session_of(old_entry)
+    assert registry.providers() == [new_entry]
+    assert not second.closed.is_set()
+    assert ready(daemon) == "ready"
+
+
+# Malformed frames and unknown request ids ----------------------------------------------------
+
+MALFORMED: list[Any] = [
+    "not json",
+    b'{"type": "heartbeat", "active_requests": 0}',
+    '{"type": "hello"}',
+    '{"type": "heartbeat"}',
+    '{"type": "heartbeat", "active_requests": -1}',
+    '{"type": "inference_complete", "request_id": 7, "usage": {}}',
+    # A models_update naming a model twice is refused and counted like a bad frame.
+    ModelsUpdate(models=[ModelInfo(id="a"), ModelInfo(id="a")]),
+]
+
+
+async def test_malformed_frames_get_no_reply_until_the_bound_then_1008(
+    daemon: RunningDaemon,
+) -> None:
+    registry = daemon.supervisor.registry
+    with trio.fail_after(BOUND_S):
+        async with raw_provider(daemon) as provider:
+            challenge = await provider.register()
+            kinds = [*MALFORMED, provider.register_fields()]  # a second register is malformed
+            for frame in islice(cycle(kinds), MAX_MALFORMED_FRAMES):
+                await provider.send(frame)
+            # Frames are handled in order: any reply to a bad frame would come before this.
+            await provider.answer(challenge)
+            assert await provider.receive() == TrustStatus(status="trusted")
+            entry = registry.get(provider.provider_id)
+            assert entry is not None and entry.models.keys() == {"m"}
+
+            await provider.send("one too many")
+            close = await provider.closed()
+    assert close.code == 1008
+    assert "malformed" in (close.reason or "")
+    assert registry.providers() == []
+
+
+async def test_frames_for_unknown_request_ids_are_dropped_and_not_counted(
+    daemon: RunningDaemon,
+) -> None:
+    registry = daemon.supervisor.registry
+    payload = crypto.seal_request(b"data: {}", crypto.generate_box_key().public_key)[0]
+    ghosts = [
+        InferenceAccepted(request_id="ghost"),
+        InferenceResponseChunk(request_id="ghost", encrypted_data=payload),
+        InferenceComplete(request_id="ghost", usage=Usage(prompt_tokens=1, completion_tokens=1)),
+        InferenceError(request_id="ghost", error="gone", status_code=500),
+    ]
+    with trio.fail_after(BOUND_S):
+        async with raw_provider(daemon) as provider:
+            challenge = await provider.register()
+            known = session_of(registry.get(provider.provider_id)).open_stream("known")
+            for _ in range(MAX_MALFORMED_FRAMES):
+                for frame in ghosts:
+                    await provider.send(frame)
+            await provider.send(InferenceAccepted(request_id="known"))
+            await provider.answer(challenge)
+            assert await provider.receive() == TrustStatus(status="trusted")
+            assert registry.get(provider.provider_id) is not None
+    assert known.receive_nowait() == InferenceAccepted(request_id="known")
+    with pytest.raises(trio.EndOfChannel):
+        known.receive_nowait()  # the session ended when the provider hung up
+
+
+async def test_a_terminal_ends_its_request_stream_and_later_frames_are_dropped(
+    daemon: RunningDaemon,
+) -> None:
+    registry = daemon.supervisor.registry
+    done = InferenceComplete(request_id="r1", usage=Usage(prompt_tokens=2, completion_tokens=3))
+    with trio.fail_after(BOUND_S):
+        async with raw_provider(daemon) as provider:
+            challenge = await provider.register()
+            stream = session_of(registry.get(provider.provider_id)).open_stream("r1")
+            await provider.send(InferenceAccepted(request_id="r1"))
+            await provider.send(done)
+            await provider.send(InferenceAccepted(request_id="r1"))
+            await provider.answer(challenge)
+            await provider.expect(TrustStatus)
+            assert [frame async for frame in stream] == [
+                InferenceAccepted(request_id="r1"),
+                done,
+            ]
+
+
+async def test_heartbeat_and_models_update_change_the_registry_entry(
+    daemon: RunningDaemon,
+) -> None:
+    registry = daemon.supervisor.registry
+    with trio.fail_after(BOUND_S):
+        async with raw_provider(daemon) as provider:
+            challenge = await provider.register()
+            await provider.send(ModelsUpdate(models=[ModelInfo(id="n"), ModelInfo(id="o")]))
+            await provider.send(Heartbeat(active_requests=0, status="draining"))
+            await provider.answer(challenge)
+            await provider.expect(TrustStatus)
+            entry = registry.get(provider.provider_id)
+            assert entry is not None
+            assert entry.models.keys() == {"n", "o"}
+            assert entry.draining
+            assert ready(daemon, "n") == "unavailable"
+
+
+# Disconnect ---------------------------------------------------------------------------------
+
+
+async def test_a_disconnect_ends_every_in_flight_stream_and_removes_the_entry(
+    daemon: RunningDaemon,
+) -> None:
+    registry = daemon.supervisor.registry
+    with trio.fail_after(BOUND_S):
+        async with raw_provider(daemon) as provider:
+            await provider.become_trusted()
+            session = session_of(registry.get(provider.provider_id))
+            streams = [session.open_stream(f"r{i}") for i in range(3)]
+            assert ready(daemon) == "ready"
+        for stream in streams:
+            with pytest.raises(trio.EndOfChannel):
+                await stream.receive()
+    assert registry.get(provider.provider_id) is None
+    assert registry.providers() == []
+
+
+async def test_a_dropped_tcp_connection_ends_streams_and_removes_the_entry(
+    daemon: RunningDaemon,
+) -> None:
+    registry = daemon.supervisor.registry
+    host, port = daemon.base_url.removeprefix("http://").rsplit(":", 1)
+    with trio.fail_after(BOUND_S):
+        async with await trio.open_tcp_stream(host, int(port)) as tcp, trio.open_nursery() as n:
+            provider = RawProvider(await wrap_client_stream(n, tcp, host, "/ws/provider"))
+            await provider.become_trusted()
+            stream = session_of(registry.get(provider.provider_id)).open_stream("r")
+            await tcp.aclose()  # no close frame: the provider's machine died
+            with pytest.raises(trio.EndOfChannel):
+                await stream.receive()
+    assert registry.providers() == []
+
+
+# Challenges ---------------------------------------------------------------------------------
+
+
+async def test_a_provider_that_passes_its_first_challenge_is_routable(
+    daemon: RunningDaemon, nursery: trio.Nursery
+) -> None:
+    fake = await started(nursery, FakeProvider(daemon.provider_url))
+    assert fake.verdicts == [TrustStatus(status="trusted")]
+    entry = daemon.supervisor.registry.get(fake.provider_id)
+    assert entry is not None and entry.trusted and entry.last_challenge_at is not None
+    assert ready(daemon) == "ready"
+
+
+async def test_a_provider_is_not_routable_before_its_first_challenge_passes(
+    daemon: RunningDaemon,
+) -> None:
+    with trio.fail_after(BOUND_S):
+        async with raw_provider(daemon) as provider:
+            challenge = await provider.register()
+            assert ready(daemon) != "ready"
+            await provider.answer(challenge)
+            await provider.expect(TrustStatus)
+            assert ready(daemon) == "ready"
+
+
+async def test_a_provider_that_signs_wrongly_is_untrusted_and_not_routable(
+    daemon: RunningDaemon, nursery: trio.Nursery
+) -> None:
+    fake = await started(nursery, FakeProvider(daemon.provider_url, sign_wrongly=True))
+    assert [v.status for v in fake.verdicts] == ["untrusted"]
+    assert not fake.closed.is_set()
+    entry = daemon.supervisor.registry.get(fake.provider_id)
+    assert entry is not None and not entry.trusted
+    preflight = daemon.supervisor.registry.preflight(RequestTraits(model="m"))
+    assert preflight.verdict == "unavailable"
+    assert "untrusted" in preflight.reason
+
+
+async def test_a_provider_that_always_signs_wrongly_never_becomes_trusted(
+    start_daemon: StartDaemon,
+) -> None:
+    daemon = await start_daemon(challenge_interval_s="0.05")
+    with trio.fail_after(BOUND_S):
+        async with raw_provider(daemon) as provider:
+            challenge = await provider.register()
+            for _ in range(4):
+                await provider.answer(challenge, correct=False)
+                assert (await provider.expect(TrustStatus)).status == "untrusted"
+                assert ready(daemon) == "unavailable"
+                challenge = await provider.expect(AttestationChallenge)
+
+
+async def test_three_consecutive_failures_make_a_trusted_provider_untrusted(
+    start_daemon: StartDaemon,
+) -> None:
+    daemon = await start_daemon(challenge_interval_s="0.05")
+    statuses = []
+    with trio.fail_after(BOUND_S):
+        async with raw_provider(daemon) as provider:
+            await provider.become_trusted()
+            for _ in range(3):
+                await provider.answer(await provider.expect(AttestationChallenge), correct=False)
+                verdict = await provider.expect(TrustStatus)
+                statuses.append(verdict.status)
+                if verdict.status == "trusted":
+                    assert ready(daemon) == "ready"
+            assert verdict.reason is not None and "3 failed" in verdict.reason
+            assert ready(daemon) == "unavailable"
+    assert statuses == ["trusted", "trusted", "untrusted"]
+
+
+async def test_a_pass_resets_the_consecutive_failure_count(start_daemon: StartDaemon) -> None:
+    daemon = await start_daemon(challenge_interval_s="0.05")
+    statuses = []
+    with trio.fail_after(BOUND_S):
+        async with raw_provider(daemon) as provider:
+            await provider.become_trusted()
+            for correct in (False, False, True, False, False):
+                await provider.answer(await provider.expect(AttestationChallenge), correct=correct)
+                statuses.append((await provider.expect(TrustStatus)).status)
+    assert statuses == ["trusted"] * 5
+
+
+async def test_an_unanswered_challenge_counts_as_a_failure(start_daemon: StartDaemon) -> None:
+    daemon = await start_daemon(challenge_answer_s="0.05")
+    with trio.fail_after(BOUND_S):
+        async with raw_provider(daemon) as provider:
+            await provider.register()
+            verdict = await provider.expect(TrustStatus)
+            entry = daemon.supervisor.registry.get(provider.provider_id)
+            assert entry is not None and entry.challenge_failures == 1
+    assert verdict.status == "untrusted"
+
+
+async def test_an_answer_to_an_unknown_nonce_is_ignored(daemon: RunningDaemon) -> None:
+    with trio.fail_after(BOUND_S):
+        async with raw_provider(daemon) as provider:
+            challenge = await provider.register()
+            stranger = AttestationChallenge(
+                nonce=crypto.new_challenge_nonce(), timestamp=challenge.timestamp
+            )
+            await provider.answer(stranger)  # correctly signed, but not the daemon's nonce
+            await provider.answer(challenge)
+            # Had the stranger counted (as a failure or a pass), this verdict would differ or
+            # come before the real answer: a failure leaves a new provider untrusted.
+            assert await provider.receive() == TrustStatus(status="trusted")
+
+
+# Heartbeats ---------------------------------------------------------------------------------
+
+
+async def test_a_silent_provider_is_closed_with_4002_and_removed(
+    start_daemon: StartDaemon, nursery: trio.Nursery
+) -> None:
+    daemon = await start_daemon(heartbeat_timeout_s="0.3")
+    registry = daemon.supervisor.registry
+    beating = await started(nursery, FakeProvider(daemon.provider_url, heartbeat_every=0.02))
+    silent = await started(nursery, FakeProvider(daemon.provider_url))
+    with trio.fail_after(BOUND_S):
+        await silent.closed.wait()
+    assert silent.close_code == 4002
+    assert registry.get(silent.provider_id) is None
+    # The beating provider registered before the silent one, so it has outlived a whole
+    # heartbeat timeout on heartbeats alone.
+    assert not beating.closed.is_set()
+    assert registry.get(beating.provider_id) is not None
