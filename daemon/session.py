@@ -27,6 +27,7 @@ from protocol.messages import (
     AttestationChallenge,
     AttestationResponse,
     Cancel,
+    CloseCode,
     DaemonMessage,
     EncryptedPayload,
     Heartbeat,
@@ -45,10 +46,6 @@ from protocol.messages import (
 
 log = logging.getLogger("dinfer.session")
 
-CLOSE_POLICY: Final = 1008
-CLOSE_GOING_AWAY: Final = 1001
-CLOSE_SUPERSEDED: Final = 4001
-CLOSE_STALE: Final = 4002
 # Malformed frames after registration are dropped silently up to this many, then the session
 # is closed: a buggy provider gets some slack, a hostile one does not get a free CPU sink.
 MAX_MALFORMED_FRAMES: Final = 8
@@ -106,7 +103,7 @@ class ProviderSession:
         self._lookup_token = lookup_token
         self._send_lock = trio.StrictFIFOLock()
         self._scope = trio.CancelScope()
-        self._close_code = CLOSE_GOING_AWAY
+        self._close_code: int = CloseCode.GOING_AWAY
         self._close_reason = "daemon shutting down"
         self._streams: dict[str, trio.MemorySendChannel[StreamFrame]] = {}
         self._challenge: _Challenge | None = None
@@ -171,7 +168,7 @@ class ProviderSession:
         entry = self._validate(register)
         old = self._registry.add(entry)
         if old is not None:
-            old.session.kick(CLOSE_SUPERSEDED, "superseded by a newer connection")
+            old.session.kick(CloseCode.SUPERSEDED, "superseded by a newer connection")
         self.entry = entry
         log.info("provider %s registered (%s %s)", entry.provider_id, entry.backend, entry.version)
         return entry
@@ -218,7 +215,7 @@ class ProviderSession:
                 await self._transport.send(encode(TrustStatus(status="rejected", reason=reason)))
             except TransportClosed:
                 pass
-        self._close_code, self._close_reason = CLOSE_POLICY, reason
+        self._close_code, self._close_reason = CloseCode.POLICY, reason
         await self._close()
 
     # Reading --------------------------------------------------------------------------------
@@ -233,7 +230,7 @@ class ProviderSession:
                     return
                 self._handle(entry, self._decode(frame))
                 continue
-            self.kick(CLOSE_STALE, f"no frame for {self._settings.heartbeat_timeout_s:g} s")
+            self.kick(CloseCode.STALE, f"no frame for {self._settings.heartbeat_timeout_s:g} s")
 
     def _decode(self, frame: str | bytes) -> ProviderMessage | ProtocolError:
         if isinstance(frame, bytes):
@@ -273,7 +270,7 @@ class ProviderSession:
         reason = message.reason if isinstance(message, ProtocolError) else "register sent twice"
         log.info("provider %s sent a bad frame: %s", entry.provider_id, reason)
         if self._malformed > MAX_MALFORMED_FRAMES:
-            self.kick(CLOSE_POLICY, f"more than {MAX_MALFORMED_FRAMES} malformed frames")
+            self.kick(CloseCode.POLICY, f"more than {MAX_MALFORMED_FRAMES} malformed frames")
 
     def _update_models(self, entry: ProviderEntry, update: ModelsUpdate) -> None:
         ids = [info.id for info in update.models]
@@ -330,7 +327,7 @@ class ProviderSession:
                 except TransportClosed:
                     raise SessionGone from None
             return
-        self.kick(CLOSE_GOING_AWAY, f"provider socket stalled for {SEND_TIMEOUT_S:g} s")
+        self.kick(CloseCode.GOING_AWAY, f"provider socket stalled for {SEND_TIMEOUT_S:g} s")
         raise SessionGone
 
     def open_stream(self, request_id: str) -> trio.MemoryReceiveChannel[StreamFrame]:

@@ -9,6 +9,7 @@ where.
 
 from __future__ import annotations
 
+import enum
 from typing import Annotated, Any, Final
 
 import msgspec
@@ -16,6 +17,16 @@ from msgspec import Meta
 
 PROTOCOL_VERSION: Final = 1
 MAX_FRAME_BYTES: Final = 10 * 1024 * 1024
+
+
+class CloseCode(enum.IntEnum):
+    """The WebSocket close codes the daemon uses (PROTOCOL.md §1)."""
+
+    GOING_AWAY = 1001  # the daemon is shutting down
+    POLICY = 1008  # bad frame before registration, failed authentication, revoked token
+    SUPERSEDED = 4001  # the same identity key connected again; the newest wins
+    STALE = 4002  # no frame for heartbeat_timeout
+
 
 NonNegative = Annotated[int, Meta(ge=0)]
 Positive = Annotated[int, Meta(ge=1)]

@@ -12,13 +12,7 @@ from dataclasses import dataclass
 
 from trio_websocket import CloseReason
 
-
-class CloseCode(enum.IntEnum):
-    GOING_AWAY = 1001
-    NO_CLOSE_FRAME = 1006
-    POLICY = 1008
-    SUPERSEDED = 4001
-    STALE = 4002
+from protocol.messages import CloseCode
 
 
 class EndKind(enum.Enum):
@@ -68,6 +62,6 @@ def _by_code(code: int) -> tuple[EndKind, str]:
             return EndKind.STALE, "the daemon heard nothing from this node for too long"
         case CloseCode.GOING_AWAY:
             return EndKind.GOING_AWAY, "the daemon is shutting down"
-        case CloseCode.NO_CLOSE_FRAME:
+        case 1006:  # RFC 6455: the connection ended without a close frame
             return EndKind.LOST, "the connection dropped without a close frame"
     return EndKind.CLOSED, f"the daemon closed the connection with code {code}"

@@ -23,6 +23,7 @@ from daemon.eligibility import Gates
 from daemon.registry import Registry
 from daemon.session import ProviderSession, Transport
 from daemon.store import Store
+from protocol.messages import CloseCode
 
 log = logging.getLogger("dinfer.supervisor")
 
@@ -60,7 +61,7 @@ class Supervisor:
         """Disconnect every provider that registered with a revoked token."""
         kicked = [e for e in self.registry.providers() if e.token_id == token_id]
         for entry in kicked:
-            entry.session.kick(1008, "provider token revoked")
+            entry.session.kick(CloseCode.POLICY, "provider token revoked")
         return len(kicked)
 
 
