@@ -23,7 +23,7 @@ from daemon.config import load_settings
 from daemon.eligibility import RequestTraits
 from daemon.nursery.supervisor import _wake_on_cooldown_expiry, build_registry
 from daemon.registry import Lease, ProviderEntry, Registry
-from tests.test_eligibility import make_entry
+from tests.fakes.entries import make_entry
 
 BASE = RequestTraits(model="m")
 TOOLS = RequestTraits(model="m", has_tools=True)

@@ -11,7 +11,7 @@ from daemon.config import load_settings
 from daemon.eligibility import RequestTraits
 from daemon.nursery.supervisor import build_registry
 from daemon.registry import Registry
-from tests.test_eligibility import make_entry
+from tests.fakes.entries import make_entry
 
 BASE = RequestTraits(model="m")
 TOOLS = RequestTraits(model="m", has_tools=True)
