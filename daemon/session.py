@@ -120,6 +120,8 @@ class ProviderSession:
             except Refused as refusal:
                 await self._refuse(str(refusal))
                 return
+            except TransportClosed:
+                return  # hung up before registering: nothing to clean up
             try:
                 await self._serve(entry)
             finally:
@@ -221,16 +223,18 @@ class ProviderSession:
     # Reading --------------------------------------------------------------------------------
 
     async def _read_loop(self, entry: ProviderEntry) -> None:
-        while True:
-            with trio.move_on_after(self._settings.heartbeat_timeout_s):
+        silence = self._settings.heartbeat_timeout_s
+        # One scope whose deadline every frame pushes back: cheaper than a scope per frame.
+        with trio.CancelScope() as quiet:
+            while True:
+                quiet.deadline = trio.current_time() + silence
                 try:
                     frame = await self._transport.receive()
                 except TransportClosed:
                     self._close_reason = "connection closed by the provider"
                     return
                 self._handle(entry, self._decode(frame))
-                continue
-            self.kick(CloseCode.STALE, f"no frame for {self._settings.heartbeat_timeout_s:g} s")
+        self.kick(CloseCode.STALE, f"no frame for {silence:g} s")
 
     def _decode(self, frame: str | bytes) -> ProviderMessage | ProtocolError:
         if isinstance(frame, bytes):
@@ -284,8 +288,11 @@ class ProviderSession:
     async def _challenge_loop(self, entry: ProviderEntry) -> None:
         # aclosing: a cancelled loop must close the generator itself, not leave it to the GC.
         async with aclosing(periodic(self._settings.challenge_interval_s)) as ticks:
-            async for _ in ticks:
-                await self._run_challenge(entry)
+            try:
+                async for _ in ticks:
+                    await self._run_challenge(entry)
+            except SessionGone:
+                self.kick(CloseCode.GOING_AWAY, "the provider's socket is gone")
 
     async def _run_challenge(self, entry: ProviderEntry) -> None:
         challenge = _Challenge(crypto.new_challenge_nonce(), crypto.challenge_timestamp())

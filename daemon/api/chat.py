@@ -30,7 +30,15 @@ from daemon.api.asgi import (
 from daemon.api.assemble import CompletionAssembler
 from daemon.api.chat_request import BadRequest, ChatRequest, parse_chat_request
 from daemon.config import Settings
-from daemon.nursery.dispatch import Committed, DispatchFailed, InBandError, Job, Phases, dispatch
+from daemon.nursery.dispatch import (
+    Committed,
+    DispatchFailed,
+    InBandError,
+    Job,
+    Nothing,
+    Phases,
+    dispatch,
+)
 from daemon.nursery.race import Timing
 from daemon.nursery.supervisor import Supervisor
 
@@ -169,19 +177,29 @@ async def _stream(
         }
     )
     usage_sent = False
-    while (event := await committed.next_event()) is not None:
+    parts: list[bytes] = []
+    event = await committed.next_event()
+    while event is not None:
         if isinstance(event, InBandError):
             error = _encoder.encode({"error": {"type": event.kind, "message": event.message}})
-            await _body(send, b"data: " + error + b"\n\n", more=True)
+            parts.append(b"data: " + error + b"\n\n")
             break
         usage_only = _usage_only(event.event)
         usage_sent = usage_sent or usage_only
         if include_usage or not usage_only:
-            await _body(send, event.line.encode() + b"\n\n", more=True)
+            parts.append(event.line.encode() + b"\n\n")
+        polled = committed.poll()
+        if polled is Nothing.BUFFERED:  # nothing more waiting: write what we have, then wait
+            await _body(send, b"".join(parts), more=True)
+            parts = []
+            event = await committed.next_event()
+        else:
+            event = polled
     else:
         if include_usage and not usage_sent and committed.usage is not None:
-            await _body(send, _usage_chunk(committed, model), more=True)
-    await _body(send, DONE, more=False)
+            parts.append(_usage_chunk(committed, model))
+    parts.append(DONE)
+    await _body(send, b"".join(parts), more=False)
 
 
 def _usage_chunk(committed: Committed, model: str) -> bytes:

@@ -10,8 +10,10 @@ the caller gets a `Committed` (held boilerplate, the first content, and the live
 
 from __future__ import annotations
 
+import enum
 import logging
 from dataclasses import dataclass, field
+from typing import Literal
 
 import trio
 
@@ -53,6 +55,11 @@ class Phases:
     ttft: float = 0.0
 
 
+class Nothing(enum.Enum):
+    SKIPPED = "an event with nothing to relay"
+    BUFFERED = "no event is waiting right now"
+
+
 @dataclass(frozen=True, slots=True)
 class InBandError:
     kind: str  # "provider_error" or "timeout"
@@ -89,19 +96,38 @@ class Committed:
         """The next chunk to relay, one in-band error, or None at a clean end."""
         while True:
             event = self._pending.pop() if self._pending else await self._receive()
-            match event:
-                case Chunk(kind=ChunkKind.DONE):
-                    continue
-                case Chunk(kind=ChunkKind.ERROR):
-                    return self._fail(Failure(502, error_message(event.event)))
-                case Chunk():
-                    return event
-                case Completed():
-                    self._succeed(event.usage)
-                    return None
-                case Failure():
-                    return self._fail(event)
-            continue  # Accepted after the commit carries nothing
+            relayable = self._relayable(event)
+            if relayable is not Nothing.SKIPPED:
+                return relayable
+
+    def poll(self) -> Chunk | InBandError | Literal[Nothing.BUFFERED] | None:
+        """next_event without waiting: `Nothing.BUFFERED` when no frame is waiting now.
+
+        The relay drains what is already buffered into one write to the consumer: under load
+        that saves a send, an HTTP chunk and a task switch per chunk.
+        """
+        while True:
+            event = self._pending.pop() if self._pending else self.racer.stream.poll_event()
+            if event is None:
+                return Nothing.BUFFERED
+            relayable = self._relayable(event)
+            if relayable is not Nothing.SKIPPED:
+                return relayable
+
+    def _relayable(self, event: object) -> Chunk | InBandError | Literal[Nothing.SKIPPED] | None:
+        match event:
+            case Chunk(kind=ChunkKind.DONE):
+                return Nothing.SKIPPED
+            case Chunk(kind=ChunkKind.ERROR):
+                return self._fail(Failure(502, error_message(event.event)))
+            case Chunk():
+                return event
+            case Completed():
+                self._succeed(event.usage)
+                return None
+            case Failure():
+                return self._fail(event)
+        return Nothing.SKIPPED  # Accepted after the commit carries nothing
 
     async def _receive(self) -> object:
         with trio.move_on_after(self.inference_timeout):

@@ -106,6 +106,18 @@ class ProviderStream:
             return DISCONNECTED
         return self._event(frame)
 
+    def poll_event(self) -> Event | None:
+        """next_event without waiting: None when no frame is buffered."""
+        assert self._frames is not None
+        try:
+            frame = self._frames.receive_nowait()
+        except trio.WouldBlock:
+            return None
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            self.ended = True
+            return DISCONNECTED
+        return self._event(frame)
+
     def _event(self, frame: Any) -> Event:
         match frame:
             case InferenceResponseChunk(encrypted_data=payload):

@@ -75,6 +75,9 @@ async def _run_session(
         task_status.started(scope)
         try:
             await session.run()
+        except Exception:
+            # One provider's session must never take the daemon down with it.
+            log.exception("provider session crashed")
         finally:
             finished.set()
 
