@@ -108,6 +108,7 @@ class ProviderSession:
         self._streams: dict[str, trio.MemorySendChannel[StreamFrame]] = {}
         self._challenge: _Challenge | None = None
         self._malformed = 0
+        self._fell_behind: set[str] = set()
         self.entry: ProviderEntry | None = None
 
     # Lifecycle ------------------------------------------------------------------------------
@@ -265,6 +266,7 @@ class ProviderSession:
         except trio.WouldBlock:
             log.warning("request %s fell %d frames behind; dropping it", request_id, STREAM_BUFFER)
             self._streams.pop(request_id, None)
+            self._fell_behind.add(request_id)
             final = True
         if final:
             stream.close()
@@ -348,19 +350,22 @@ class ProviderSession:
 
     async def cancel(self, request_id: str) -> None:
         """Stop a request: forget its stream and tell the provider to stop generating."""
-        stream = self._streams.pop(request_id, None)
-        if stream is not None:
-            stream.close()
-            try:
-                await self.send(Cancel(request_id=request_id))
-            except SessionGone:
-                pass
+        self.finish(request_id)
+        try:
+            await self.send(Cancel(request_id=request_id))
+        except SessionGone:
+            pass
 
     def finish(self, request_id: str) -> None:
         """Forget a request that ended (or was abandoned) without a cancel frame."""
+        self._fell_behind.discard(request_id)
         stream = self._streams.pop(request_id, None)
         if stream is not None:
             stream.close()
+
+    def fell_behind(self, request_id: str) -> bool:
+        """Was this request's stream closed because its reader could not keep up?"""
+        return request_id in self._fell_behind
 
     def _close_streams(self) -> None:
         streams, self._streams = self._streams, {}

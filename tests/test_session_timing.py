@@ -17,15 +17,19 @@ from nacl.signing import SigningKey
 
 from daemon.config import load_settings
 from daemon.eligibility import RequestTraits
+from daemon.nursery.provider_stream import FELL_BEHIND, ProviderStream
 from daemon.nursery.supervisor import build_registry
 from daemon.registry import ProviderEntry, Registry
-from daemon.session import ProviderSession, TransportClosed
+from daemon.session import STREAM_BUFFER, ProviderSession, TransportClosed
 from protocol import crypto
 from protocol.messages import (
     AttestationChallenge,
     AttestationResponse,
+    Cancel,
     DaemonMessage,
     Heartbeat,
+    InferenceAccepted,
+    InferenceRequest,
     ModelInfo,
     ProtocolError,
     ProviderMessage,
@@ -325,3 +329,33 @@ async def test_no_register_frame_is_rejected_at_exactly_the_register_timeout(
         await trio.testing.wait_all_tasks_blocked()
         assert c.transport.closed == Closed(1008, "no register frame within 10 s", 10)
         assert c.registry.providers() == []
+
+
+# Backpressure -----------------------------------------------------------------------------
+
+
+async def test_a_stream_the_daemon_cannot_keep_up_with_is_dropped_without_blaming_the_provider(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with connection(**QUIET) as conn:
+        await conn.provider.register()
+        await conn.provider.attest()
+        lease = conn.registry.reserve(BASE)
+        assert lease is not None
+        stream = ProviderStream(lease, conn.registry)
+        assert await stream.start(b"{}") is None
+        request = await conn.transport.provider_receive()
+        assert isinstance(request, InferenceRequest)
+        # The provider sends more frames than the request's buffer holds, nobody reading.
+        for _ in range(STREAM_BUFFER + 1):
+            await conn.transport.provider_send(InferenceAccepted(request_id=request.request_id))
+        await trio.testing.wait_all_tasks_blocked()
+
+        events = [await stream.next_event() for _ in range(STREAM_BUFFER + 1)]
+
+        assert events[-1] == FELL_BEHIND
+        assert FELL_BEHIND.status == 503  # capacity: not a breaker strike
+        await stream.close()
+        # The provider is still generating: it must be told to stop.
+        assert await conn.transport.provider_receive() == Cancel(request_id=request.request_id)
+        assert lease.released

@@ -68,6 +68,8 @@ Event = Chunk | Accepted | Completed | Failure
 
 DISCONNECTED: Final = Failure(502, "provider disconnected")
 INVALID_CHUNK: Final = Failure(502, "provider returned invalid encrypted chunk")
+# 503: not a breaker strike. The daemon (or its consumer) could not keep up with the stream.
+FELL_BEHIND: Final = Failure(503, "the daemon fell behind this stream and dropped it")
 
 
 class ProviderStream:
@@ -102,8 +104,7 @@ class ProviderStream:
         try:
             frame = await self._frames.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
-            self.ended = True
-            return DISCONNECTED
+            return self._end_of_frames()
         return self._event(frame)
 
     def poll_event(self) -> Event | None:
@@ -114,9 +115,14 @@ class ProviderStream:
         except trio.WouldBlock:
             return None
         except (trio.EndOfChannel, trio.ClosedResourceError):
-            self.ended = True
-            return DISCONNECTED
+            return self._end_of_frames()
         return self._event(frame)
+
+    def _end_of_frames(self) -> Failure:
+        if self._session.fell_behind(self.request_id):
+            return FELL_BEHIND  # our fault, not the provider's: it is still generating
+        self.ended = True
+        return DISCONNECTED
 
     def _event(self, frame: Any) -> Event:
         match frame:
