@@ -211,6 +211,8 @@ def _decode(decoder: msgspec.json.Decoder[Any], frame: bytes | str) -> Any:
         return _explain(frame, str(exc))
     except msgspec.DecodeError as exc:
         return _malformed(exc)
+    except RecursionError:  # msgspec's answer to very deep nesting
+        return ProtocolError("malformed JSON: nested too deeply")
 
 
 def _utf8_size(frame: bytes | str) -> int:
@@ -229,6 +231,8 @@ def _explain(frame: bytes | str, detail: str) -> ProtocolError:
         raw = _any_decoder.decode(frame)
     except msgspec.DecodeError as exc:  # typed decoding can fail on a value before the syntax
         return _malformed(exc)
+    except RecursionError:
+        return ProtocolError("malformed JSON: nested too deeply")
     if not isinstance(raw, dict):
         return ProtocolError(f"expected object, got {_json_kind(raw)}")
     kind = raw.get("type")

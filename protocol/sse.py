@@ -69,7 +69,7 @@ def classify(payload: str | bytes) -> Classified:
         return _DONE_CHUNK
     try:
         event = _decoder.decode(payload)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # msgspec's answer to very deep nesting
         # Text we cannot parse is still output the backend produced: it commits.
         return _OPAQUE_CONTENT
     if not isinstance(event, dict):

@@ -63,7 +63,7 @@ def prepare(plaintext: bytes) -> PreparedRequest:
 def _envelope(plaintext: bytes) -> _Envelope:
     try:
         envelope = _envelope_decoder.decode(plaintext)
-    except msgspec.DecodeError as exc:  # ValidationError is a subclass: one message suits both
+    except (msgspec.DecodeError, RecursionError) as exc:  # ValidationError is a DecodeError
         raise RequestFailure(
             400, f"request is not {{endpoint, body}}: {exc}", "bad_request"
         ) from None

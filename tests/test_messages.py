@@ -146,3 +146,12 @@ def test_the_frame_limit_counts_utf8_bytes_not_characters() -> None:
     result = m.decode_provider_frame(frame)
     assert isinstance(result, m.ProtocolError)
     assert "10 MiB" in result.reason
+
+
+@pytest.mark.parametrize(
+    "frame", ["[" * 5000 + "]" * 5000, '{"type":"heartbeat","x":' + "[" * 5000]
+)
+def test_a_frame_nested_too_deeply_is_a_protocol_error(frame: str) -> None:
+    result = m.decode_provider_frame(frame)
+    assert isinstance(result, m.ProtocolError)
+    assert "malformed JSON" in result.reason

@@ -173,3 +173,8 @@ def test_classify_line_classifies_the_payload() -> None:
 @pytest.mark.parametrize("line", ["", ": ping", "event: error"], ids=["blank", "comment", "event"])
 def test_classify_line_ignores_non_data_lines(line: str) -> None:
     assert classify_line(line) is None
+
+
+def test_a_chunk_nested_too_deeply_to_parse_is_opaque_content() -> None:
+    payload = '{"a": ' + "[" * 5000 + "]" * 5000 + "}"
+    assert classify(payload).kind is ChunkKind.CONTENT
