@@ -24,10 +24,12 @@ class _ToolCall:
     def merge(self, delta: dict[str, Any]) -> None:
         self.id = delta.get("id") or self.id
         self.type = delta.get("type") or self.type
-        function = delta.get("function") or {}
-        self.name += function.get("name") or ""
-        if function.get("arguments"):
-            self.arguments.append(function["arguments"])
+        function = delta.get("function")
+        if not isinstance(function, dict):
+            return  # a provider's malformed delta must not turn the answer into a 500
+        name = function.get("name")
+        self.name += name if isinstance(name, str) else ""
+        _append(self.arguments, function.get("arguments"))
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -68,9 +70,12 @@ class CompletionAssembler:
         _append(self.content, delta.get("content"))
         _append(self.reasoning, delta.get("reasoning_content") or delta.get("reasoning"))
         _append(self.refusal, delta.get("refusal"))
-        for call in delta.get("tool_calls") or ():
+        calls = delta.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
             if isinstance(call, dict):
-                self.tool_calls.setdefault(int(call.get("index", 0)), _ToolCall()).merge(call)
+                index = call.get("index")
+                index = index if isinstance(index, int) else 0
+                self.tool_calls.setdefault(index, _ToolCall()).merge(call)
 
     def result(self, usage: Usage | None) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content)}

@@ -170,6 +170,7 @@ class Race:
         """Read until content (None: committed) or a failure; deadlines as cancel scopes."""
         deadline = racer.started_at + self._timing.ttft
         preamble_extended = False
+        accepted = False
         while True:
             with trio.move_on_at(deadline):
                 event = await racer.stream.next_event()
@@ -177,8 +178,10 @@ class Race:
                 if verdict is _Verdict.CONTINUE:
                     continue
                 if verdict is _Verdict.ACCEPTED:
-                    deadline = trio.current_time() + self._timing.inference
-                    preamble_extended = True
+                    # Only the first: a provider repeating it must not postpone content forever.
+                    if not accepted:
+                        deadline = trio.current_time() + self._timing.inference
+                    accepted = preamble_extended = True
                     continue
                 assert not isinstance(verdict, _Verdict)
                 return verdict
