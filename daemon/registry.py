@@ -106,6 +106,10 @@ class Registry:
     def providers(self) -> list[ProviderEntry]:
         return list(self._providers.values())
 
+    def busy(self) -> bool:
+        """Is any request holding a slot?"""
+        return any(entry.in_flight for entry in self._providers.values())
+
     def get(self, provider_id: str) -> ProviderEntry | None:
         return self._providers.get(provider_id)
 

@@ -7,7 +7,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Final
 
 import trio
 from hypercorn.config import Config
@@ -22,6 +22,8 @@ from protocol.messages import MAX_FRAME_BYTES
 log = logging.getLogger("dinfer")
 
 ShutdownTrigger = Callable[[], Awaitable[None]]
+# On shutdown, requests in flight get this long to finish before providers are closed.
+SHUTDOWN_GRACE_S: Final = 10.0
 
 
 def hypercorn_config(settings: Settings) -> Config:
@@ -74,8 +76,14 @@ async def serve(
         open_supervisor(settings, store, seed=seed) as sup,
     ):
         stopped = trio.Event()
+
+        async def shut_down() -> None:
+            await shutdown_trigger()
+            log.info("shutting down: finishing requests in flight, then closing providers")
+            await sup.drain(SHUTDOWN_GRACE_S)
+
         server = partial(
-            _serve_http, create_app(sup), hypercorn_config(settings), shutdown_trigger, stopped
+            _serve_http, create_app(sup), hypercorn_config(settings), shut_down, stopped
         )
         binds: list[str] = await sup.nursery.start(server)
         sup.ready = True

@@ -1,11 +1,13 @@
 """One provider's WebSocket session: registration, challenges, the reader, in-flight streams.
 
-A session is one task (plus its challenge loop) owned by the supervisor nursery. The reader is
-the only task that receives frames; writes from any task go through one StrictFIFOLock with a
-deadline, so a slow or dead provider socket never blocks anything but its own requests. Every
+A session is one task (plus its reader's helpers) owned by the supervisor nursery. The reader
+is the only task that receives frames and the writer the only one that sends: everyone else
+posts frames to a bounded outbox without waiting. Hypercorn shields its socket writes from
+cancellation, so a provider that stops reading would otherwise hold any task that writes to
+it; with the outbox, it holds only the writer, and a full outbox ends the session. Every
 in-flight request has a bounded stream the reader routes frames into; when the session ends,
-each stream is closed, which its dispatch reads as 502 `provider disconnected`. The session's
-own `finally` removes its registry entry.
+each stream is closed, which its dispatch reads as 502 `provider disconnected`. The session
+retires its registry entry the moment it ends, even if its writer is stuck.
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ MAX_MALFORMED_FRAMES: Final = 8
 # Frames buffered per in-flight request before the reader gives up on that request rather
 # than stall every other request on this provider.
 STREAM_BUFFER: Final = 1024
-# A provider socket that cannot take a frame in this long is dead.
-SEND_TIMEOUT_S: Final = 10.0
+# Frames waiting for the writer: past this the provider is not reading and the session ends.
+OUTBOX_FRAMES: Final = 256
 
 StreamFrame = ProviderMessage
 TokenLookup = Callable[[str], str | None]
@@ -101,7 +103,7 @@ class ProviderSession:
         self._registry = registry
         self._settings = settings
         self._lookup_token = lookup_token
-        self._send_lock = trio.StrictFIFOLock()
+        self._outbox, self._outbox_reader = trio.open_memory_channel[str](OUTBOX_FRAMES)
         self._scope = trio.CancelScope()
         self._close_code: int = CloseCode.GOING_AWAY
         self._close_reason = "daemon shutting down"
@@ -126,15 +128,24 @@ class ProviderSession:
             try:
                 await self._serve(entry)
             finally:
-                self._close_streams()
-                self._registry.remove(entry)
-                log.info("provider %s disconnected: %s", entry.provider_id, self._close_reason)
+                self._retire()
         await self._close()
 
     def kick(self, code: int, reason: str) -> None:
         """End the session with this close code (superseded, token revoked, stale...)."""
         self._close_code, self._close_reason = code, reason
         self._scope.cancel()
+        self._retire()
+
+    def _retire(self) -> None:
+        """Leave the registry and fail every stream in flight, once, without waiting."""
+        entry, self.entry = self.entry, None
+        if entry is None:
+            return
+        self._outbox.close()
+        self._close_streams()
+        self._registry.remove(entry)
+        log.info("provider %s disconnected: %s", entry.provider_id, self._close_reason)
 
     def connection_lost(self) -> None:
         """The WebSocket task ended first: the provider hung up, or the server is stopping."""
@@ -143,6 +154,7 @@ class ProviderSession:
 
     async def _serve(self, entry: ProviderEntry) -> None:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._write_loop)
             nursery.start_soon(self._challenge_loop, entry)
             await self._read_loop(entry)
             nursery.cancel_scope.cancel()
@@ -294,16 +306,16 @@ class ProviderSession:
                 async for _ in ticks:
                     await self._run_challenge(entry)
             except SessionGone:
-                self.kick(CloseCode.GOING_AWAY, "the provider's socket is gone")
+                pass  # the session is ending: whoever ended it said why
 
     async def _run_challenge(self, entry: ProviderEntry) -> None:
         challenge = _Challenge(crypto.new_challenge_nonce(), crypto.challenge_timestamp())
         self._challenge = challenge
-        await self.send(AttestationChallenge(nonce=challenge.nonce, timestamp=challenge.timestamp))
+        self.post(AttestationChallenge(nonce=challenge.nonce, timestamp=challenge.timestamp))
         with trio.move_on_after(self._settings.challenge_answer_s):
             await challenge.answered.wait()
         self._challenge = None
-        await self.send(self._verdict(entry, challenge.passed))
+        self.post(self._verdict(entry, challenge.passed))
 
     def _verdict(self, entry: ProviderEntry, passed: bool) -> TrustStatus:
         if passed:
@@ -326,18 +338,26 @@ class ProviderSession:
 
     # Requests (called by dispatch) ----------------------------------------------------------
 
-    async def send(self, message: DaemonMessage) -> None:
-        """Send one frame; SessionGone if the provider cannot take it."""
-        frame = encode(message)
-        with trio.move_on_after(SEND_TIMEOUT_S):
-            async with self._send_lock:
+    def post(self, message: DaemonMessage) -> None:
+        """Queue one frame for the writer, never waiting; SessionGone if it cannot go out."""
+        try:
+            self._outbox.send_nowait(encode(message))
+        except trio.WouldBlock:
+            self.kick(
+                CloseCode.GOING_AWAY, f"the provider stopped reading ({OUTBOX_FRAMES} frames)"
+            )
+            raise SessionGone from None
+        except trio.ClosedResourceError:
+            raise SessionGone from None
+
+    async def _write_loop(self) -> None:
+        async with self._outbox_reader:
+            async for frame in self._outbox_reader:
                 try:
                     await self._transport.send(frame)
                 except TransportClosed:
-                    raise SessionGone from None
-            return
-        self.kick(CloseCode.GOING_AWAY, f"provider socket stalled for {SEND_TIMEOUT_S:g} s")
-        raise SessionGone
+                    self.kick(CloseCode.GOING_AWAY, "connection closed")
+                    return
 
     def open_stream(self, request_id: str) -> trio.MemoryReceiveChannel[StreamFrame]:
         """The frames of one request, closed after its terminal or when the session ends."""
@@ -346,13 +366,13 @@ class ProviderSession:
         return receive
 
     async def start_request(self, request_id: str, body: EncryptedPayload) -> None:
-        await self.send(InferenceRequest(request_id=request_id, encrypted_body=body))
+        self.post(InferenceRequest(request_id=request_id, encrypted_body=body))
 
     async def cancel(self, request_id: str) -> None:
         """Stop a request: forget its stream and tell the provider to stop generating."""
         self.finish(request_id)
         try:
-            await self.send(Cancel(request_id=request_id))
+            self.post(Cancel(request_id=request_id))
         except SessionGone:
             pass
 

@@ -1,10 +1,8 @@
 """Defects found by a second reading of dispatch, the chat handler and the provider session.
 
-Each test proves one finding. A fixed one passes; an open one is a strict xfail whose reason
-names the cause (it starts passing, and so fails the suite, once a fix lands: then drop the
-marker). Dispatch-level tests run on the autojump MockClock with in-memory providers, the rest
-against a real daemon with scripted fake providers, as in `test_dispatch.py` and
-`test_chat_api.py`.
+Each test proves one finding and failed before its fix. Dispatch-level tests run on the
+autojump MockClock with in-memory providers, the rest against a real daemon with scripted fake
+providers, as in `test_dispatch.py` and `test_chat_api.py`.
 """
 
 from __future__ import annotations
@@ -42,6 +40,7 @@ from tests.fakes.provider import (
     Stall,
     Step,
     Wait,
+    always,
     answer,
     content_chunk,
     finish_chunk,
@@ -176,13 +175,6 @@ async def _wedged_provider(url: str, trusted: trio.Event) -> None:
         await trio.sleep_forever()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Hypercorn shields its socket writes from cancellation, and a racer sends its "
-    "request (and later its cancel) itself: once a provider's TCP window is full the racer "
-    "cannot be cancelled, so the race never ends though the backup answered; every deadline "
-    "around ProviderSession.send (SEND_TIMEOUT_S, CANCEL_GRACE_S, hang-ups) is void",
-)
 async def test_a_provider_that_stops_reading_its_socket_cannot_wedge_requests(
     start_daemon: StartDaemon, nursery: trio.Nursery
 ) -> None:
@@ -204,15 +196,9 @@ async def test_a_provider_that_stops_reading_its_socket_cannot_wedge_requests(
             assert response.json()["choices"][0]["message"]["content"] == "backup"
 
 
-# Open: needs a watchdog in the chat handler ---------------------------------------------------
+# Fixed: a watchdog in the chat handler ---------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a consumer that stops reading blocks the relay in Hypercorn's send, which shields "
-    "its socket write from cancellation: the provider is never told cancel and its slot stays "
-    "taken until the consumer reads or its socket breaks (daemon shutdown waits for it too)",
-)
 async def test_a_consumer_who_stops_reading_frees_the_provider_after_the_inference_timeout(
     open_api: OpenApi,
 ) -> None:
@@ -236,14 +222,9 @@ async def test_a_consumer_who_stops_reading_frees_the_provider_after_the_inferen
         await conn.aclose()  # a hung-up consumer breaks the blocked send
 
 
-# Open: needs a shutdown sequence in serve.py -------------------------------------------------
+# Fixed: the shutdown sequence in serve.py -------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="nothing closes provider sessions when shutdown begins: Hypercorn waits out its "
-    "5 s graceful timeout, then drops the sockets without a close frame (1006, not 1001)",
-)
 async def test_shutting_down_closes_provider_sessions_with_1001(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -259,3 +240,29 @@ async def test_shutting_down_closes_provider_sessions_with_1001(
         await fake.closed.wait()
 
     assert (fake.close_code, fake.close_reason) == (1001, "daemon shutting down")
+
+
+async def test_shutting_down_lets_a_request_in_flight_finish_then_closes_its_provider(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    stop = trio.Event()
+    env = {**FAST_ENV, "DINFER_DATA_DIR": str(tmp_path / "data")}
+    daemon = await nursery.start(
+        partial(serve, load_settings(env), shutdown_trigger=stop.wait, seed=7)
+    )
+    slow = always([role_chunk(), content_chunk("still"), Wait(1), *answer(" here")])
+    (fake,) = await start_fakes(nursery, [FakeProvider(daemon.provider_url, behaviour=slow)])
+    async with httpx.AsyncClient(base_url=daemon.base_url, timeout=BOUND_S) as client:
+        _, key = await test_chat_api.create_key(client)
+        auth = {"Authorization": f"Bearer {key}"}
+        async with client.stream(
+            "POST", "/v1/chat/completions", json=chat_body(stream=True), headers=auth
+        ) as response:
+            await fake.request_seen.wait()
+            stop.set()
+            body = (await response.aread()).decode()
+        assert response.status_code == 200
+        assert "still" in body and " here" in body and "error" not in body
+    with trio.fail_after(10):
+        await fake.closed.wait()
+    assert fake.close_code == 1001

@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from contextlib import aclosing
 from typing import Any, Final
 
 import msgspec
 import trio
+from trio_util import periodic
 
 from daemon.api.asgi import (
     BodyTooLarge,
@@ -96,6 +98,16 @@ class ChatCompletions:
                 headers=ident,
             )
             return
+        if self._sup.draining:
+            await send_error(
+                send,
+                503,
+                "the daemon is shutting down",
+                "shutting_down",
+                retry_after=5,
+                headers=ident,
+            )
+            return
         try:
             request = parse_chat_request(raw)
         except BadRequest as exc:
@@ -103,7 +115,7 @@ class ChatCompletions:
             return
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_disconnect, receive, nursery.cancel_scope)
-            await self._serve(request, ident, send)
+            await self._serve(request, ident, send, nursery)
             nursery.cancel_scope.cancel()
 
     async def _authorized(self, scope: dict[str, Any]) -> bool:
@@ -114,7 +126,11 @@ class ChatCompletions:
         return await self._sup.store.find_api_key(key.strip()) is not None
 
     async def _serve(
-        self, request: ChatRequest, ident: list[tuple[bytes, bytes]], send: Send
+        self,
+        request: ChatRequest,
+        ident: list[tuple[bytes, bytes]],
+        send: Send,
+        nursery: trio.Nursery,
     ) -> None:
         job = Job(
             traits=request.traits,
@@ -129,14 +145,50 @@ class ChatCompletions:
                 send, exc.status, str(exc), exc.code, retry_after=exc.retry_after, headers=ident
             )
             return
+        relay = TimedSend(send)
+        limit = self._settings.inference_timeout_s
+        nursery.start_soon(_abandon_if_stalled, relay, committed, limit)
         try:
             headers = [*ident, *_commit_headers(committed)]
             if request.stream:
-                await _stream(send, committed, headers, request.include_usage, request.traits.model)
+                await _stream(
+                    relay, committed, headers, request.include_usage, request.traits.model
+                )
             else:
-                await _complete(send, committed, headers, request.traits.model)
+                await _complete(relay, committed, headers, request.traits.model)
         finally:
             await committed.close()
+
+
+class TimedSend:
+    """The consumer's `send`, remembering since when a write has been waiting."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.waiting_since: float | None = None
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        self.waiting_since = trio.current_time()
+        try:
+            await self._send(message)
+        finally:
+            self.waiting_since = None
+
+
+async def _abandon_if_stalled(relay: TimedSend, committed: Committed, limit: float) -> None:
+    """Free the provider when the consumer stops reading but keeps the connection open.
+
+    Hypercorn shields its socket writes from cancellation, so no deadline around the write
+    can end it: this watchdog looks at the write's age a few times per `limit` instead, and
+    cancels the provider and frees its slot; the write itself ends when the socket does.
+    """
+    async with aclosing(periodic(limit / 4)) as ticks:
+        async for _ in ticks:
+            since = relay.waiting_since
+            if since is not None and trio.current_time() - since >= limit:
+                log.info("the consumer stopped reading for %g s: releasing the provider", limit)
+                await committed.close()
+                return
 
 
 def _commit_headers(committed: Committed) -> list[tuple[bytes, bytes]]:

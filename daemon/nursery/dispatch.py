@@ -94,11 +94,12 @@ class Committed:
 
     async def next_event(self) -> Chunk | InBandError | None:
         """The next chunk to relay, one in-band error, or None at a clean end."""
-        while True:
+        while not self.racer.stream.closed:  # closed by us: nothing more to relay or blame
             event = self._pending.pop() if self._pending else await self._receive()
             relayable = self._relayable(event)
             if relayable is not Nothing.SKIPPED:
                 return relayable
+        return None
 
     def poll(self) -> Chunk | InBandError | Literal[Nothing.BUFFERED] | None:
         """next_event without waiting: `Nothing.BUFFERED` when no frame is waiting now.
@@ -106,6 +107,8 @@ class Committed:
         The relay drains what is already buffered into one write to the consumer: under load
         that saves a send, an HTTP chunk and a task switch per chunk.
         """
+        if self.racer.stream.closed:
+            return None
         while True:
             event = self._pending.pop() if self._pending else self.racer.stream.poll_event()
             if event is None:

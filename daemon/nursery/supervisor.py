@@ -12,9 +12,11 @@ import logging
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Final
 
 import trio
+from trio_util import AsyncValue
 
 from daemon.admission import AdmissionQueue
 from daemon.breaker import CircuitBreaker
@@ -27,6 +29,9 @@ from protocol.messages import CloseCode
 
 log = logging.getLogger("dinfer.supervisor")
 
+# Time for provider sessions to send their close frames during shutdown.
+CLOSE_GRACE_S: Final = 2.0
+
 
 @dataclass
 class Supervisor:
@@ -38,6 +43,8 @@ class Supervisor:
     queue: AdmissionQueue
     nursery: trio.Nursery
     ready: bool = False
+    draining: bool = False
+    sessions: AsyncValue[int] = field(default_factory=lambda: AsyncValue(0))
 
     async def host_session(self, transport: Transport) -> None:
         """Run a provider session in the service nursery until it ends or the caller is cancelled.
@@ -51,11 +58,24 @@ class Supervisor:
         )
         finished = trio.Event()
         scope: trio.CancelScope = await self.nursery.start(_run_session, session, finished)
+        self.sessions.value += 1
         try:
             await finished.wait()
         finally:
+            self.sessions.value -= 1
             session.connection_lost()
             scope.cancel()
+
+    async def drain(self, grace: float) -> None:
+        """Shutting down: refuse new requests, let those in flight finish for up to `grace`
+        seconds, then close every provider session with 1001 while the sockets still work."""
+        self.draining = True
+        with trio.move_on_after(grace):
+            await self.registry.generation.wait_value(lambda _: not self.registry.busy())
+        for entry in self.registry.providers():
+            entry.session.kick(CloseCode.GOING_AWAY, "daemon shutting down")
+        with trio.move_on_after(CLOSE_GRACE_S):
+            await self.sessions.wait_value(0)
 
     def kick_token(self, token_id: str) -> int:
         """Disconnect every provider that registered with a revoked token."""
