@@ -49,3 +49,8 @@ def _env_name(key: str) -> str:
 @pytest.fixture
 async def daemon(start_daemon: StartDaemon) -> RunningDaemon:
     return await start_daemon()
+
+
+# The consumer-API harness's fixtures, for every test module that drives the chat API.
+from tests.consumer_harness import api, open_api  # noqa: E402, F401
+from tests.dispatch_harness import world  # noqa: E402, F401

@@ -20,6 +20,14 @@ from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
 from daemon.serve import RunningDaemon
 from tests.conftest import StartDaemon
+from tests.consumer_harness import (
+    BOUND_S,
+    DISPATCH_ENV,
+    TOOL_SCRIPT,
+    create_key,
+    in_turn,
+    usage_chunk,
+)
 from tests.fakes.provider import (
     Behaviour,
     Fail,
@@ -29,14 +37,6 @@ from tests.fakes.provider import (
     content_chunk,
     role_chunk,
     start_fakes,
-)
-from tests.test_chat_api import (
-    BOUND_S,
-    DISPATCH_ENV,
-    TOOL_SCRIPT,
-    create_key,
-    in_turn,
-    usage_chunk,
 )
 
 T = TypeVar("T")

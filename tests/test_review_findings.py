@@ -2,7 +2,7 @@
 
 Each test proves one finding and failed before its fix. Dispatch-level tests run on the
 autojump MockClock with in-memory providers, the rest against a real daemon with scripted fake
-providers, as in `test_dispatch.py` and `test_chat_api.py`.
+providers (`tests/dispatch_harness.py`, `tests/consumer_harness.py`).
 """
 
 from __future__ import annotations
@@ -30,8 +30,17 @@ from protocol.messages import (
     decode_daemon_frame,
     encode,
 )
-from tests import test_chat_api
 from tests.conftest import FAST_ENV, StartDaemon
+from tests.consumer_harness import (
+    BOUND_S,
+    Api,
+    OpenApi,
+    RawConnection,
+    chat_body,
+    create_key,
+    in_turn,
+)
+from tests.dispatch_harness import World, drain
 from tests.fakes.provider import (
     Accept,
     Chunk,
@@ -48,20 +57,9 @@ from tests.fakes.provider import (
     role_chunk,
     start_fakes,
 )
-from tests.test_chat_api import BOUND_S, Api, OpenApi, RawConnection, chat_body, in_turn
-from tests.test_dispatch import World, drain
-
-# The real-daemon fixtures of test_chat_api (pytest finds fixtures by module attribute).
-open_api = test_chat_api.open_api
-api = test_chat_api.api
 
 # Deeper than msgspec's recursion limit: decoding it raises RecursionError, not DecodeError.
 DEEP_JSON = "[" * 5000 + "]" * 5000
-
-
-@pytest.fixture
-def world(nursery: trio.Nursery) -> World:
-    return World(nursery)
 
 
 # Fixed ----------------------------------------------------------------------------------------
@@ -185,7 +183,7 @@ async def test_a_provider_that_stops_reading_its_socket_cannot_wedge_requests(
     healthy = FakeProvider(daemon.provider_url, behaviour=lambda _body: answer("backup"))
     await start_fakes(nursery, [healthy])
     async with httpx.AsyncClient(base_url=daemon.base_url, timeout=BOUND_S) as client:
-        _, key = await test_chat_api.create_key(client)
+        _, key = await create_key(client)
         # Under the fake's 1 MiB frame limit; a few fill the hung provider's socket buffers.
         body = chat_body(messages=[{"role": "user", "content": "y" * 700_000}])
         for _ in range(8):
@@ -253,7 +251,7 @@ async def test_shutting_down_lets_a_request_in_flight_finish_then_closes_its_pro
     slow = always([role_chunk(), content_chunk("still"), Wait(1), *answer(" here")])
     (fake,) = await start_fakes(nursery, [FakeProvider(daemon.provider_url, behaviour=slow)])
     async with httpx.AsyncClient(base_url=daemon.base_url, timeout=BOUND_S) as client:
-        _, key = await test_chat_api.create_key(client)
+        _, key = await create_key(client)
         auth = {"Authorization": f"Bearer {key}"}
         async with client.stream(
             "POST", "/v1/chat/completions", json=chat_body(stream=True), headers=auth
