@@ -109,21 +109,23 @@ def _positive_int(raw: str) -> int:
     return value
 
 
-def _positive_float(raw: str) -> float:
+def _number(raw: str) -> float:
+    """The float `raw` spells, or NaN (which every range check then refuses)."""
     try:
-        value = float(raw)
+        return float(raw)
     except ValueError:
-        value = math.nan
+        return math.nan
+
+
+def _positive_float(raw: str) -> float:
+    value = _number(raw)
     if not (math.isfinite(value) and value > 0):
         raise ValueError("a positive number")
     return value
 
 
 def _ratio(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
+    value = _number(raw)
     if not 0 < value <= 1:
         raise ValueError("a number in (0, 1]")
     return value
