@@ -2,7 +2,7 @@
 
 Run as `.venv/bin/python scripts/bench_dispatch.py [--quick]` (about 65 s; `--quick` about 20 s).
 
-Layout (the machine has 2 cores): the daemon runs as its own process (`python -m daemon.cli
+Layout (the machine has 2 cores): the daemon runs as its own process (`python -m dinfer
 serve`, i.e. `dinfer serve`) pinned to one core; this process runs the load generator and the
 fake providers (`tests.fakes.provider.FakeProvider`, answering instantly over the real
 encrypted WebSocket protocol) pinned to the other. The direct baseline is a trivial Hypercorn
@@ -845,7 +845,7 @@ def daemon_warnings(log: Path) -> str | None:
 def daemon_command(line: str | None) -> list[str]:
     """The daemon's argv; a leading `python` means this interpreter."""
     if not line:
-        return [sys.executable, "-m", "daemon.cli", "serve"]
+        return [sys.executable, "-m", "dinfer", "serve"]
     argv = shlex.split(line)
     return [sys.executable, *argv[1:]] if argv[0] == "python" else argv
 
@@ -860,7 +860,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--daemon-command",
-        help="run the daemon with this command line instead of `python -m daemon.cli serve`",
+        help="run the daemon with this command line instead of `python -m dinfer serve`",
     )
     parser.add_argument("--serve-baseline", type=int, metavar="PORT", help=argparse.SUPPRESS)
     return parser.parse_args(argv)

@@ -22,7 +22,7 @@ import trio
 
 MODEL_ALIAS: Final = "gemma-3-270m"
 PYTHON: Final = sys.executable
-DINFER: Final = [PYTHON, "-m", "daemon.cli"]
+DINFER: Final = [PYTHON, "-m", "dinfer"]
 READY_POLL_S: Final = 0.2
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import trio
 
+from daemon.api.serve import RunningDaemon, serve
 from daemon.config import load_settings
-from daemon.serve import RunningDaemon, serve
 
 ADMIN_KEY = "test-admin-key"
 

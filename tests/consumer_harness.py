@@ -19,7 +19,7 @@ import httpx
 import pytest
 import trio
 
-from daemon.serve import RunningDaemon
+from daemon.api.serve import RunningDaemon
 from tests.conftest import ADMIN_KEY, StartDaemon
 from tests.fakes.provider import (
     Behaviour,

@@ -13,13 +13,13 @@ import pytest
 import trio
 import trio.testing
 
-from daemon.admission import AdmissionQueue
 from daemon.config import load_settings
-from daemon.eligibility import RequestTraits
 from daemon.nursery.dispatch import Committed, DispatchFailed, InBandError, Job, dispatch
 from daemon.nursery.race import Timing
 from daemon.nursery.supervisor import build_registry
-from daemon.registry import ProviderEntry
+from daemon.routing.admission import AdmissionQueue
+from daemon.routing.eligibility import RequestTraits
+from daemon.routing.registry import ProviderEntry
 from tests.fakes.memory_session import MemorySession, in_turn
 from tests.fakes.provider import (
     Chunk,

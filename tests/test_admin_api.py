@@ -14,8 +14,8 @@ import httpx
 import pytest
 import trio
 
-from daemon.eligibility import RequestTraits
-from daemon.serve import RunningDaemon
+from daemon.api.serve import RunningDaemon
+from daemon.routing.eligibility import RequestTraits
 from protocol.messages import ModelInfo, TemplateRender, TrustStatus
 from tests.conftest import ADMIN_KEY, StartDaemon
 from tests.fakes.provider import FakeProvider

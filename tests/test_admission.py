@@ -11,7 +11,9 @@ import pytest
 import trio
 import trio.testing
 
-from daemon.admission import (
+from daemon.config import load_settings
+from daemon.nursery.supervisor import _wake_on_cooldown_expiry, build_registry
+from daemon.routing.admission import (
     AdmissionError,
     AdmissionQueue,
     QueueFull,
@@ -19,10 +21,8 @@ from daemon.admission import (
     Unavailable,
     UnknownModel,
 )
-from daemon.config import load_settings
-from daemon.eligibility import RequestTraits
-from daemon.nursery.supervisor import _wake_on_cooldown_expiry, build_registry
-from daemon.registry import Lease, ProviderEntry, Registry
+from daemon.routing.eligibility import RequestTraits
+from daemon.routing.registry import Lease, ProviderEntry, Registry
 from tests.fakes.entries import make_entry
 
 BASE = RequestTraits(model="m")

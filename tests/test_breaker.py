@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.breaker import SWEEP_EVERY, BreakerKey, CircuitBreaker, shape_of
+from daemon.routing.breaker import SWEEP_EVERY, BreakerKey, CircuitBreaker, shape_of
 
 THRESHOLD = 3
 WINDOW = 60.0

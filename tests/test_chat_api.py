@@ -17,7 +17,7 @@ import httpx
 import pytest
 import trio
 
-from daemon import cli
+from dinfer import cli
 from protocol.messages import ModelInfo
 from tests.conftest import ADMIN_KEY, StartDaemon
 from tests.consumer_harness import (

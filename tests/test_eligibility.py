@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from daemon.breaker import Shape
 from daemon.config import load_settings
-from daemon.eligibility import AWAITING_ATTESTATION, RequestTraits, refusal
 from daemon.nursery.supervisor import build_registry
+from daemon.routing.breaker import Shape
+from daemon.routing.eligibility import AWAITING_ATTESTATION, RequestTraits, refusal
 from protocol.messages import ModelInfo, TemplateRender
 from tests.fakes.entries import make_entry
 

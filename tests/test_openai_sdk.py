@@ -18,7 +18,7 @@ import pytest
 import trio
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
-from daemon.serve import RunningDaemon
+from daemon.api.serve import RunningDaemon
 from tests.conftest import StartDaemon
 from tests.consumer_harness import (
     BOUND_S,

@@ -26,10 +26,10 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
-from daemon.eligibility import RequestTraits
-from daemon.registry import ProviderEntry
-from daemon.serve import RunningDaemon
-from daemon.session import MAX_MALFORMED_FRAMES, ProviderSession
+from daemon.api.serve import RunningDaemon
+from daemon.routing.eligibility import RequestTraits
+from daemon.routing.registry import ProviderEntry
+from daemon.routing.session import MAX_MALFORMED_FRAMES, ProviderSession
 from protocol import crypto
 from protocol.messages import (
     MAX_FRAME_BYTES,

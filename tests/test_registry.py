@@ -8,9 +8,9 @@ import trio
 import trio.testing
 
 from daemon.config import load_settings
-from daemon.eligibility import RequestTraits
 from daemon.nursery.supervisor import build_registry
-from daemon.registry import Registry
+from daemon.routing.eligibility import RequestTraits
+from daemon.routing.registry import Registry
 from tests.fakes.entries import make_entry
 
 BASE = RequestTraits(model="m")

@@ -18,8 +18,8 @@ import trio
 import trio_websocket
 from trio.testing import MockClock
 
+from daemon.api.serve import serve
 from daemon.config import load_settings
-from daemon.serve import serve
 from protocol import crypto
 from protocol.messages import (
     AttestationChallenge,

@@ -16,11 +16,11 @@ import trio.testing
 from nacl.signing import SigningKey
 
 from daemon.config import load_settings
-from daemon.eligibility import RequestTraits
-from daemon.nursery.provider_stream import FELL_BEHIND, ProviderStream
+from daemon.nursery.attempt import FELL_BEHIND, ProviderStream
 from daemon.nursery.supervisor import build_registry
-from daemon.registry import ProviderEntry, Registry
-from daemon.session import STREAM_BUFFER, ProviderSession, TransportClosed
+from daemon.routing.eligibility import RequestTraits
+from daemon.routing.registry import ProviderEntry, Registry
+from daemon.routing.session import STREAM_BUFFER, ProviderSession, TransportClosed
 from protocol import crypto
 from protocol.messages import (
     AttestationChallenge,

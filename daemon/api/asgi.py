@@ -8,7 +8,7 @@ from typing import Any
 
 import trio
 
-from daemon.errors import error_body, retry_headers
+from daemon.api.errors import error_body, retry_headers
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]

@@ -17,11 +17,11 @@ from typing import Literal
 
 import trio
 
-from daemon.admission import AdmissionError, AdmissionQueue
-from daemon.eligibility import RequestTraits
-from daemon.nursery.provider_stream import Chunk, Completed, Failure, error_message
+from daemon.nursery.attempt import Chunk, Completed, Failure, error_message
 from daemon.nursery.race import Race, Racer, Timing
-from daemon.registry import Lease, Registry
+from daemon.routing.admission import AdmissionError, AdmissionQueue
+from daemon.routing.eligibility import RequestTraits
+from daemon.routing.registry import Lease, Registry
 from protocol.messages import Usage
 from protocol.sse import ChunkKind
 

@@ -17,8 +17,7 @@ from typing import Final
 
 import trio
 
-from daemon.eligibility import RequestTraits
-from daemon.nursery.provider_stream import (
+from daemon.nursery.attempt import (
     Accepted,
     Chunk,
     Completed,
@@ -26,7 +25,8 @@ from daemon.nursery.provider_stream import (
     ProviderStream,
     error_message,
 )
-from daemon.registry import Lease, Registry
+from daemon.routing.eligibility import RequestTraits
+from daemon.routing.registry import Lease, Registry
 from protocol.sse import ChunkKind
 
 log = logging.getLogger("dinfer.dispatch")

@@ -18,12 +18,12 @@ from typing import Final
 import trio
 from trio_util import AsyncValue
 
-from daemon.admission import AdmissionQueue
-from daemon.breaker import CircuitBreaker
 from daemon.config import Settings
-from daemon.eligibility import Gates
-from daemon.registry import Registry
-from daemon.session import ProviderSession, Transport
+from daemon.routing.admission import AdmissionQueue
+from daemon.routing.breaker import CircuitBreaker
+from daemon.routing.eligibility import Gates
+from daemon.routing.registry import Registry
+from daemon.routing.session import ProviderSession, Transport
 from daemon.store import Store
 from protocol.messages import CloseCode
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import trio
 
-from daemon.registry import ProviderEntry
+from daemon.routing.registry import ProviderEntry
 from protocol import crypto
 from protocol.messages import ModelInfo
 

@@ -28,8 +28,8 @@ import trio
 from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 
-from daemon.registry import ProviderEntry
-from daemon.session import SessionGone
+from daemon.routing.registry import ProviderEntry
+from daemon.routing.session import SessionGone
 from protocol import crypto
 from protocol.messages import (
     EncryptedPayload,
@@ -57,7 +57,7 @@ from tests.fakes.provider import (
     answer,
 )
 
-# The real session's per-request buffer (daemon.session.STREAM_BUFFER) is far larger than
+# The real session's per-request buffer (daemon.routing.session.STREAM_BUFFER) is far larger than
 # any script here; a full buffer drops the request there too.
 STREAM_BUFFER: Final = 1024
 

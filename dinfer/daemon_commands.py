@@ -44,7 +44,7 @@ def settings_or_exit() -> Settings:
 
 
 def run_serve(_: argparse.Namespace) -> int:
-    from daemon.serve import serve
+    from daemon.api.serve import serve
 
     trio.run(serve, settings_or_exit())
     return 0

@@ -22,7 +22,7 @@ import trio
 from trio_util import periodic
 
 from daemon.config import Settings
-from daemon.registry import ProviderEntry, Registry
+from daemon.routing.registry import ProviderEntry, Registry
 from protocol import crypto
 from protocol.messages import (
     PROTOCOL_VERSION,

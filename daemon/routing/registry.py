@@ -20,8 +20,8 @@ from nacl.public import PublicKey
 from nacl.signing import VerifyKey
 from trio_util import AsyncValue
 
-from daemon.breaker import CircuitBreaker, Shape
-from daemon.eligibility import AWAITING_ATTESTATION, Gates, RequestTraits, refusal
+from daemon.routing.breaker import CircuitBreaker, Shape
+from daemon.routing.eligibility import AWAITING_ATTESTATION, Gates, RequestTraits, refusal
 from protocol.messages import ModelInfo
 
 # A model that had a provider this recently queues instead of failing as unknown: providers

@@ -13,7 +13,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
-from daemon.app import create_app
+from daemon.api.app import create_app
 from daemon.config import Settings
 from daemon.nursery.supervisor import Supervisor, open_supervisor
 from daemon.store import open_store

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
-from daemon.cli_serve import add_subcommands as add_daemon_commands
+from dinfer.daemon_commands import add_subcommands as add_daemon_commands
 from provider.cli import add_subcommand as add_provider_command
 
 

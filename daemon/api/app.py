@@ -15,7 +15,7 @@ from typing import Any, cast
 from quart import Response
 from quart_trio import QuartTrio
 
-from daemon.admin import admin, json_error
+from daemon.api.admin import admin, json_error
 from daemon.api.chat import ChatCompletions
 from daemon.api.provider_socket import ProviderSocket
 from daemon.nursery.supervisor import Supervisor

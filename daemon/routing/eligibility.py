@@ -11,11 +11,11 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
-from daemon.breaker import CircuitBreaker, Shape, shape_of
+from daemon.routing.breaker import CircuitBreaker, Shape, shape_of
 from protocol.messages import ModelInfo
 
 if TYPE_CHECKING:
-    from daemon.registry import ProviderEntry
+    from daemon.routing.registry import ProviderEntry
 
 
 # The refusal of a provider that registered moments ago and has not answered its first

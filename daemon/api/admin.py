@@ -16,9 +16,9 @@ import msgspec
 import trio
 from quart import Blueprint, Response, current_app, request
 
-from daemon.errors import error_body
+from daemon.api.errors import error_body
 from daemon.nursery.supervisor import Supervisor
-from daemon.registry import ProviderEntry, Registry
+from daemon.routing.registry import ProviderEntry, Registry
 
 admin = Blueprint("admin", __name__, url_prefix="/v1/admin")
 Handler = Callable[..., Awaitable[Response]]

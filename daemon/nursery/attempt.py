@@ -15,8 +15,8 @@ from typing import Any, Final
 
 import trio
 
-from daemon.registry import Lease, Registry
-from daemon.session import ProviderSession, SessionGone
+from daemon.routing.registry import Lease, Registry
+from daemon.routing.session import ProviderSession, SessionGone
 from protocol import crypto
 from protocol.messages import (
     InferenceAccepted,

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from daemon.eligibility import RequestTraits
-from daemon.registry import Lease, Registry
+from daemon.routing.eligibility import RequestTraits
+from daemon.routing.registry import Lease, Registry
 
 
 class AdmissionError(Exception):

@@ -1,0 +1,1 @@
+"""The `dinfer` command line: the one place that knows both the daemon and the provider node."""

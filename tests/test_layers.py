@@ -1,0 +1,99 @@
+"""The package layout is a stack of layers, each importing only the layers below it.
+
+    dinfer/            the command line: knows the daemon and the provider node
+    daemon/api/        HTTP routes, the admin API, the server
+    daemon/nursery/    the supervisor and the per-request dispatch
+    daemon/routing/    registry, eligibility, breaker, admission queue, provider sessions
+    daemon/config.py, daemon/store.py   settings and the store, beside every daemon layer
+    protocol/          the wire protocol, shared by both sides
+
+`provider/` (the reference node) stands on `protocol/` alone. Imports under `TYPE_CHECKING`
+count: a cycle hidden from the interpreter is still a cycle for the reader.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("dinfer", "daemon", "provider", "protocol")
+
+# Higher rank = higher layer. A module may import modules of its own layer or a lower rank.
+RANK = {
+    "protocol": 0,
+    "daemon.config": 1,
+    "daemon.store": 1,
+    "daemon.routing": 2,
+    "daemon.nursery": 3,
+    "daemon.api": 4,
+    "dinfer": 5,
+    "provider": 1,
+}
+# The provider node and the coordinator never import each other; only `dinfer` knows both.
+SEPARATE = {("provider", "daemon"), ("daemon", "provider")}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {
+        _module_name(path): path for package in PACKAGES for path in (ROOT / package).rglob("*.py")
+    }
+
+
+def _imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return {name for name in found if name.split(".")[0] in PACKAGES}
+
+
+def _layer(module: str) -> str:
+    for layer in sorted(RANK, key=len, reverse=True):
+        if module == layer or module.startswith(layer + "."):
+            return layer
+    return module.split(".")[0]
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {
+        name: {imp for imp in _imports(path) if imp in modules and imp != name}
+        for name, path in modules.items()
+    }
+
+
+def test_the_layout_has_every_layer() -> None:
+    layers = {_layer(module) for module in _modules()}
+    assert set(RANK) <= layers
+
+
+def test_no_two_modules_import_each_other() -> None:
+    graph = _graph()
+    pairs = sorted(
+        (a, b) for a, targets in graph.items() for b in targets if a < b and a in graph.get(b, ())
+    )
+    assert pairs == []
+
+
+@pytest.mark.parametrize("module", sorted(_modules()))
+def test_imports_go_only_downward(module: str) -> None:
+    own = _layer(module)
+    upward = []
+    for target in sorted(_graph()[module]):
+        layer = _layer(target)
+        if (own.split(".")[0], layer.split(".")[0]) in SEPARATE:
+            upward.append(target)
+        elif own != layer and RANK.get(layer, 0) >= RANK.get(own, 0):
+            upward.append(target)
+    assert upward == [], f"{module} ({own}) imports upward or across"
