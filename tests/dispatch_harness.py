@@ -18,8 +18,7 @@ from daemon.nursery.dispatch import Committed, DispatchFailed, InBandError, Job,
 from daemon.nursery.race import Timing
 from daemon.nursery.supervisor import build_registry
 from daemon.routing.admission import AdmissionQueue
-from daemon.routing.eligibility import RequestTraits
-from daemon.routing.registry import ProviderEntry
+from daemon.routing.types import ProviderEntry, RequestTraits
 from tests.fakes.memory_session import MemorySession, in_turn
 from tests.fakes.provider import (
     Chunk,
@@ -151,7 +150,7 @@ async def drain(committed: Committed) -> Drained:
             drained.lines.append(event.line)
     finally:
         drained.ended_at = trio.current_time()
-        await committed.close()
+        committed.close()
     return drained
 
 

@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from daemon.api.serve import RunningDaemon
-from daemon.routing.eligibility import RequestTraits
+from daemon.routing.types import RequestTraits
 from protocol.messages import ModelInfo, TemplateRender, TrustStatus
 from tests.conftest import ADMIN_KEY, StartDaemon
 from tests.fakes.provider import FakeProvider

@@ -21,8 +21,8 @@ from daemon.routing.admission import (
     Unavailable,
     UnknownModel,
 )
-from daemon.routing.eligibility import RequestTraits
-from daemon.routing.registry import Lease, ProviderEntry, Registry
+from daemon.routing.registry import Registry
+from daemon.routing.types import Lease, ProviderEntry, RequestTraits
 from tests.fakes.entries import make_entry
 
 BASE = RequestTraits(model="m")

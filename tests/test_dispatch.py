@@ -678,35 +678,3 @@ async def test_hanging_up_after_the_commit_cancels_the_winner(
     assert hung_up.cancelled_caught
     assert alone.cancelled == [4.0]
     await world.assert_nothing_leaked()
-
-
-async def test_hanging_up_while_the_loser_is_still_being_cancelled_cancels_the_winner_too(
-    autojump_clock: MockClock, world: World
-) -> None:
-    primary = world.provider(stalls_after())
-    primary.session.cancel_delay = 1.0  # a slow socket: its cancel frame takes a second
-    backup = world.provider(stalls_after(Wait(1), content_chunk("backup")))
-
-    with trio.move_on_at(6.5) as hung_up:
-        # The race had a winner when the hang-up came: dispatch hands it over (it ends at no
-        # checkpoint), and the caller's first checkpoint closes it, as the handler does.
-        await drain(await world.dispatch())
-
-    assert hung_up.cancelled_caught
-    assert primary.cancelled == [7.0]
-    assert backup.cancelled == [7.0]  # it had won, but nobody is left to relay it
-    await world.assert_nothing_leaked()
-
-
-async def test_hanging_up_while_the_request_frame_is_being_sent_frees_the_slot(
-    autojump_clock: MockClock, world: World
-) -> None:
-    slow = world.provider(answer("never"))
-    slow.session.send_delay = 2.0
-
-    with trio.move_on_at(1.0) as hung_up:
-        await world.dispatch()
-
-    assert hung_up.cancelled_caught
-    assert slow.session.requests == []
-    await world.assert_nothing_leaked()

@@ -13,7 +13,8 @@ import pytest
 from daemon.config import load_settings
 from daemon.nursery.supervisor import build_registry
 from daemon.routing.breaker import Shape
-from daemon.routing.eligibility import AWAITING_ATTESTATION, RequestTraits, refusal
+from daemon.routing.eligibility import AWAITING_ATTESTATION, refusal
+from daemon.routing.types import RequestTraits
 from protocol.messages import ModelInfo, TemplateRender
 from tests.fakes.entries import make_entry
 

@@ -27,9 +27,8 @@ from trio_websocket import (
 )
 
 from daemon.api.serve import RunningDaemon
-from daemon.routing.eligibility import RequestTraits
-from daemon.routing.registry import ProviderEntry
 from daemon.routing.session import MAX_MALFORMED_FRAMES, ProviderSession
+from daemon.routing.types import ProviderEntry, RequestTraits
 from protocol import crypto
 from protocol.messages import (
     MAX_FRAME_BYTES,

@@ -9,8 +9,8 @@ import trio.testing
 
 from daemon.config import load_settings
 from daemon.nursery.supervisor import build_registry
-from daemon.routing.eligibility import RequestTraits
 from daemon.routing.registry import Registry
+from daemon.routing.types import RequestTraits
 from tests.fakes.entries import make_entry
 
 BASE = RequestTraits(model="m")

@@ -18,9 +18,9 @@ from nacl.signing import SigningKey
 from daemon.config import load_settings
 from daemon.nursery.attempt import FELL_BEHIND, ProviderStream
 from daemon.nursery.supervisor import build_registry
-from daemon.routing.eligibility import RequestTraits
-from daemon.routing.registry import ProviderEntry, Registry
+from daemon.routing.registry import Registry
 from daemon.routing.session import STREAM_BUFFER, ProviderSession, TransportClosed
+from daemon.routing.types import ProviderEntry, RequestTraits
 from protocol import crypto
 from protocol.messages import (
     AttestationChallenge,
@@ -343,7 +343,7 @@ async def test_a_stream_the_daemon_cannot_keep_up_with_is_dropped_without_blamin
         lease = conn.registry.reserve(BASE)
         assert lease is not None
         stream = ProviderStream(lease, conn.registry)
-        assert await stream.start(b"{}") is None
+        assert stream.start(b"{}") is None
         request = await conn.transport.provider_receive()
         assert isinstance(request, InferenceRequest)
         # The provider sends more frames than the request's buffer holds, nobody reading.
@@ -355,7 +355,7 @@ async def test_a_stream_the_daemon_cannot_keep_up_with_is_dropped_without_blamin
 
         assert events[-1] == FELL_BEHIND
         assert FELL_BEHIND.status == 503  # capacity: not a breaker strike
-        await stream.close()
+        stream.close()
         # The provider is still generating: it must be told to stop.
         assert await conn.transport.provider_receive() == Cancel(request_id=request.request_id)
         assert lease.released

@@ -18,7 +18,8 @@ from quart import Blueprint, Response, current_app, request
 
 from daemon.api.errors import error_body
 from daemon.nursery.supervisor import Supervisor
-from daemon.routing.registry import ProviderEntry, Registry
+from daemon.routing.registry import Registry
+from daemon.routing.types import ProviderEntry
 
 admin = Blueprint("admin", __name__, url_prefix="/v1/admin")
 Handler = Callable[..., Awaitable[Response]]

@@ -157,7 +157,7 @@ class ChatCompletions:
             else:
                 await _complete(relay, committed, headers, request.traits.model)
         finally:
-            await committed.close()
+            committed.close()
 
 
 class TimedSend:
@@ -187,7 +187,7 @@ async def _abandon_if_stalled(relay: TimedSend, committed: Committed, limit: flo
             since = relay.waiting_since
             if since is not None and trio.current_time() - since >= limit:
                 log.info("the consumer stopped reading for %g s: releasing the provider", limit)
-                await committed.close()
+                committed.close()
                 return
 
 

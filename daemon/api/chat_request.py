@@ -13,7 +13,7 @@ from typing import Any, Final
 
 import msgspec
 
-from daemon.routing.eligibility import RequestTraits
+from daemon.routing.types import RequestTraits
 from protocol.toolschema import normalize_tools
 
 ENDPOINT: Final = "/v1/chat/completions"

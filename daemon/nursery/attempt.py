@@ -15,8 +15,8 @@ from typing import Any, Final
 
 import trio
 
-from daemon.routing.registry import Lease, Registry
-from daemon.routing.session import ProviderSession, SessionGone
+from daemon.routing.registry import Registry
+from daemon.routing.types import Lease, SessionGone
 from protocol import crypto
 from protocol.messages import (
     InferenceAccepted,
@@ -26,9 +26,6 @@ from protocol.messages import (
     Usage,
 )
 from protocol.sse import ChunkKind, classify, parse_data_line
-
-# A cancel frame to a provider gets this long, even from a request that is being cancelled.
-CANCEL_GRACE_S: Final = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +75,7 @@ class ProviderStream:
         self.entry = lease.entry
         self.request_id = str(uuid.uuid4())
         self._registry = registry
-        self._session: ProviderSession = lease.entry.session  # type: ignore[assignment]
+        self._session = lease.entry.session
         self._frames: trio.MemoryReceiveChannel[Any] | None = None
         self._opener: crypto.ChunkOpener | None = None
         self.ended = False
@@ -88,12 +85,12 @@ class ProviderStream:
     def provider_id(self) -> str:
         return self.entry.provider_id
 
-    async def start(self, plaintext: bytes) -> Failure | None:
+    def start(self, plaintext: bytes) -> Failure | None:
         """Seal the request to this provider with a fresh key and send it."""
         payload, self._opener = crypto.seal_request(plaintext, self.entry.public_key)
         self._frames = self._session.open_stream(self.request_id)
         try:
-            await self._session.start_request(self.request_id, payload)
+            self._session.start(self.request_id, payload)
         except SessionGone:
             self.ended = True
             return DISCONNECTED
@@ -151,7 +148,7 @@ class ProviderStream:
         kind, event = classify(data)
         return Chunk(kind, line, event)
 
-    async def close(self) -> None:
+    def close(self) -> None:
         """Stop the provider if the request is still running, free the slot; idempotent."""
         if self.closed:
             return
@@ -160,8 +157,7 @@ class ProviderStream:
         if self.ended:
             self._session.finish(self.request_id)
             return
-        with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_GRACE_S):
-            await self._session.cancel(self.request_id)
+        self._session.cancel(self.request_id)
 
 
 def error_message(event: dict[str, Any] | None) -> str:

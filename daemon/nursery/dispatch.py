@@ -20,8 +20,8 @@ import trio
 from daemon.nursery.attempt import Chunk, Completed, Failure, error_message
 from daemon.nursery.race import Race, Racer, Timing
 from daemon.routing.admission import AdmissionError, AdmissionQueue
-from daemon.routing.eligibility import RequestTraits
-from daemon.routing.registry import Lease, Registry
+from daemon.routing.registry import Registry
+from daemon.routing.types import Lease, RequestTraits
 from protocol.messages import Usage
 from protocol.sse import ChunkKind
 
@@ -168,8 +168,8 @@ class Committed:
         kind = "timeout" if failure.kind == "timeout" else "provider_error"
         return InBandError(kind, failure.message)
 
-    async def close(self) -> None:
-        await self.racer.stream.close()
+    def close(self) -> None:
+        self.racer.stream.close()
 
 
 async def dispatch(job: Job, registry: Registry, queue: AdmissionQueue) -> Committed:

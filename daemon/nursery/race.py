@@ -25,8 +25,8 @@ from daemon.nursery.attempt import (
     ProviderStream,
     error_message,
 )
-from daemon.routing.eligibility import RequestTraits
-from daemon.routing.registry import Lease, Registry
+from daemon.routing.registry import Registry
+from daemon.routing.types import Lease, RequestTraits
 from protocol.sse import ChunkKind
 
 log = logging.getLogger("dinfer.dispatch")
@@ -90,8 +90,7 @@ class Race:
                 nursery.start_soon(self._hedge)
         except BaseException:
             if self.winner is not None:  # cancelled after the claim: nobody will relay it
-                with trio.CancelScope(shield=True):
-                    await self.winner.stream.close()
+                self.winner.stream.close()
             raise
         return self.winner if self.winner is not None and self.winner.failure is None else None
 
@@ -118,9 +117,7 @@ class Race:
     async def _race(self, racer: Racer) -> None:
         try:
             with racer.scope:
-                outcome = await racer.stream.start(self._plaintext) or await self._until_commit(
-                    racer
-                )
+                outcome = racer.stream.start(self._plaintext) or await self._until_commit(racer)
                 racer.failure = None if outcome is _LOST else outcome
         finally:
             self._running -= 1
@@ -130,7 +127,7 @@ class Race:
         if racer.failure is not None:
             self._count_failure(racer, racer.failure)
         if racer is not self.winner or racer.failure is not None:
-            await racer.stream.close()
+            racer.stream.close()
         if self._running == 0 and (self.winner is None or racer.failure is not None):
             self._hedge_scope.cancel()  # nobody left to hedge for: the attempt is over
 

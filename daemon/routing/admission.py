@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from daemon.routing.eligibility import RequestTraits
-from daemon.routing.registry import Lease, Registry
+from daemon.routing.registry import Registry
+from daemon.routing.types import Lease, RequestTraits
 
 
 class AdmissionError(Exception):

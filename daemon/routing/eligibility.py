@@ -8,35 +8,16 @@ understands; None means eligible.
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from dataclasses import dataclass
+from typing import Final
 
-from daemon.routing.breaker import CircuitBreaker, Shape, shape_of
+from daemon.routing.breaker import CircuitBreaker, Shape
+from daemon.routing.types import ProviderEntry, RequestTraits
 from protocol.messages import ModelInfo
-
-if TYPE_CHECKING:
-    from daemon.routing.registry import ProviderEntry
-
 
 # The refusal of a provider that registered moments ago and has not answered its first
 # challenge yet (PROTOCOL.md §4: it has `challenge_answer_s` to do so).
 AWAITING_ATTESTATION: Final = "waiting for its first attestation"
-
-
-@dataclass(frozen=True, slots=True)
-class RequestTraits:
-    """What routing needs to know about a consumer request (never its content)."""
-
-    model: str
-    has_tools: bool = False
-    has_media: bool = False
-    prompt_tokens: int = 0
-    max_tokens: int = 256
-    allowlist: frozenset[str] | None = None
-    shape: Shape = field(init=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "shape", shape_of(self.has_tools, self.has_media))
 
 
 @dataclass(frozen=True, slots=True)

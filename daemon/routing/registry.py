@@ -12,16 +12,15 @@ import random
 import time
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Final, Literal, Protocol
+from dataclasses import dataclass
+from typing import Final, Literal
 
 import trio
-from nacl.public import PublicKey
-from nacl.signing import VerifyKey
 from trio_util import AsyncValue
 
 from daemon.routing.breaker import CircuitBreaker, Shape
-from daemon.routing.eligibility import AWAITING_ATTESTATION, Gates, RequestTraits, refusal
+from daemon.routing.eligibility import AWAITING_ATTESTATION, Gates, refusal
+from daemon.routing.types import Lease, ProviderEntry, RequestTraits
 from protocol.messages import ModelInfo
 
 # A model that had a provider this recently queues instead of failing as unknown: providers
@@ -35,51 +34,6 @@ NEAR_TIE: Final = 0.10
 DEFAULT_PREFILL_TPS: Final = 500.0
 DEFAULT_DECODE_TPS: Final = 20.0
 EWMA_WEIGHT: Final = 0.3
-
-
-class SessionLink(Protocol):
-    """What routing needs of a live provider session."""
-
-    def kick(self, code: int, reason: str) -> None: ...
-
-
-@dataclass(eq=False)
-class ProviderEntry:
-    """One connected provider, as the registry sees it."""
-
-    provider_id: str
-    session: SessionLink
-    version: str
-    backend: str
-    public_key: PublicKey
-    identity_key: VerifyKey
-    models: dict[str, ModelInfo]
-    max_concurrency: int
-    advertised_prefill_tps: float | None = None
-    advertised_decode_tps: float | None = None
-    token_id: str | None = None
-    in_flight: int = 0
-    trusted: bool = False
-    banned_reason: str | None = None
-    challenge_failures: int = 0
-    last_challenge_pass: float | None = None
-    last_challenge_at: float | None = None  # wall clock, for the admin view
-    draining: bool = False
-    observed_ttft_s: float | None = None
-    observed_decode_tps: float | None = None
-
-    @property
-    def has_free_slot(self) -> bool:
-        return self.in_flight < self.max_concurrency
-
-
-@dataclass(eq=False)
-class Lease:
-    """A reserved slot on one provider's model; release it exactly once."""
-
-    entry: ProviderEntry
-    model: str
-    released: bool = field(default=False)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ import trio
 from trio_util import periodic
 
 from daemon.config import Settings
-from daemon.routing.registry import ProviderEntry, Registry
+from daemon.routing.registry import Registry
+from daemon.routing.types import ProviderEntry, SessionGone
 from protocol import crypto
 from protocol.messages import (
     PROTOCOL_VERSION,
@@ -73,10 +74,6 @@ class Transport(Protocol):
 
 class TransportClosed(Exception):
     """The WebSocket is gone: raised by transports in place of their own errors."""
-
-
-class SessionGone(Exception):
-    """The provider session ended before a frame could be sent."""
 
 
 class Refused(Exception):
@@ -365,10 +362,10 @@ class ProviderSession:
         self._streams[request_id] = send
         return receive
 
-    async def start_request(self, request_id: str, body: EncryptedPayload) -> None:
+    def start(self, request_id: str, body: EncryptedPayload) -> None:
         self.post(InferenceRequest(request_id=request_id, encrypted_body=body))
 
-    async def cancel(self, request_id: str) -> None:
+    def cancel(self, request_id: str) -> None:
         """Stop a request: forget its stream and tell the provider to stop generating."""
         self.finish(request_id)
         try:

@@ -7,22 +7,40 @@ from typing import Any
 
 import trio
 
-from daemon.routing.registry import ProviderEntry
+from daemon.routing.types import ProviderEntry
 from protocol import crypto
-from protocol.messages import ModelInfo
+from protocol.messages import EncryptedPayload, ModelInfo, ProviderMessage
 
 _PUBLIC_KEY = crypto.generate_box_key().public_key
 _IDENTITY_KEY = crypto.generate_identity_key().verify_key
 
 
 class DummySession:
-    """Stands in for a live ProviderSession: records the kicks routing would send it."""
+    """Stands in for a live ProviderSession: records the kicks routing would send it.
+
+    Routing tests never dispatch, so the stream methods do nothing.
+    """
 
     def __init__(self) -> None:
         self.kicks: list[tuple[int, str]] = []
 
     def kick(self, code: int, reason: str) -> None:
         self.kicks.append((code, reason))
+
+    def open_stream(self, request_id: str) -> trio.MemoryReceiveChannel[ProviderMessage]:
+        return trio.open_memory_channel[ProviderMessage](0)[1]
+
+    def start(self, request_id: str, body: EncryptedPayload) -> None:
+        pass
+
+    def cancel(self, request_id: str) -> None:
+        pass
+
+    def finish(self, request_id: str) -> None:
+        pass
+
+    def fell_behind(self, request_id: str) -> bool:
+        return False
 
 
 def make_entry(

@@ -1,7 +1,7 @@
 """An in-memory provider session: the dispatch's side of `ProviderSession`, with no socket.
 
 `MemorySession` stands where a real session stands in a `ProviderEntry`. It holds a provider
-box key: on `start_request` it opens the sealed body with `protocol.crypto.open_request`, then
+box key: on `start` it opens the sealed body with `protocol.crypto.open_request`, then
 plays the request's script (the step types of `tests.fakes.provider`) in a task of the nursery
 it was given, sealing chunks with the request's `ChunkSealer` and pushing the real
 `protocol.messages` frames into the request's stream, as the session's reader would. Timing
@@ -28,8 +28,7 @@ import trio
 from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 
-from daemon.routing.registry import ProviderEntry
-from daemon.routing.session import SessionGone
+from daemon.routing.types import ProviderEntry, SessionGone
 from protocol import crypto
 from protocol.messages import (
     EncryptedPayload,
@@ -88,11 +87,6 @@ class MemorySession:
     behaviour: Behaviour = field(default_factory=lambda: always(answer("Hello", " world")))
     box_key: PrivateKey = field(default_factory=crypto.generate_box_key)
     identity: SigningKey = field(default_factory=crypto.generate_identity_key)
-    # How long the request frame and a cancel frame take to reach the provider (a real send
-    # awaits the socket; a slow one takes a while), in seconds.
-    send_delay: float = 0.0
-    cancel_delay: float = 0.0
-
     requests: list[Request] = field(default_factory=list)
     kicks: list[tuple[int, str]] = field(default_factory=list)
     gone: bool = False
@@ -152,8 +146,7 @@ class MemorySession:
         self._streams[request_id] = send
         return receive
 
-    async def start_request(self, request_id: str, payload: EncryptedPayload) -> None:
-        await trio.sleep(self.send_delay)
+    def start(self, request_id: str, payload: EncryptedPayload) -> None:
         if self.gone:
             raise SessionGone
         plaintext, sealer = crypto.open_request(payload, self.box_key)
@@ -165,12 +158,11 @@ class MemorySession:
         self._scripts[request_id] = scope
         self.nursery.start_soon(self._play_script, request_id, sealer, script, scope)
 
-    async def cancel(self, request_id: str) -> None:
+    def cancel(self, request_id: str) -> None:
         stream = self._streams.pop(request_id, None)
         if stream is None:
             return  # ended already: the real session sends no frame either
         stream.close()
-        await trio.sleep(self.cancel_delay)
         for request in self._request(request_id):
             request.cancelled_at = trio.current_time()
         self._stop_script(request_id)
