@@ -19,7 +19,7 @@ import nacl.utils
 from nacl.public import Box, PrivateKey, PublicKey
 from nacl.signing import SigningKey, VerifyKey
 
-from protocol.messages import EncryptedPayload
+from protocol.messages import EncryptedPayload, InferenceRequest, encode
 
 KEY_BYTES: Final = 32
 NONCE_BYTES: Final = Box.NONCE_SIZE
@@ -195,6 +195,27 @@ def seal_request(plaintext: bytes, provider_key: PublicKey) -> tuple[EncryptedPa
         ephemeral_public_key=encode_key(ephemeral.public_key), ciphertext=_seal(box, plaintext)
     )
     return payload, ChunkOpener(box, provider_key)
+
+
+def sealed_request_frame_bytes(plaintext_bytes: int) -> int:
+    """The size of the `inference_request` frame that seals `plaintext_bytes` (PROTOCOL.md §1).
+
+    Exact: the JSON around the ciphertext is fixed (a UUID request id, a 32-byte key), and the
+    ciphertext is base64 of nonce, MAC and plaintext. The daemon refuses (413) a request
+    whose frame would exceed the 10 MiB limit instead of sending it.
+    """
+    sealed = NONCE_BYTES + MAC_BYTES + plaintext_bytes
+    return _REQUEST_FRAME_OVERHEAD + 4 * ((sealed + 2) // 3)
+
+
+_REQUEST_FRAME_OVERHEAD: Final = len(
+    encode(
+        InferenceRequest(
+            request_id="00000000-0000-0000-0000-000000000000",
+            encrypted_body=EncryptedPayload(ephemeral_public_key="A" * 44, ciphertext=""),
+        )
+    )
+)
 
 
 def open_request(

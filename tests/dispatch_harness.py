@@ -14,11 +14,13 @@ import trio
 import trio.testing
 
 from daemon.config import load_settings
-from daemon.nursery.dispatch import Committed, DispatchFailed, InBandError, Job, dispatch
+from daemon.nursery.attempt import Chunk as RelayedChunk
+from daemon.nursery.dispatch import Committed, DispatchFailed, Finished, InBandError, Job, dispatch
 from daemon.nursery.race import Timing
 from daemon.nursery.supervisor import build_registry
 from daemon.routing.admission import AdmissionQueue
 from daemon.routing.types import ProviderEntry, RequestTraits
+from protocol.messages import Usage
 from tests.fakes.memory_session import MemorySession, in_turn
 from tests.fakes.provider import (
     Chunk,
@@ -87,15 +89,22 @@ class World:
         self.fakes.append(fake)
         return fake
 
-    async def dispatch(self, *, max_attempts: int = 3, timing: Timing = TIMING) -> Committed:
+    async def outcome(
+        self, *, max_attempts: int = 3, timing: Timing = TIMING
+    ) -> Committed | DispatchFailed:
         plaintext = json.dumps(ENVELOPE).encode()
         job = Job(TRAITS, plaintext, timing, max_attempts)
         return await dispatch(job, self.registry, self.queue)
 
+    async def dispatch(self, *, max_attempts: int = 3, timing: Timing = TIMING) -> Committed:
+        outcome = await self.outcome(max_attempts=max_attempts, timing=timing)
+        assert isinstance(outcome, Committed), outcome
+        return outcome
+
     async def fails(self, *, max_attempts: int = 3) -> DispatchFailed:
-        with pytest.raises(DispatchFailed) as caught:
-            await self.dispatch(max_attempts=max_attempts)
-        return caught.value
+        outcome = await self.outcome(max_attempts=max_attempts)
+        assert isinstance(outcome, DispatchFailed), outcome
+        return outcome
 
     async def assert_nothing_leaked(self) -> None:
         await trio.testing.wait_all_tasks_blocked()
@@ -120,6 +129,7 @@ class Drained:
     def __init__(self) -> None:
         self.lines: list[str] = []
         self.error: InBandError | None = None
+        self.usage: Usage | None = None
         self.ended_at = 0.0
 
     @property
@@ -143,11 +153,16 @@ async def drain(committed: Committed) -> Drained:
     """Relay the committed stream to its end (or its in-band error), then close it."""
     drained = Drained()
     try:
-        while (event := await committed.next_event()) is not None:
-            if isinstance(event, InBandError):
-                drained.error = event
-                break
-            drained.lines.append(event.line)
+        while True:
+            match await committed.next_event():
+                case RelayedChunk(line=line):
+                    drained.lines.append(line)
+                case Finished(usage=usage):
+                    drained.usage = usage
+                    break
+                case InBandError() as error:
+                    drained.error = error
+                    break
     finally:
         drained.ended_at = trio.current_time()
         committed.close()

@@ -16,7 +16,8 @@ from quart import Response
 from quart_trio import QuartTrio
 
 from daemon.api.admin import admin, json_error
-from daemon.api.chat import ChatCompletions
+from daemon.api.chat import ChatCodec
+from daemon.api.handler import InferenceRoute
 from daemon.api.provider_socket import ProviderSocket
 from daemon.nursery.supervisor import Supervisor
 
@@ -68,7 +69,7 @@ class Router:
 
 def create_app(sup: Supervisor) -> Router:
     routes: dict[tuple[str, str], ASGIApp] = {
-        ("http", "/v1/chat/completions"): ChatCompletions(sup),
+        ("http", "/v1/chat/completions"): InferenceRoute(sup, ChatCodec()),
         ("websocket", "/ws/provider"): ProviderSocket(sup),
     }
     return Router(cast(ASGIApp, create_quart_app(sup)), routes)

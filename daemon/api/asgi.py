@@ -8,7 +8,7 @@ from typing import Any
 
 import trio
 
-from daemon.api.errors import error_body, retry_headers
+from daemon.api.errors import ApiError, error_body, retry_headers
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -92,3 +92,18 @@ async def send_error(
 ) -> None:
     extra = [(k.lower().encode(), v.encode()) for k, v in retry_headers(retry_after).items()]
     await send_json(send, status, error_body(status, message, code, param), [*extra, *headers])
+
+
+async def send_api_error(
+    send: Send, error: ApiError, headers: Iterable[tuple[bytes, bytes]] = ()
+) -> None:
+    """The one place an `ApiError` becomes a response (OpenAI's shape)."""
+    await send_error(
+        send,
+        error.status,
+        error.message,
+        error.code,
+        error.param,
+        retry_after=error.retry_after,
+        headers=headers,
+    )

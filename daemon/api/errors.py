@@ -1,4 +1,9 @@
-"""The OpenAI error shape every HTTP error of the daemon answers with."""
+"""Errors at the edge: `ApiError`, raised once by a route's checks, and the shapes it takes.
+
+A route's checks raise `ApiError(status, code, message)`; one place per route
+(`asgi.send_api_error`) turns it into that route's error body and headers. Today every route
+answers in OpenAI's shape, `{"error": {"type", "message", "code", "param"}}`.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,26 @@ TYPE_BY_STATUS: Final = {
     422: "invalid_request_error",
     429: "rate_limit_error",
 }
+
+
+class ApiError(Exception):
+    """A request the daemon answers with an error status, before anything else was sent."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        param: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
 
 
 class ErrorDetail(msgspec.Struct, frozen=True):

@@ -54,6 +54,7 @@ class Failure:
     status: int
     message: str
     kind: str = "provider_error"  # or "timeout"
+    reason: str | None = None  # the provider's `error_reason`, e.g. context_length_exceeded
 
     @property
     def is_request_fault(self) -> bool:
@@ -130,9 +131,9 @@ class ProviderStream:
             case InferenceComplete(usage=usage):
                 self.ended = True
                 return Completed(usage)
-            case InferenceError(status_code=status, error=message):
+            case InferenceError(status_code=status, error=message, error_reason=reason):
                 self.ended = True
-                return Failure(status, message or f"provider error {status}")
+                return Failure(status, message or f"provider error {status}", reason=reason)
         return DISCONNECTED  # unreachable: the session routes only these frames
 
     def _chunk(self, payload: Any) -> Chunk | Failure:

@@ -4,21 +4,36 @@
 wait in the admission queue; a provider that failed is excluded from later attempts, and the
 next attempt softly avoids its version. Nothing reaches the consumer until a race commits:
 the caller gets a `Committed` (held boilerplate, the first content, and the live stream) or a
-`DispatchFailed` carrying the status to answer with. After the commit nothing is retried:
+`DispatchFailed` with the status to answer with. After the commit nothing is retried:
 `Committed.next_event()` turns a failure or a stall into one in-band error.
+
+Breaker strikes wait until the request's fate says whose fault a failure was. A provider that
+failed what another then served is struck. A request that failed *the same way* on two
+providers of different versions is itself at fault (an over-long prompt the backends could
+not say they refused, a poison input): nobody is struck and no third provider is tried. Two
+providers of one version failing alike still count: that is how a binary's crash on a shape
+(the seed's incident: old builds crashing on tools) cools those providers down.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import assert_never
 
 import trio
 
 from daemon.nursery.attempt import Chunk, Completed, Failure, error_message
-from daemon.nursery.race import Race, Racer, Timing
+from daemon.nursery.race import (
+    AllFailed,
+    Content,
+    Race,
+    RacerFailure,
+    RequestInvalid,
+    Timing,
+    Won,
+)
 from daemon.routing.admission import AdmissionError, AdmissionQueue
 from daemon.routing.registry import Registry
 from daemon.routing.types import Lease, RequestTraits
@@ -28,17 +43,17 @@ from protocol.sse import ChunkKind
 log = logging.getLogger("dinfer.dispatch")
 
 
-class DispatchFailed(Exception):
-    """No provider produced content; answer the consumer with this status and message."""
+@dataclass(frozen=True, slots=True)
+class DispatchFailed:
+    """No provider produced content: answer the consumer with this status and message."""
 
-    def __init__(self, status: int, message: str, code: str, retry_after: int | None = None):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.retry_after = retry_after
+    status: int
+    message: str
+    code: str
+    retry_after: int | None = None
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class Job:
     traits: RequestTraits
     plaintext: bytes  # the `{"endpoint", "body"}` envelope every provider gets, sealed anew
@@ -46,108 +61,115 @@ class Job:
     max_attempts: int
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class Phases:
     """Durations for the Server-Timing header, in seconds."""
 
-    queue: float = 0.0
-    route: float = 0.0
-    ttft: float = 0.0
-
-
-class Nothing(enum.Enum):
-    SKIPPED = "an event with nothing to relay"
-    BUFFERED = "no event is waiting right now"
+    queue: float
+    route: float
+    ttft: float
 
 
 @dataclass(frozen=True, slots=True)
 class InBandError:
+    """The committed stream failed: the route reports it in its own in-band form."""
+
     kind: str  # "provider_error" or "timeout"
     message: str
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The committed stream ended cleanly; `usage` as the provider reported it."""
+
+    usage: Usage
+
+
+RelayEvent = Chunk | InBandError | Finished
+
+
+@dataclass(eq=False)
 class Committed:
     """The winning racer, handed to the request's own task; close it exactly once."""
 
-    racer: Racer
+    content: Content
     registry: Registry
     traits: RequestTraits
     inference_timeout: float
     phases: Phases
     attempts: int
-    usage: Usage | None = None
     _pending: list[Chunk | Completed] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        r = self.racer
-        self._pending = [
-            *r.held,
-            *([r.first] if r.first else []),
-            *([r.completed] if r.completed else []),
-        ]
+        c = self.content
+        self._pending = [*c.held, *([c.first] if c.first else [])]
+        self._pending += [c.completed] if c.completed else []
         self._pending.reverse()
 
     @property
     def provider_id(self) -> str:
-        return self.racer.stream.provider_id
+        return self.content.stream.provider_id
 
-    async def next_event(self) -> Chunk | InBandError | None:
-        """The next chunk to relay, one in-band error, or None at a clean end."""
-        while not self.racer.stream.closed:  # closed by us: nothing more to relay or blame
-            event = self._pending.pop() if self._pending else await self._receive()
-            relayable = self._relayable(event)
-            if relayable is not Nothing.SKIPPED:
+    @property
+    def request_id(self) -> str:
+        return self.content.stream.request_id
+
+    async def next_event(self) -> RelayEvent:
+        """The next chunk to relay; then exactly one `Finished` or `InBandError`."""
+        while True:
+            relayable = self._relayable(self._next_pending() or await self._receive())
+            if relayable is not None:
                 return relayable
-        return None
 
-    def poll(self) -> Chunk | InBandError | Literal[Nothing.BUFFERED] | None:
-        """next_event without waiting: `Nothing.BUFFERED` when no frame is waiting now.
+    def poll(self) -> RelayEvent | None:
+        """next_event without waiting: None when no frame is waiting right now.
 
         The relay drains what is already buffered into one write to the consumer: under load
         that saves a send, an HTTP chunk and a task switch per chunk.
         """
-        if self.racer.stream.closed:
-            return None
-        while True:
-            event = self._pending.pop() if self._pending else self.racer.stream.poll_event()
-            if event is None:
-                return Nothing.BUFFERED
+        while (event := self._next_pending() or self._poll_stream()) is not None:
             relayable = self._relayable(event)
-            if relayable is not Nothing.SKIPPED:
+            if relayable is not None:
                 return relayable
+        return None
 
-    def _relayable(self, event: object) -> Chunk | InBandError | Literal[Nothing.SKIPPED] | None:
+    def _next_pending(self) -> object:
+        if self.content.stream.closed:  # released by us: nothing more to relay or blame
+            return _RELEASED
+        return self._pending.pop() if self._pending else None
+
+    def _poll_stream(self) -> object:
+        return self.content.stream.poll_event()
+
+    def _relayable(self, event: object) -> RelayEvent | None:
         match event:
             case Chunk(kind=ChunkKind.DONE):
-                return Nothing.SKIPPED
+                return None
             case Chunk(kind=ChunkKind.ERROR):
                 return self._fail(Failure(502, error_message(event.event)))
             case Chunk():
                 return event
-            case Completed():
-                self._succeed(event.usage)
-                return None
+            case Completed(usage=usage):
+                self._succeed(usage)
+                return Finished(usage)
             case Failure():
                 return self._fail(event)
-        return Nothing.SKIPPED  # Accepted after the commit carries nothing
+        return None  # Accepted after the commit carries nothing
 
     async def _receive(self) -> object:
         with trio.move_on_after(self.inference_timeout):
-            return await self.racer.stream.next_event()
+            return await self.content.stream.next_event()
         return Failure(
             504, f"no data from the provider for {self.inference_timeout:g} s", "timeout"
         )
 
     def _succeed(self, usage: Usage) -> None:
-        self.usage = usage
-        stream = self.racer.stream
-        elapsed = trio.current_time() - (self.racer.first_token_at or self.racer.started_at)
+        elapsed = trio.current_time() - self.content.first_token_at
         decode_tps = (
             usage.completion_tokens / elapsed if elapsed > 0 and usage.completion_tokens else None
         )
         self.registry.record_success(
-            stream.entry,
+            self.content.stream.entry,
             self.traits.model,
             self.traits.shape,
             ttft_s=self.phases.ttft,
@@ -155,7 +177,9 @@ class Committed:
         )
 
     def _fail(self, failure: Failure) -> InBandError:
-        entry = self.racer.stream.entry
+        if failure is _RELEASED:
+            return InBandError("timeout", failure.message)
+        entry = self.content.stream.entry
         log.info(
             "provider %s failed after commit: %s %s",
             entry.provider_id,
@@ -169,51 +193,106 @@ class Committed:
         return InBandError(kind, failure.message)
 
     def close(self) -> None:
-        self.racer.stream.close()
+        self.content.stream.close()
 
 
-async def dispatch(job: Job, registry: Registry, queue: AdmissionQueue) -> Committed:
-    """Run attempts until one commits; raise DispatchFailed when none can."""
+# What the stream yields once this request has let go of the provider (the consumer stopped
+# reading and the watchdog released it): nobody is reading, and the provider is not to blame.
+_RELEASED = Failure(504, "the consumer stopped reading; the provider was released", "timeout")
+
+
+async def dispatch(
+    job: Job, registry: Registry, queue: AdmissionQueue
+) -> Committed | DispatchFailed:
+    """Run attempts until one commits, or say why none could."""
     started = trio.current_time()
-    lease: Lease | None = await _admit(job, queue)
-    phases = Phases(queue=trio.current_time() - started)
-    excluded: set[str] = set()
-    failures: list[Failure] = []
-    avoid_version: str | None = None
+    try:
+        lease: Lease | None = await queue.admit(job.traits)
+    except AdmissionError as exc:
+        return DispatchFailed(exc.status, str(exc), exc.code, exc.retry_after)
+    queued = trio.current_time() - started
+    failures: list[RacerFailure] = []
     attempts = 0
     while lease is not None:
         attempts += 1
-        phases.route = trio.current_time() - started - phases.queue
-        race = Race(registry, job.traits, job.plaintext, job.timing, frozenset(excluded))
-        winner = await race.run(lease)
-        if winner is not None:
-            phases.ttft = (winner.first_token_at or trio.current_time()) - started
-            return Committed(winner, registry, job.traits, job.timing.inference, phases, attempts)
-        if race.fatal is not None:
-            raise DispatchFailed(race.fatal.status, race.fatal.message, "invalid_request")
-        for racer, failure in race.failures:
-            excluded.add(racer.stream.provider_id)
-            failures.append(failure)
-            avoid_version = racer.stream.entry.version
+        routed = trio.current_time() - started - queued
+        race = Race(registry, job.traits, job.plaintext, job.timing, _tried(failures))
+        match await race.run(lease):
+            case Won(content, lost):
+                _strike(registry, job.traits, [*failures, *lost])
+                phases = Phases(queued, routed, content.first_token_at - started)
+                return Committed(
+                    content, registry, job.traits, job.timing.inference, phases, attempts
+                )
+            case RequestInvalid(failure, lost):
+                _strike(registry, job.traits, [*failures, *lost])
+                return DispatchFailed(
+                    failure.status, failure.message, failure.reason or "invalid_request"
+                )
+            case AllFailed(lost):
+                failures += lost
+            case outcome:
+                assert_never(outcome)
+        if _request_at_fault(failures):
+            return _failed_alike(failures, attempts)
         if attempts >= job.max_attempts:
             break
         lease = registry.reserve(
-            job.traits, exclude=frozenset(excluded), avoid_version=avoid_version
+            job.traits, exclude=_tried(failures), avoid_version=failures[-1].entry.version
         )
-    raise _exhausted(failures, attempts)
+    _strike(registry, job.traits, failures)
+    return _exhausted(failures, attempts)
 
 
-async def _admit(job: Job, queue: AdmissionQueue) -> Lease:
-    try:
-        return await queue.admit(job.traits)
-    except AdmissionError as exc:
-        raise DispatchFailed(exc.status, str(exc), exc.code, exc.retry_after) from None
+def _tried(failures: Sequence[RacerFailure]) -> frozenset[str]:
+    return frozenset(f.entry.provider_id for f in failures)
 
 
-def _exhausted(failures: list[Failure], attempts: int) -> DispatchFailed:
-    last = failures[-1] if failures else Failure(503, "no provider could take the request")
+def _strike(registry: Registry, traits: RequestTraits, failures: Sequence[RacerFailure]) -> None:
+    for f in failures:
+        if registry.record_failure(f.entry, traits.model, traits.shape, f.failure.status):
+            log.warning(
+                "provider %s entered cooldown for %s/%s",
+                f.entry.provider_id,
+                traits.model,
+                traits.shape,
+            )
+
+
+def _request_at_fault(failures: Sequence[RacerFailure]) -> bool:
+    """Did two providers of different versions fail this request the same way?
+
+    Only what providers said counts: a missed deadline is the daemon's judgement, and a slow
+    fleet is no proof against the request.
+    """
+    seen: dict[tuple[int, str | None], str] = {}
+    for f in failures:
+        if f.failure.kind == "timeout":
+            continue
+        how = (f.failure.status, f.failure.reason)
+        version = seen.setdefault(how, f.entry.version)
+        if version != f.entry.version:
+            return True
+    return False
+
+
+def _failed_alike(failures: Sequence[RacerFailure], attempts: int) -> DispatchFailed:
+    last = failures[-1].failure
+    log.info("request failed alike on %d providers: not striking them", len(failures))
+    message = (
+        f"{last.message} (the same failure on {len(failures)} providers of different versions:"
+        " the request itself is the likely cause)"
+    )
+    return _answer(last, message)
+
+
+def _exhausted(failures: Sequence[RacerFailure], attempts: int) -> DispatchFailed:
+    last = failures[-1].failure if failures else Failure(503, "no provider could take the request")
     tried = f"{attempts} attempt{'s' if attempts != 1 else ''}"
-    message = f"{last.message} (gave up after {tried} on {len(failures)} provider(s))"
+    return _answer(last, f"{last.message} (gave up after {tried} on {len(failures)} provider(s))")
+
+
+def _answer(last: Failure, message: str) -> DispatchFailed:
     code = {503: "provider_capacity", 504: "provider_timeout"}.get(last.status, "provider_error")
     retry_after = 5 if last.status == 503 else None
     # A provider's own 500 is a bad gateway from the consumer's side: a 500 would read as the

@@ -2,18 +2,22 @@
 
 Both racers are sibling tasks in the attempt's nursery, each in its own cancel scope with its
 own deadline. The first racer to produce *content* (or `inference_accepted`, or a clean
-completion) claims the race: every other racer is cancelled, on the wire too. Boilerplate is
-held per racer and never commits. A racer that fails before content is excluded and its
-held chunks dropped; the other keeps running with its deadline intact. A request-fault error
-(400/413/415/422) ends the whole attempt at once.
+completion) claims the race and cancels every other racer with a reason, on the wire too.
+Boilerplate is held per racer and never commits. A racer that fails before content is done
+and its held chunks dropped; the other keeps running with its deadline intact. A request-fault
+error (400/413/415/422) ends the whole attempt at once. (Trio's `open_tcp_stream` races its
+connection attempts the same way: one task each, the winner cancels the rest.)
+
+`judge()` is the per-event rule, a pure function; `Race.run()` returns one closed outcome:
+`Won`, `RequestInvalid` or `AllFailed`, each carrying the failures seen on the way, which
+dispatch turns into breaker strikes once it knows whose fault they were.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, assert_never
 
 import trio
 
@@ -21,12 +25,13 @@ from daemon.nursery.attempt import (
     Accepted,
     Chunk,
     Completed,
+    Event,
     Failure,
     ProviderStream,
     error_message,
 )
 from daemon.routing.registry import Registry
-from daemon.routing.types import Lease, RequestTraits
+from daemon.routing.types import Lease, ProviderEntry, RequestTraits
 from protocol.sse import ChunkKind
 
 log = logging.getLogger("dinfer.dispatch")
@@ -35,7 +40,7 @@ log = logging.getLogger("dinfer.dispatch")
 MAX_HELD: Final = 8
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Timing:
     """The deadlines of one request, in seconds."""
 
@@ -45,19 +50,126 @@ class Timing:
     inference: float
 
 
-@dataclass(eq=False)
-class Racer:
+# What one event means for a racer that has not committed yet -------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Keep reading; `chunk` is boilerplate to relay after the commit (None: nothing)."""
+
+    chunk: Chunk | None
+
+
+@dataclass(frozen=True, slots=True)
+class Accept:
+    """`inference_accepted`: claim the race, then wait up to the inference timeout."""
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """Content (or a clean completion before any): claim the race and hand it over."""
+
+    first: Chunk | None
+    completed: Completed | None
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    failure: Failure
+
+
+Verdict = Hold | Accept | Commit | Fail
+
+
+def judge(event: Event, held: int) -> Verdict:
+    """PROTOCOL.md §6 for one event, given how many boilerplate chunks are already held."""
+    match event:
+        case Failure():
+            return Fail(event)
+        case Accepted():
+            return Accept()
+        case Completed():
+            return Commit(None, event)
+        case Chunk(kind=ChunkKind.DONE):
+            return Hold(None)
+        case Chunk(kind=ChunkKind.ERROR):
+            return Fail(Failure(502, error_message(event.event)))
+        case Chunk(kind=ChunkKind.BOILERPLATE) if held < MAX_HELD:
+            return Hold(event)
+        case Chunk():
+            return Commit(event, None)
+        case _:
+            assert_never(event)
+
+
+# How a racer ended, and how the race did ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Content:
+    """A racer that claimed the race with content; its stream stays open for the relay."""
+
     stream: ProviderStream
+    held: tuple[Chunk, ...]
+    first: Chunk | None
+    completed: Completed | None
+    started_at: float
+    first_token_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    failure: Failure
+
+
+@dataclass(frozen=True, slots=True)
+class Lost:
+    """Cancelled: another racer won, or the whole request was cancelled."""
+
+
+RacerResult = Content | Failed | Lost
+
+
+@dataclass(frozen=True, slots=True)
+class RacerFailure:
+    """A provider that failed this request before content, for the breaker and the answer."""
+
+    entry: ProviderEntry
+    failure: Failure
+
+
+@dataclass(frozen=True, slots=True)
+class Won:
+    content: Content
+    failures: tuple[RacerFailure, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInvalid:
+    """A provider said the request itself is bad (4xx): no other provider may be tried."""
+
+    failure: Failure
+    failures: tuple[RacerFailure, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AllFailed:
+    failures: tuple[RacerFailure, ...]
+
+
+RaceOutcome = Won | RequestInvalid | AllFailed
+
+
+@dataclass(eq=False)
+class _Racer:
+    stream: ProviderStream
+    started_at: float
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    held: list[Chunk] = field(default_factory=list)
-    first: Chunk | None = None
-    completed: Completed | None = None
-    failure: Failure | None = None
-    started_at: float = 0.0
-    first_token_at: float | None = None
 
 
 class Race:
+    """The racers of one attempt. Run it once."""
+
     def __init__(
         self,
         registry: Registry,
@@ -71,162 +183,144 @@ class Race:
         self._plaintext = plaintext
         self._timing = timing
         self._exclude = exclude
-        self.racers: list[Racer] = []
-        self.winner: Racer | None = None
-        self.fatal: Failure | None = None
-        self._running = 0
+        self._racers: list[_Racer] = []
+        self._results: list[tuple[_Racer, RacerResult]] = []
+        self._winner: _Racer | None = None
+        self._fatal: Failure | None = None
         self._hedge_scope = trio.CancelScope()
 
-    @property
-    def failures(self) -> list[tuple[Racer, Failure]]:
-        return [(r, r.failure) for r in self.racers if r.failure is not None]
-
-    async def run(self, primary: Lease) -> Racer | None:
-        """Race until a winner commits (returned) or every racer failed (None)."""
+    async def run(self, primary: Lease) -> RaceOutcome:
+        """Race until a racer commits or every racer failed."""
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self._launch(primary)
                 nursery.start_soon(self._hedge)
         except BaseException:
-            if self.winner is not None:  # cancelled after the claim: nobody will relay it
-                self.winner.stream.close()
+            for _, result in self._results:  # cancelled after the claim: nobody will relay it
+                if isinstance(result, Content):
+                    result.stream.close()
             raise
-        return self.winner if self.winner is not None and self.winner.failure is None else None
+        return self._outcome()
+
+    def _outcome(self) -> RaceOutcome:
+        failures = tuple(
+            RacerFailure(racer.stream.entry, result.failure)
+            for racer, result in self._results
+            if isinstance(result, Failed)
+        )
+        for _, result in self._results:
+            if isinstance(result, Content):
+                return Won(result, failures)
+        if self._fatal is not None:
+            return RequestInvalid(self._fatal, failures)
+        return AllFailed(failures)
 
     def _launch(self, lease: Lease) -> None:
-        racer = Racer(ProviderStream(lease, self._registry), started_at=trio.current_time())
-        self.racers.append(racer)
-        self._running += 1
+        racer = _Racer(ProviderStream(lease, self._registry), trio.current_time())
+        self._racers.append(racer)
         self._nursery.start_soon(self._race, racer)
 
     async def _hedge(self) -> None:
         """At the speculative point, with no winner yet, send the request to a second provider."""
         with self._hedge_scope:
             await trio.sleep_until(
-                self.racers[0].started_at + self._timing.ttft * self._timing.speculative_ratio
+                self._racers[0].started_at + self._timing.ttft * self._timing.speculative_ratio
             )
-            if self.winner is not None:
-                return
-            busy = frozenset(r.stream.provider_id for r in self.racers)
+            busy = frozenset(r.stream.provider_id for r in self._racers)
             lease = self._registry.reserve(self._traits, exclude=self._exclude | busy)
             if lease is not None:
                 log.debug("first token late: hedging on %s", lease.entry.provider_id)
                 self._launch(lease)
 
-    async def _race(self, racer: Racer) -> None:
+    async def _race(self, racer: _Racer) -> None:
+        result: RacerResult = Lost()
         try:
             with racer.scope:
-                outcome = racer.stream.start(self._plaintext) or await self._until_commit(racer)
-                racer.failure = None if outcome is _LOST else outcome
+                result = await self._until_commit(racer)
         finally:
-            self._running -= 1
-            await self._settle(racer)
+            self._settle(racer, result)
 
-    async def _settle(self, racer: Racer) -> None:
-        if racer.failure is not None:
-            self._count_failure(racer, racer.failure)
-        if racer is not self.winner or racer.failure is not None:
-            racer.stream.close()
-        if self._running == 0 and (self.winner is None or racer.failure is not None):
-            self._hedge_scope.cancel()  # nobody left to hedge for: the attempt is over
+    def _settle(self, racer: _Racer, result: RacerResult) -> None:
+        self._results.append((racer, result))
+        match result:
+            case Content():
+                pass  # the relay owns its stream now
+            case Failed(failure):
+                racer.stream.close()
+                self._failed(racer, failure)
+            case Lost():
+                racer.stream.close()
+            case _:
+                assert_never(result)
+        if len(self._results) == len(self._racers) and self._winner is None:
+            self._hedge_scope.cancel(reason="every racer has finished")
 
-    def _count_failure(self, racer: Racer, failure: Failure) -> None:
+    def _failed(self, racer: _Racer, failure: Failure) -> None:
         log.info(
             "attempt on %s failed before content: %s %s",
             racer.stream.provider_id,
             failure.status,
             failure.message,
         )
-        entry = racer.stream.entry
-        if self._registry.record_failure(
-            entry, self._traits.model, self._traits.shape, failure.status
-        ):
-            log.warning(
-                "provider %s entered cooldown for %s/%s",
-                entry.provider_id,
-                self._traits.model,
-                self._traits.shape,
-            )
-        if failure.is_request_fault and self.fatal is None:
-            self.fatal = failure
+        if self._winner is racer:
+            self._winner = None  # claimed by inference_accepted, then failed: nobody won
+        if failure.is_request_fault and self._fatal is None:
+            self._fatal = failure
             self._nursery.cancel_scope.cancel(reason="the request itself is invalid")
 
-    def _claim(self, racer: Racer) -> bool:
+    def _claim(self, racer: _Racer) -> bool:
         """Make `racer` the winner and cancel everyone else; False if another got there first."""
-        if self.winner is not None:
-            return self.winner is racer
-        self.winner = racer
-        self._hedge_scope.cancel(reason="a racer won")
-        for other in self.racers:
+        if self._winner is not None:
+            return self._winner is racer
+        self._winner = racer
+        self._hedge_scope.cancel(reason="a racer claimed the race")
+        for other in self._racers:
             if other is not racer:
                 other.scope.cancel(reason="another provider won the race")
         return True
 
-    async def _until_commit(self, racer: Racer) -> Failure | None:
-        """Read until content (None: committed) or a failure; deadlines as cancel scopes."""
+    async def _until_commit(self, racer: _Racer) -> RacerResult:
+        """Read until content or a failure; the deadlines are cancel scopes."""
+        failure = racer.stream.start(self._plaintext)
+        if failure is not None:
+            return Failed(failure)
         deadline = racer.started_at + self._timing.ttft
-        preamble_extended = False
-        accepted = False
+        held: list[Chunk] = []
+        preamble_extended = accepted = False
         while True:
             with trio.move_on_at(deadline):
-                event = await racer.stream.next_event()
-                verdict = self._judge(racer, event)
-                if verdict is _Verdict.CONTINUE:
-                    continue
-                if verdict is _Verdict.ACCEPTED:
-                    # Only the first: a provider repeating it must not postpone content forever.
-                    if not accepted:
-                        deadline = trio.current_time() + self._timing.inference
-                    accepted = preamble_extended = True
-                    continue
-                assert not isinstance(verdict, _Verdict)
-                return verdict
-            if racer.held and not preamble_extended:
+                match judge(await racer.stream.next_event(), len(held)):
+                    case Hold(chunk):
+                        held.extend([chunk] if chunk is not None else [])
+                        continue
+                    case Accept():
+                        if not self._claim(racer):
+                            return Lost()
+                        # Only the first: a provider repeating it must not postpone content.
+                        if not accepted:
+                            deadline = trio.current_time() + self._timing.inference
+                        accepted = preamble_extended = True
+                        continue
+                    case Commit(first, completed):
+                        if not self._claim(racer):
+                            return Lost()
+                        now = trio.current_time()
+                        return Content(
+                            racer.stream, tuple(held), first, completed, racer.started_at, now
+                        )
+                    case Fail(failure):
+                        return Failed(failure)
+                    case verdict:
+                        assert_never(verdict)
+            if held and not preamble_extended:
                 preamble_extended = True
                 deadline += self._timing.preamble
                 continue
-            return _timeout(racer)
-
-    def _judge(self, racer: Racer, event: object) -> Failure | _Verdict | None:
-        match event:
-            case Failure():
-                return event
-            case Accepted():
-                return _Verdict.ACCEPTED if self._claim(racer) else _LOST
-            case Completed():
-                racer.completed = event
-                return self._commit(racer)
-            case Chunk(kind=ChunkKind.DONE):
-                return _Verdict.CONTINUE
-            case Chunk(kind=ChunkKind.ERROR):
-                return Failure(502, error_message(event.event))
-            case Chunk(kind=ChunkKind.BOILERPLATE) if len(racer.held) < MAX_HELD:
-                racer.held.append(event)
-                return _Verdict.CONTINUE
-            case Chunk():
-                racer.first = event
-                return self._commit(racer)
-        raise AssertionError(f"unexpected event {event!r}")
-
-    def _commit(self, racer: Racer) -> Failure | None:
-        if not self._claim(racer):
-            return _LOST
-        racer.first_token_at = trio.current_time()
-        return None
+            return Failed(_timeout(bool(held)))
 
 
-class _Verdict(enum.Enum):
-    CONTINUE = "keep reading"
-    ACCEPTED = "won by inference_accepted: wait longer for content"
-
-
-# A racer that produced content a moment after another claimed the race: it is being
-# cancelled; it is neither a winner nor a failure.
-_LOST: Final = Failure(0, "lost the race")
-
-
-def _timeout(racer: Racer) -> Failure:
-    if racer.first is None and any(True for _ in racer.held):
+def _timeout(sent_preamble: bool) -> Failure:
+    if sent_preamble:
         return Failure(504, "provider sent no content after its preamble", "timeout")
     return Failure(504, "provider sent no first token in time", "timeout")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from daemon.routing.registry import Registry
+from daemon.routing.registry import Registry, shown
 from daemon.routing.types import Lease, RequestTraits
 
 
@@ -39,6 +39,13 @@ class UnknownModel(AdmissionError):
 class Unavailable(AdmissionError):
     status = 503
     code = "no_capable_provider"
+
+
+class ContextTooLong(AdmissionError):
+    """The request cannot fit the context of any provider of its model: never retryable."""
+
+    status = 400
+    code = "context_length_exceeded"
 
 
 class QueueFull(AdmissionError):
@@ -84,6 +91,8 @@ class AdmissionQueue:
         match preflight.verdict:
             case "unknown_model":
                 raise UnknownModel(preflight.reason)
+            case "too_long":
+                raise ContextTooLong(preflight.reason)
             case "unavailable":
                 raise Unavailable(preflight.reason, retry_after=self._retry_after())
             case "ready":
@@ -94,7 +103,7 @@ class AdmissionQueue:
         queue = self._waiting.setdefault(traits.model, deque())
         if len(queue) >= self._max:
             raise QueueFull(
-                f'the queue for model "{traits.model}" is full ({self._max} waiting)',
+                f"the queue for model {shown(traits.model)} is full ({self._max} waiting)",
                 retry_after=self._retry_after(),
             )
         waiter = _Waiter(traits)
@@ -125,7 +134,8 @@ class AdmissionQueue:
         if waiter.failure is not None:
             raise waiter.failure
         raise QueueTimeout(
-            f'no provider of model "{waiter.traits.model}" became free within {self._timeout:g} s',
+            f"no provider of model {shown(waiter.traits.model)} became free"
+            f" within {self._timeout:g} s",
             retry_after=self._retry_after(),
         )
 
@@ -166,4 +176,6 @@ class AdmissionQueue:
             return Unavailable(preflight.reason, retry_after=self._retry_after())
         if preflight.verdict == "unknown_model":
             return UnknownModel(preflight.reason)
+        if preflight.verdict == "too_long":
+            return ContextTooLong(preflight.reason)
         return None

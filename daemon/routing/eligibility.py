@@ -97,7 +97,14 @@ def _capability_refusal(entry: ProviderEntry, traits: RequestTraits, gates: Gate
             return f"too old for tools (needs version >= {floor})"
     if traits.has_media and not info.is_vision:
         return "without image or video support"
+    if too_short(info, traits):
+        return f"limited to a context of {info.context_length} tokens"
     return None
+
+
+def too_short(info: ModelInfo, traits: RequestTraits) -> bool:
+    """Does the request (estimated prompt plus the max_tokens asked for) overflow the context?"""
+    return info.context_length is not None and traits.context_tokens > info.context_length
 
 
 def _breaker_refusal(

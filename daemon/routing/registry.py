@@ -19,7 +19,7 @@ import trio
 from trio_util import AsyncValue
 
 from daemon.routing.breaker import CircuitBreaker, Shape
-from daemon.routing.eligibility import AWAITING_ATTESTATION, Gates, refusal
+from daemon.routing.eligibility import AWAITING_ATTESTATION, Gates, refusal, too_short
 from daemon.routing.types import Lease, ProviderEntry, RequestTraits
 from protocol.messages import ModelInfo
 
@@ -34,13 +34,15 @@ NEAR_TIE: Final = 0.10
 DEFAULT_PREFILL_TPS: Final = 500.0
 DEFAULT_DECODE_TPS: Final = 20.0
 EWMA_WEIGHT: Final = 0.3
+# A model name quoted in a refusal is cut to this many characters: it is consumer input.
+MAX_SHOWN_MODEL_CHARS: Final = 80
 
 
 @dataclass(frozen=True)
 class Preflight:
     """What can happen to a request right now, without waiting."""
 
-    verdict: Literal["ready", "queue", "unavailable", "unknown_model"]
+    verdict: Literal["ready", "queue", "unavailable", "unknown_model", "too_long"]
     reason: str = ""
 
 
@@ -140,21 +142,25 @@ class Registry:
         serving = [e for e in self._providers.values() if traits.model in e.models]
         if not serving:
             return self._preflight_unserved(traits.model, now)
+        if all(too_short(e.models[traits.model], traits) for e in serving):
+            return Preflight("too_long", _too_long(traits, serving))
         refusals = {e.provider_id: refusal(e, traits, self.gates, now) for e in serving}
         capable = [e for e in serving if refusals[e.provider_id] is None]
         if any(e.has_free_slot for e in capable):
             return Preflight("ready")
         if capable:
-            return Preflight("queue", f'every provider of model "{traits.model}" is busy')
+            return Preflight("queue", f"every provider of model {shown(traits.model)} is busy")
         if AWAITING_ATTESTATION in refusals.values():
-            return Preflight("queue", f'the providers of model "{traits.model}" are connecting')
+            return Preflight(
+                "queue", f"the providers of model {shown(traits.model)} are connecting"
+            )
         return Preflight("unavailable", _explain(traits.model, refusals.values()))
 
     def _preflight_unserved(self, model: str, now: float) -> Preflight:
         seen = self._model_seen.get(model)
         if seen is not None and now - seen < MODEL_MEMORY_S:
-            return Preflight("queue", f'no provider of model "{model}" is connected right now')
-        return Preflight("unknown_model", f'the model "{model}" does not exist')
+            return Preflight("queue", f"no provider of model {shown(model)} is connected right now")
+        return Preflight("unknown_model", f"the model {shown(model)} does not exist")
 
     def reserve(
         self,
@@ -244,13 +250,29 @@ def _ewma(old: float | None, sample: float) -> float:
     return sample if old is None else old + EWMA_WEIGHT * (sample - old)
 
 
+def _too_long(traits: RequestTraits, serving: Iterable[ProviderEntry]) -> str:
+    longest = max(e.models[traits.model].context_length or 0 for e in serving)
+    return (
+        f"this request needs about {traits.context_tokens} tokens (the prompt, estimated, plus "
+        f"max_tokens), more than the largest context of {shown(traits.model)}: {longest} tokens"
+    )
+
+
+def shown(model: str) -> str:
+    """A model name as quoted in a message: cut short, since it is the consumer's input."""
+    text = (
+        model if len(model) <= MAX_SHOWN_MODEL_CHARS else model[: MAX_SHOWN_MODEL_CHARS - 1] + "…"
+    )
+    return f'"{text}"'
+
+
 def _explain(model: str, refusals: Iterable[str | None]) -> str:
     counts = Counter(reason for reason in refusals if reason is not None)
     if len(counts) == 1:
         (reason,) = counts
-        return f'every provider of model "{model}" is {reason}'
+        return f"every provider of model {shown(model)} is {reason}"
     parts = "; ".join(f"{_count(n)} {reason}" for reason, n in counts.most_common())
-    return f'no provider of model "{model}" can serve this request: {parts}'
+    return f"no provider of model {shown(model)} can serve this request: {parts}"
 
 
 def _count(n: int) -> str:

@@ -56,6 +56,9 @@ class RequestTraits:
     has_media: bool = False
     prompt_tokens: int = 0
     max_tokens: int = 256
+    # Estimated prompt plus the max_tokens the consumer asked for (0 when it asked none):
+    # what must fit a model's advertised context_length.
+    context_tokens: int = 0
     allowlist: frozenset[str] | None = None
     shape: Shape = field(init=False)
 

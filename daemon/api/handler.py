@@ -1,0 +1,219 @@
+"""The skeleton every inference route shares: admit, dispatch, commit, relay, clean up.
+
+A route is a `Codec`: it turns the body into a `Parsed` request (routing traits and the
+envelope sealed for providers) and writes the committed stream in its own wire shape. The
+`InferenceRoute` handler owns its request in one task and one nursery: a sibling task watches
+for the client hanging up and cancels everything (racers, providers via `cancel`, slots).
+Nothing, not even the status line, is sent before the dispatch commits on a content chunk.
+
+Every check before the commit raises `ApiError`; `__call__` is the one place that answers it,
+in the codec's error shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, Protocol, assert_never
+
+import trio
+from trio_util import periodic
+
+from daemon.api.asgi import (
+    BodyTooLarge,
+    ClientGone,
+    Receive,
+    Send,
+    drain,
+    header,
+    read_body,
+    send_api_error,
+    watch_disconnect,
+)
+from daemon.api.errors import ApiError
+from daemon.config import Settings
+from daemon.nursery.dispatch import Committed, DispatchFailed, Job, Phases, dispatch
+from daemon.nursery.race import Timing
+from daemon.nursery.supervisor import Supervisor
+from daemon.routing.types import RequestTraits
+from protocol.crypto import sealed_request_frame_bytes
+from protocol.messages import MAX_FRAME_BYTES
+
+log = logging.getLogger("dinfer.api")
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """A validated consumer request, as dispatch needs it; `options` is the codec's own."""
+
+    traits: RequestTraits
+    envelope: bytes  # {"endpoint": ..., "body": ...}: the plaintext sealed for each provider
+    options: Any
+
+
+class Codec(Protocol):
+    """One route's wire shape: its request translator and its committed-stream encoder."""
+
+    def parse(self, raw: bytes) -> Parsed: ...
+
+    async def respond(
+        self, send: Send, committed: Committed, headers: Headers, options: Any
+    ) -> None: ...
+
+
+def timing_for(settings: Settings, prompt_tokens: int) -> Timing:
+    """The TTFT deadline grows with the prompt: base + per-token cost of prefill."""
+    ttft = settings.ttft_base_s + prompt_tokens * settings.ttft_per_token_ms / 1000
+    return Timing(
+        ttft=ttft,
+        speculative_ratio=settings.speculative_ratio,
+        preamble=settings.preamble_timeout_s,
+        inference=settings.inference_timeout_s,
+    )
+
+
+class InferenceRoute:
+    """The ASGI handler of one inference route."""
+
+    def __init__(self, supervisor: Supervisor, codec: Codec) -> None:
+        self._sup = supervisor
+        self._settings = supervisor.settings
+        self._codec = codec
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        ident = [(b"x-request-id", str(uuid.uuid4()).encode())]
+        try:
+            request = await self._admit(scope, receive)
+        except ClientGone:
+            return
+        except ApiError as error:
+            await send_api_error(send, error, ident)
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_disconnect, receive, nursery.cancel_scope)
+            await self._serve(request, ident, send, nursery)
+            nursery.cancel_scope.cancel(reason="the answer is complete")
+
+    async def _admit(self, scope: dict[str, Any], receive: Receive) -> Parsed:
+        """Every check before dispatch, in the order a client can act on them."""
+        if scope["method"] != "POST":
+            await drain(receive)
+            raise ApiError(405, "method_not_allowed", "use POST")
+        try:
+            raw = await read_body(scope, receive, self._settings.max_body_bytes)
+        except BodyTooLarge:
+            limit = self._settings.max_body_bytes
+            raise ApiError(
+                413, "request_too_large", f"the request body exceeds {limit} bytes"
+            ) from None
+        if not await self._authorized(scope):
+            raise ApiError(
+                401, "invalid_api_key", "a valid API key is required (Authorization: Bearer KEY)"
+            )
+        if self._sup.draining:
+            raise ApiError(503, "shutting_down", "the daemon is shutting down", retry_after=5)
+        request = self._codec.parse(raw)
+        if sealed_request_frame_bytes(len(request.envelope)) > MAX_FRAME_BYTES:
+            raise ApiError(
+                413,
+                "request_too_large",
+                "the request is too large to send to a provider: sealed, it would exceed the "
+                "protocol's 10 MiB frame",
+            )
+        return request
+
+    async def _authorized(self, scope: dict[str, Any]) -> bool:
+        value = header(scope, b"authorization") or ""
+        scheme, _, key = value.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            return False
+        return await self._sup.store.find_api_key(key.strip()) is not None
+
+    async def _serve(
+        self, request: Parsed, ident: Headers, send: Send, nursery: trio.Nursery
+    ) -> None:
+        job = Job(
+            traits=request.traits,
+            plaintext=request.envelope,
+            timing=timing_for(self._settings, request.traits.prompt_tokens),
+            max_attempts=self._settings.max_attempts,
+        )
+        match await dispatch(job, self._sup.registry, self._sup.queue):
+            case DispatchFailed(status, message, code, retry_after):
+                error = ApiError(status, code, message, retry_after=retry_after)
+                await send_api_error(send, error, ident)
+            case Committed() as committed:
+                await self._relay(
+                    request, committed, [*ident, *_commit_headers(committed)], send, nursery
+                )
+            case outcome:
+                assert_never(outcome)
+
+    async def _relay(
+        self,
+        request: Parsed,
+        committed: Committed,
+        headers: Headers,
+        send: Send,
+        nursery: trio.Nursery,
+    ) -> None:
+        relay = TimedSend(send)
+        limit = self._settings.inference_timeout_s
+        nursery.start_soon(_abandon_if_stalled, relay, committed, limit)
+        try:
+            await self._codec.respond(relay, committed, headers, request.options)
+        finally:
+            committed.close()
+
+
+class TimedSend:
+    """The consumer's `send`, remembering since when a write has been waiting."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.waiting_since: float | None = None
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        self.waiting_since = trio.current_time()
+        try:
+            await self._send(message)
+        finally:
+            self.waiting_since = None
+
+
+async def _abandon_if_stalled(relay: TimedSend, committed: Committed, limit: float) -> None:
+    """Free the provider when the consumer stops reading but keeps the connection open.
+
+    Hypercorn shields its socket writes from cancellation, so no deadline around the write
+    can end it: this watchdog looks at the write's age a few times per `limit` instead, and
+    cancels the provider and frees its slot; the write itself ends when the socket does.
+    """
+    async with aclosing(periodic(limit / 4)) as ticks:
+        async for _ in ticks:
+            since = relay.waiting_since
+            if since is not None and trio.current_time() - since >= limit:
+                log.info("the consumer stopped reading for %g s: releasing the provider", limit)
+                committed.close()
+                return
+
+
+def _commit_headers(committed: Committed) -> Headers:
+    return [
+        (b"x-provider-id", committed.provider_id.encode()),
+        (b"server-timing", _server_timing(committed.phases).encode()),
+    ]
+
+
+def _server_timing(phases: Phases) -> str:
+    return ", ".join(
+        f"{name};dur={seconds * 1000:.1f}"
+        for name, seconds in (
+            ("queue", phases.queue),
+            ("route", phases.route),
+            ("ttft", phases.ttft),
+        )
+    )
