@@ -5,44 +5,10 @@
 An unset or empty variable takes its default. Durations are seconds (positive decimals), counts
 positive integers.
 
-The variable names are a public contract:
-
-=============================  =============  ==================================================
-Variable                       Default        Meaning
-=============================  =============  ==================================================
-DINFER_LISTEN                  127.0.0.1:8000 HTTP and WebSocket address, `host:port`
-                                              (IPv6 as `[::1]:8000`; port 0 picks a free port)
-DINFER_DATA_DIR                .dinfer        directory of the SQLite store (relative paths are
-                                              relative to the working directory)
-DINFER_ADMIN_KEY               (unset)        bearer key of the admin API; unset disables it
-DINFER_PROVIDER_AUTH           token          `token`: providers need an admin-issued token;
-                                              `open`: anyone may register (development only)
-DINFER_CHALLENGE_INTERVAL_S    300            seconds between attestation challenges
-DINFER_HEARTBEAT_TIMEOUT_S     90             silence after which a provider is dropped
-DINFER_BREAKER_THRESHOLD       2              failures within the window that open a breaker
-DINFER_BREAKER_WINDOW_S        60             window in which breaker failures are counted
-DINFER_BREAKER_COOLDOWN_S      300            how long an open breaker keeps a provider out
-DINFER_QUEUE_MAX               10             queued requests per model before 429
-DINFER_QUEUE_TIMEOUT_S         120            longest a request waits in the queue
-DINFER_TOOLS_MIN_VERSION       0.6.3          lowest provider version routed tool requests
-DINFER_MAX_ATTEMPTS            3              providers tried per request (failover)
-DINFER_TTFT_BASE_S             5              first-token deadline, fixed part
-DINFER_TTFT_PER_TOKEN_MS       1              first-token deadline, added per prompt token
-DINFER_SPECULATIVE_RATIO       0.5            fraction of the first-token deadline after which
-                                              a backup provider is started, in (0, 1]
-DINFER_PREAMBLE_TIMEOUT_S      90             extra wait for content, once, when a provider sent
-                                              only boilerplate by the first-token deadline
-DINFER_INFERENCE_TIMEOUT_S     600            wait for content after `inference_accepted`, and
-                                              the longest silence after the first content
-DINFER_MAX_BODY_BYTES          16777216       largest accepted request body (16 MiB)
-DINFER_REGISTER_TIMEOUT_S      10             time a new connection has to send `register`
-DINFER_CHALLENGE_ANSWER_S      30             time a provider has to answer a challenge
-DINFER_CHALLENGE_MAX_AGE_S     960            age after which a passed challenge is stale
-DINFER_LOG_LEVEL               info           debug, info, warning, error or critical
-=============================  =============  ==================================================
-
-`ENV_VARS` holds the same table for `dinfer serve --help` (`describe_env()` formats it);
-`unknown_variables` lists set `DINFER_*` names that are not in it, typos most likely.
+The variable names are a public contract. `ENV_VARS` below is their one table: it generates
+the end of this docstring, `dinfer serve --help` (`describe_env()`) and the README's table
+(`markdown_table()`; `python -m daemon.config` prints it). `unknown_variables` lists set
+`DINFER_*` names that are not in it, typos most likely.
 """
 
 from __future__ import annotations
@@ -50,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+import textwrap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,41 +153,105 @@ def _var(name: str, default: str, meaning: str, parse: Callable[[str], Any]) -> 
 
 
 ENV_VARS: Final[tuple[EnvVar, ...]] = (
-    _var("DINFER_LISTEN", "127.0.0.1:8000", "HTTP/WebSocket address, host:port", _listen),
-    _var("DINFER_DATA_DIR", ".dinfer", "directory of the SQLite store", Path),
-    _var("DINFER_ADMIN_KEY", "", "bearer key of the admin API (unset: disabled)", _text),
-    _var("DINFER_PROVIDER_AUTH", "token", "token, or open (development)", _choice("token", "open")),
-    _var("DINFER_CHALLENGE_INTERVAL_S", "300", "seconds between challenges", _positive_float),
-    _var("DINFER_HEARTBEAT_TIMEOUT_S", "90", "silence that drops a provider", _positive_float),
-    _var("DINFER_BREAKER_THRESHOLD", "2", "failures that open a breaker", _positive_int),
-    _var("DINFER_BREAKER_WINDOW_S", "60", "window counting breaker failures", _positive_float),
-    _var("DINFER_BREAKER_COOLDOWN_S", "300", "how long a breaker stays open", _positive_float),
-    _var("DINFER_QUEUE_MAX", "10", "queued requests per model", _positive_int),
-    _var("DINFER_QUEUE_TIMEOUT_S", "120", "longest wait in the queue", _positive_float),
-    _var("DINFER_TOOLS_MIN_VERSION", "0.6.3", "lowest provider version for tools", _version),
-    _var("DINFER_MAX_ATTEMPTS", "3", "providers tried per request", _positive_int),
+    _var(
+        "DINFER_LISTEN",
+        "127.0.0.1:8000",
+        "HTTP and WebSocket address, host:port (IPv6 as [::1]:8000; port 0 picks a free port)",
+        _listen,
+    ),
+    _var(
+        "DINFER_DATA_DIR",
+        ".dinfer",
+        "directory of the SQLite store (relative to the working directory)",
+        Path,
+    ),
+    _var("DINFER_ADMIN_KEY", "", "bearer key of the admin API; unset disables it", _text),
+    _var(
+        "DINFER_PROVIDER_AUTH",
+        "token",
+        "token: providers need an admin-issued token; open: anyone may register (development)",
+        _choice("token", "open"),
+    ),
+    _var(
+        "DINFER_CHALLENGE_INTERVAL_S",
+        "300",
+        "seconds between attestation challenges",
+        _positive_float,
+    ),
+    _var(
+        "DINFER_HEARTBEAT_TIMEOUT_S",
+        "90",
+        "silence after which a provider is dropped",
+        _positive_float,
+    ),
+    _var(
+        "DINFER_BREAKER_THRESHOLD",
+        "2",
+        "failures within the window that put (provider, model, shape) in cooldown",
+        _positive_int,
+    ),
+    _var(
+        "DINFER_BREAKER_WINDOW_S", "60", "window in which breaker failures count", _positive_float
+    ),
+    _var(
+        "DINFER_BREAKER_COOLDOWN_S",
+        "300",
+        "how long a cooldown keeps a provider out",
+        _positive_float,
+    ),
+    _var("DINFER_QUEUE_MAX", "10", "queued requests per model before 429", _positive_int),
+    _var("DINFER_QUEUE_TIMEOUT_S", "120", "longest a request waits in the queue", _positive_float),
+    _var(
+        "DINFER_TOOLS_MIN_VERSION",
+        "0.6.3",
+        "lowest provider version routed tool requests",
+        _version,
+    ),
+    _var("DINFER_MAX_ATTEMPTS", "3", "providers tried per request (failover)", _positive_int),
     _var("DINFER_TTFT_BASE_S", "5", "first-token deadline, fixed part", _positive_float),
-    _var("DINFER_TTFT_PER_TOKEN_MS", "1", "first-token deadline, per token", _positive_float),
-    _var("DINFER_SPECULATIVE_RATIO", "0.5", "TTFT fraction that starts a backup", _ratio),
+    _var(
+        "DINFER_TTFT_PER_TOKEN_MS",
+        "1",
+        "first-token deadline, added per prompt token",
+        _positive_float,
+    ),
+    _var(
+        "DINFER_SPECULATIVE_RATIO",
+        "0.5",
+        "fraction of the first-token deadline after which a backup provider starts, in (0, 1]",
+        _ratio,
+    ),
     _var(
         "DINFER_PREAMBLE_TIMEOUT_S",
         "90",
-        "extra wait for content after a preamble",
+        "extra wait for content, once, when a provider sent only boilerplate by the deadline",
         _positive_float,
     ),
     _var(
         "DINFER_INFERENCE_TIMEOUT_S",
         "600",
-        "wait for content once accepted; silence after it",
+        "wait for content after inference_accepted, and the longest silence after content",
         _positive_float,
     ),
-    _var("DINFER_MAX_BODY_BYTES", "16777216", "largest request body (16 MiB)", _positive_int),
-    _var("DINFER_REGISTER_TIMEOUT_S", "10", "time a new provider has to register", _positive_float),
-    _var("DINFER_CHALLENGE_ANSWER_S", "30", "time to answer a challenge", _positive_float),
+    _var(
+        "DINFER_MAX_BODY_BYTES", "16777216", "largest accepted request body (16 MiB)", _positive_int
+    ),
+    _var(
+        "DINFER_REGISTER_TIMEOUT_S",
+        "10",
+        "time a new connection has to send register",
+        _positive_float,
+    ),
+    _var(
+        "DINFER_CHALLENGE_ANSWER_S",
+        "30",
+        "time a provider has to answer a challenge",
+        _positive_float,
+    ),
     _var(
         "DINFER_CHALLENGE_MAX_AGE_S",
         "960",
-        "challenge pass age that stops routing",
+        "age after which a passed challenge is stale (not routable)",
         _positive_float,
     ),
     _var(
@@ -257,7 +288,25 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
 def describe_env() -> str:
     """The variables as an aligned `name  default  meaning` table, for help output."""
     width = max(len(var.name) for var in ENV_VARS)
-    rows = (
-        f"{var.name:<{width}}  {var.default or '(unset)':<14}  {var.meaning}" for var in ENV_VARS
-    )
+    indent = " " * (width + 18)
+    rows = []
+    for var in ENV_VARS:
+        lines = textwrap.wrap(var.meaning, 96 - len(indent)) or [""]
+        rows.append(f"{var.name:<{width}}  {var.default or '(unset)':<14}  {lines[0]}")
+        rows.extend(indent + line for line in lines[1:])
     return "\n".join(rows)
+
+
+def markdown_table() -> str:
+    """The variables as the README's Markdown table."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for var in ENV_VARS:
+        default = f"`{var.default}`" if var.default else "unset"
+        rows.append(f"| `{var.name}` | {default} | {var.meaning} |")
+    return "\n".join(rows)
+
+
+__doc__ = f"{__doc__}\n::\n\n" + textwrap.indent(describe_env(), "    ") + "\n"
+
+if __name__ == "__main__":
+    print(markdown_table())

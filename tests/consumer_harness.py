@@ -101,6 +101,16 @@ def assert_openai_error(response: httpx.Response, status: int, code: str | None 
     return dict(error)
 
 
+async def poll_until(condition: Callable[[], bool], *, bound: float = BOUND_S) -> None:
+    """Wait until `condition()` holds, checking every 10 ms, failing after `bound` seconds.
+
+    For state no event announces (a queue's length, a count of file descriptors).
+    """
+    with trio.fail_after(bound):
+        while not condition():  # noqa: ASYNC110 - nothing to wait on: the state is polled
+            await trio.sleep(0.01)
+
+
 def dispatches(*fakes: FakeProvider) -> int:
     return sum(len(fake.received) for fake in fakes)
 

@@ -298,7 +298,7 @@ async def test_a_full_queue_is_429_with_retry_after(open_api: OpenApi) -> None:
         ) as busy:
             assert busy.status_code == 200  # committed: it holds the provider's only slot
             waited = await api.chat()
-            error = assert_openai_error(waited, 429, "rate_limit_exceeded")
+            error = assert_openai_error(waited, 429, "queue_timeout")
             assert error["type"] == "rate_limit_error"
             assert int(waited.headers["retry-after"]) >= 1
     assert dispatches(fake) == 1

@@ -678,3 +678,70 @@ async def test_hanging_up_after_the_commit_cancels_the_winner(
     assert hung_up.cancelled_caught
     assert alone.cancelled == [4.0]
     await world.assert_nothing_leaked()
+
+
+# Whose fault a failure was ------------------------------------------------------------------
+
+
+async def test_providers_of_one_version_failing_alike_are_struck_and_a_third_is_tried(
+    autojump_clock: MockClock, nursery: trio.Nursery
+) -> None:
+    world = World(nursery, DINFER_BREAKER_THRESHOLD="1")
+    a = world.provider([Fail(500, "segfault")], version="0.6.3")
+    b = world.provider([Fail(500, "segfault")], version="0.6.3")
+    c = world.provider(answer("third"), version="0.6.3")
+
+    committed = await world.dispatch()
+    await drain(committed)
+
+    assert committed.provider_id == c.id and committed.attempts == 3
+    assert world.cooling(a) and world.cooling(b) and not world.cooling(c)
+    await world.assert_nothing_leaked()
+
+
+async def test_different_versions_failing_alike_strike_nobody_and_stop_at_two(
+    autojump_clock: MockClock, nursery: trio.Nursery
+) -> None:
+    world = World(nursery, DINFER_BREAKER_THRESHOLD="1")
+    a = world.provider([Fail(502, "reset")], version="0.6.3")
+    b = world.provider([Fail(502, "reset")], version="0.7.0")
+    c = world.provider(answer("never asked"), version="0.8.0")
+
+    failed = await world.fails()
+
+    assert failed.status == 502 and "the request itself" in failed.message
+    assert (a.dispatched, b.dispatched, c.dispatched) == ([0.0], [0.0], [])
+    assert not any(world.cooling(fake) for fake in (a, b, c))
+    await world.assert_nothing_leaked()
+
+
+async def test_different_failures_on_two_versions_still_reach_a_third_provider(
+    autojump_clock: MockClock, nursery: trio.Nursery
+) -> None:
+    world = World(nursery, DINFER_BREAKER_THRESHOLD="1")
+    a = world.provider([Fail(500, "crash")], version="0.6.3")
+    b = world.provider([Fail(502, "reset")], version="0.7.0")
+    c = world.provider(answer("third"), version="0.8.0")
+
+    committed = await world.dispatch()
+    await drain(committed)
+
+    assert committed.provider_id == c.id
+    assert world.cooling(a) and world.cooling(b)
+    await world.assert_nothing_leaked()
+
+
+async def test_timeouts_on_two_versions_are_not_proof_against_the_request(
+    autojump_clock: MockClock, nursery: trio.Nursery
+) -> None:
+    world = World(nursery, DINFER_BREAKER_THRESHOLD="1")
+    a = world.provider(stalls_after(), version="0.6.3")
+    b = world.provider(stalls_after(), version="0.7.0")
+    c = world.provider(answer("third"), version="0.8.0")
+
+    committed = await world.dispatch(max_attempts=3)
+    await drain(committed)
+
+    assert committed.provider_id == c.id
+    assert world.cooling(a) and world.cooling(b)
+    await world.assert_nothing_leaked()

@@ -64,7 +64,7 @@ class Supervisor:
         finally:
             self.sessions.value -= 1
             session.connection_lost()
-            scope.cancel()
+            scope.cancel(reason="the provider connection ended")
 
     async def drain(self, grace: float) -> None:
         """Shutting down: refuse new requests, let those in flight finish for up to `grace`

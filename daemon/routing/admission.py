@@ -50,12 +50,12 @@ class ContextTooLong(AdmissionError):
 
 class QueueFull(AdmissionError):
     status = 429
-    code = "rate_limit_exceeded"
+    code = "queue_full"
 
 
 class QueueTimeout(AdmissionError):
     status = 429
-    code = "rate_limit_exceeded"
+    code = "queue_timeout"
 
 
 @dataclass(eq=False)

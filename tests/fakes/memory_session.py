@@ -226,8 +226,10 @@ class MemorySession:
                 usage = Usage(prompt_tokens=prompt, completion_tokens=completion)
                 self._route(InferenceComplete(request_id=request_id, usage=usage), final=True)
                 return False  # exactly one terminal ends a request
-            case Fail(status=status, message=text):
-                error = InferenceError(request_id=request_id, error=text, status_code=status)
+            case Fail(status=status, message=text, reason=reason):
+                error = InferenceError(
+                    request_id=request_id, error=text, status_code=status, error_reason=reason
+                )
                 self._route(error, final=True)
                 return False
             case Wait(seconds=seconds):

@@ -60,6 +60,7 @@ class Complete:
 class Fail:
     status: int = 500
     message: str = "backend crashed"
+    reason: str | None = None  # error_reason, e.g. context_length_exceeded
 
 
 @dataclass(frozen=True)
@@ -272,10 +273,11 @@ class FakeProvider:
             case Complete(prompt_tokens=p, completion_tokens=c):
                 usage = Usage(prompt_tokens=p, completion_tokens=c)
                 await ws.send_message(encode(InferenceComplete(request_id=request_id, usage=usage)))
-            case Fail(status=status, message=text):
-                await ws.send_message(
-                    encode(InferenceError(request_id=request_id, error=text, status_code=status))
+            case Fail(status=status, message=text, reason=reason):
+                error = InferenceError(
+                    request_id=request_id, error=text, status_code=status, error_reason=reason
                 )
+                await ws.send_message(encode(error))
             case Accept():
                 await ws.send_message(encode(InferenceAccepted(request_id=request_id)))
             case Wait(seconds=seconds):
