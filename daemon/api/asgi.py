@@ -8,7 +8,7 @@ from typing import Any
 
 import trio
 
-from daemon.api.errors import ApiError, error_body, retry_headers
+from daemon.api.errors import ApiError, error_body, openai_error, retry_headers
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -95,15 +95,11 @@ async def send_error(
 
 
 async def send_api_error(
-    send: Send, error: ApiError, headers: Iterable[tuple[bytes, bytes]] = ()
+    send: Send,
+    error: ApiError,
+    headers: Iterable[tuple[bytes, bytes]] = (),
+    render: Callable[[ApiError], bytes] = openai_error,
 ) -> None:
-    """The one place an `ApiError` becomes a response (OpenAI's shape)."""
-    await send_error(
-        send,
-        error.status,
-        error.message,
-        error.code,
-        error.param,
-        retry_after=error.retry_after,
-        headers=headers,
-    )
+    """The one place an `ApiError` becomes a response: `render` gives the route's body."""
+    extra = [(k.lower().encode(), v.encode()) for k, v in retry_headers(error.retry_after).items()]
+    await send_json(send, error.status, render(error), [*extra, *headers])

@@ -17,6 +17,7 @@ import msgspec
 from daemon.api.asgi import Send, send_error, send_json
 from daemon.api.assemble import CompletionAssembler
 from daemon.api.chat_request import ChatOptions, parse_chat_request
+from daemon.api.errors import ApiError, openai_error
 from daemon.api.handler import Headers, Parsed
 from daemon.nursery.attempt import Chunk
 from daemon.nursery.dispatch import Committed, Finished, InBandError
@@ -31,6 +32,9 @@ class ChatCodec:
 
     def parse(self, raw: bytes) -> Parsed:
         return parse_chat_request(raw)
+
+    def render_error(self, error: ApiError) -> bytes:
+        return openai_error(error)
 
     async def respond(
         self, send: Send, committed: Committed, headers: Headers, options: ChatOptions

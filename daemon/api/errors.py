@@ -1,8 +1,8 @@
 """Errors at the edge: `ApiError`, raised once by a route's checks, and the shapes it takes.
 
-A route's checks raise `ApiError(status, code, message)`; one place per route
-(`asgi.send_api_error`) turns it into that route's error body and headers. Today every route
-answers in OpenAI's shape, `{"error": {"type", "message", "code", "param"}}`.
+A route's checks raise `ApiError(status, code, message)`; one place (`asgi.send_api_error`)
+turns it into a response, with the body the route's codec renders (`openai_error` is
+OpenAI's shape, `{"error": {"type", "message", "code", "param"}}`) and `Retry-After`.
 """
 
 from __future__ import annotations
@@ -61,6 +61,11 @@ def error_body(
     """`{"error": {"type", "message", "code", "param"}}` for an HTTP error."""
     kind = TYPE_BY_STATUS.get(status, "server_error" if status < 503 else "service_unavailable")
     return msgspec.json.encode(ErrorBody(ErrorDetail(message, kind, code, param)))
+
+
+def openai_error(error: ApiError) -> bytes:
+    """OpenAI's body for `error`."""
+    return error_body(error.status, error.message, error.code, error.param)
 
 
 def retry_headers(retry_after: int | None) -> dict[str, str]:

@@ -56,13 +56,24 @@ class Parsed:
 
 
 class Codec(Protocol):
-    """One route's wire shape: its request translator and its committed-stream encoder."""
+    """One route's wire shape: its request translator, its committed-stream encoder and
+    its error body."""
 
     def parse(self, raw: bytes) -> Parsed: ...
+
+    def render_error(self, error: ApiError) -> bytes: ...
 
     async def respond(
         self, send: Send, committed: Committed, headers: Headers, options: Any
     ) -> None: ...
+
+
+def consumer_key(scope: dict[str, Any]) -> str | None:
+    """The key of `Authorization: Bearer KEY`, or of `x-api-key: KEY` (Anthropic's SDK)."""
+    scheme, _, key = (header(scope, b"authorization") or "").partition(" ")
+    if scheme.lower() == "bearer" and key.strip():
+        return key.strip()
+    return (header(scope, b"x-api-key") or "").strip() or None
 
 
 def timing_for(settings: Settings, prompt_tokens: int) -> Timing:
@@ -91,7 +102,7 @@ class InferenceRoute:
         except ClientGone:
             return
         except ApiError as error:
-            await send_api_error(send, error, ident)
+            await send_api_error(send, error, ident, self._codec.render_error)
             return
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_disconnect, receive, nursery.cancel_scope)
@@ -127,11 +138,8 @@ class InferenceRoute:
         return request
 
     async def _authorized(self, scope: dict[str, Any]) -> bool:
-        value = header(scope, b"authorization") or ""
-        scheme, _, key = value.partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            return False
-        return await self._sup.store.find_api_key(key.strip()) is not None
+        key = consumer_key(scope)
+        return key is not None and await self._sup.store.find_api_key(key) is not None
 
     async def _serve(
         self, request: Parsed, ident: Headers, send: Send, nursery: trio.Nursery
@@ -145,7 +153,7 @@ class InferenceRoute:
         match await dispatch(job, self._sup.registry, self._sup.queue):
             case DispatchFailed(status, message, code, retry_after):
                 error = ApiError(status, code, message, retry_after=retry_after)
-                await send_api_error(send, error, ident)
+                await send_api_error(send, error, ident, self._codec.render_error)
             case Committed() as committed:
                 await self._relay(
                     request, committed, [*ident, *_commit_headers(committed)], send, nursery
