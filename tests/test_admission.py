@@ -14,10 +14,10 @@ import trio.testing
 from daemon.config import load_settings
 from daemon.nursery.supervisor import _wake_on_cooldown_expiry, build_registry
 from daemon.routing.admission import (
-    AdmissionError,
     AdmissionQueue,
     QueueFull,
     QueueTimeout,
+    Refusal,
     Unavailable,
     UnknownModel,
 )
@@ -59,7 +59,7 @@ class Outcome:
     name: str
     at: float
     lease: Lease | None = None
-    error: AdmissionError | None = None
+    error: Refusal | None = None
     cancelled: bool = False
 
 
@@ -80,10 +80,11 @@ class Requests:
     async def _admit(self, name: str, traits: RequestTraits, scope: trio.CancelScope) -> None:
         outcome = Outcome(name, at=-1.0, cancelled=True)
         with scope:
-            try:
-                outcome.lease = await self._q.queue.admit(traits)
-            except AdmissionError as exc:
-                outcome.error = exc
+            admitted = await self._q.queue.admit(traits)
+            if isinstance(admitted, Lease):
+                outcome.lease = admitted
+            else:
+                outcome.error = admitted
             outcome.cancelled = False
         outcome.at = trio.current_time()
         self.outcomes.append(outcome)
@@ -129,19 +130,21 @@ async def test_a_free_provider_is_leased_at_once(autojump_clock: trio.testing.Mo
 async def test_an_unknown_model_is_404_at_once(autojump_clock: trio.testing.MockClock) -> None:
     async with queueing() as q:
         q.registry.add(make_entry("p1"))
-        with pytest.raises(UnknownModel, match='the model "nope" does not exist') as info:
-            await q.queue.admit(RequestTraits(model="nope"))
-        assert info.value.status == 404
+        refused = await q.queue.admit(RequestTraits(model="nope"))
+        assert isinstance(refused, UnknownModel)
+        assert refused.message == 'the model "nope" does not exist'
+        assert refused.status == 404
         assert trio.current_time() == 0
 
 
 async def test_no_capable_provider_is_503_at_once(autojump_clock: trio.testing.MockClock) -> None:
     async with queueing() as q:
         q.registry.add(make_entry("p1", version="0.6.0"))
-        with pytest.raises(Unavailable, match="too old for tools") as info:
-            await q.queue.admit(TOOLS)
-        assert info.value.status == 503
-        assert info.value.retry_after == 30
+        refused = await q.queue.admit(TOOLS)
+        assert isinstance(refused, Unavailable)
+        assert "too old for tools" in refused.message
+        assert refused.status == 503
+        assert refused.retry_after == 30
         assert trio.current_time() == 0
 
 
@@ -153,12 +156,12 @@ async def test_times_out_at_exactly_the_queue_timeout(
 ) -> None:
     async with queueing() as q:
         add_busy(q.registry)
-        with pytest.raises(QueueTimeout) as info:
-            await q.queue.admit(BASE)
+        refused = await q.queue.admit(BASE)
+        assert isinstance(refused, QueueTimeout)
         assert trio.current_time() == 120  # DINFER_QUEUE_TIMEOUT_S default
-        assert info.value.status == 429
-        assert info.value.retry_after == 30
-        assert str(info.value) == 'no provider of model "m" became free within 120 s'
+        assert refused.status == 429
+        assert refused.retry_after == 30
+        assert refused.message == 'no provider of model "m" became free within 120 s'
         assert q.queue.waiting("m") == 0
 
 
@@ -168,12 +171,12 @@ async def test_a_full_queue_refuses_at_once(autojump_clock: trio.testing.MockClo
         requests = Requests(q)
         await requests.arrive("first")
         await requests.arrive("second")
-        with pytest.raises(QueueFull) as info:
-            await q.queue.admit(BASE)
+        refused = await q.queue.admit(BASE)
+        assert isinstance(refused, QueueFull)
         assert trio.current_time() == 0
-        assert info.value.status == 429
-        assert info.value.retry_after == 10
-        assert str(info.value) == 'the queue for model "m" is full (2 waiting)'
+        assert refused.status == 429
+        assert refused.retry_after == 10
+        assert refused.message == 'the queue for model "m" is full (2 waiting)'
         assert q.queue.waiting("m") == 2
         await trio.sleep(40)
         await trio.testing.wait_all_tasks_blocked()

@@ -34,7 +34,7 @@ from daemon.nursery.race import (
     Timing,
     Won,
 )
-from daemon.routing.admission import AdmissionError, AdmissionQueue
+from daemon.routing.admission import AdmissionQueue
 from daemon.routing.registry import Registry
 from daemon.routing.types import Lease, RequestTraits
 from protocol.messages import Usage
@@ -206,10 +206,12 @@ async def dispatch(
 ) -> Committed | DispatchFailed:
     """Run attempts until one commits, or say why none could."""
     started = trio.current_time()
-    try:
-        lease: Lease | None = await queue.admit(job.traits)
-    except AdmissionError as exc:
-        return DispatchFailed(exc.status, str(exc), exc.code, exc.retry_after)
+    admitted = await queue.admit(job.traits)
+    if not isinstance(admitted, Lease):
+        return DispatchFailed(
+            admitted.status, admitted.message, admitted.code, admitted.retry_after
+        )
+    lease: Lease | None = admitted
     queued = trio.current_time() - started
     failures: list[RacerFailure] = []
     attempts = 0

@@ -13,49 +13,60 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import ClassVar, assert_never
 
 import trio
 
-from daemon.routing.registry import Registry, shown
+from daemon.routing.registry import Preflight, Registry, shown
 from daemon.routing.types import Lease, RequestTraits
 
 
-class AdmissionError(Exception):
-    """A request that cannot be admitted; `status` is the HTTP status to answer with."""
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    """A request that cannot be admitted, and the HTTP status and code to answer with."""
 
-    status = 503
-    code = "service_unavailable"
+    message: str
+    retry_after: int | None = None
+    status: ClassVar[int] = 503
+    code: ClassVar[str] = "service_unavailable"
 
-    def __init__(self, message: str, retry_after: int | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class UnknownModel(AdmissionError):
-    status = 404
-    code = "model_not_found"
+    def __str__(self) -> str:
+        return self.message
 
 
-class Unavailable(AdmissionError):
-    status = 503
-    code = "no_capable_provider"
+@dataclass(frozen=True, slots=True)
+class UnknownModel(_Refusal):
+    status: ClassVar[int] = 404
+    code: ClassVar[str] = "model_not_found"
 
 
-class ContextTooLong(AdmissionError):
+@dataclass(frozen=True, slots=True)
+class Unavailable(_Refusal):
+    status: ClassVar[int] = 503
+    code: ClassVar[str] = "no_capable_provider"
+
+
+@dataclass(frozen=True, slots=True)
+class ContextTooLong(_Refusal):
     """The request cannot fit the context of any provider of its model: never retryable."""
 
-    status = 400
-    code = "context_length_exceeded"
+    status: ClassVar[int] = 400
+    code: ClassVar[str] = "context_length_exceeded"
 
 
-class QueueFull(AdmissionError):
-    status = 429
-    code = "queue_full"
+@dataclass(frozen=True, slots=True)
+class QueueFull(_Refusal):
+    status: ClassVar[int] = 429
+    code: ClassVar[str] = "queue_full"
 
 
-class QueueTimeout(AdmissionError):
-    status = 429
-    code = "queue_timeout"
+@dataclass(frozen=True, slots=True)
+class QueueTimeout(_Refusal):
+    status: ClassVar[int] = 429
+    code: ClassVar[str] = "queue_timeout"
+
+
+Refusal = UnknownModel | Unavailable | ContextTooLong | QueueFull | QueueTimeout
 
 
 @dataclass(eq=False)
@@ -63,7 +74,7 @@ class _Waiter:
     traits: RequestTraits
     done: trio.Event = field(default_factory=trio.Event)
     lease: Lease | None = None
-    failure: AdmissionError | None = None
+    failure: Refusal | None = None
 
 
 class AdmissionQueue:
@@ -76,33 +87,36 @@ class AdmissionQueue:
     def waiting(self, model: str) -> int:
         return len(self._waiting.get(model, ()))
 
-    async def admit(self, traits: RequestTraits) -> Lease:
+    async def admit(self, traits: RequestTraits) -> Lease | Refusal:
         """A slot on the best capable provider, waiting in the queue if all are busy."""
         # Earlier waiters get first pick of anything already free; what they leave, none of
         # them can use, so the newcomer may take it without jumping the queue.
         self._pump()
-        lease = self._try_now(traits)
-        if lease is not None:
-            return lease
-        return await self._wait(traits)
-
-    def _try_now(self, traits: RequestTraits) -> Lease | None:
         preflight = self._registry.preflight(traits)
+        if preflight.verdict == "ready":
+            lease = self._registry.reserve(traits)
+            if lease is not None:
+                return lease
+        return self._refusal(preflight) or await self._wait(traits)
+
+    def _refusal(self, preflight: Preflight) -> Refusal | None:
+        """What the preflight says without waiting; None: wait in the queue."""
         match preflight.verdict:
             case "unknown_model":
-                raise UnknownModel(preflight.reason)
+                return UnknownModel(preflight.reason)
             case "too_long":
-                raise ContextTooLong(preflight.reason)
+                return ContextTooLong(preflight.reason)
             case "unavailable":
-                raise Unavailable(preflight.reason, retry_after=self._retry_after())
-            case "ready":
-                return self._registry.reserve(traits)
-        return None
+                return Unavailable(preflight.reason, retry_after=self._retry_after())
+            case "ready" | "queue":
+                return None
+            case verdict:
+                assert_never(verdict)
 
-    async def _wait(self, traits: RequestTraits) -> Lease:
+    async def _wait(self, traits: RequestTraits) -> Lease | Refusal:
         queue = self._waiting.setdefault(traits.model, deque())
         if len(queue) >= self._max:
-            raise QueueFull(
+            return QueueFull(
                 f"the queue for model {shown(traits.model)} is full ({self._max} waiting)",
                 retry_after=self._retry_after(),
             )
@@ -128,12 +142,12 @@ class AdmissionQueue:
         if not waiter.done.is_set():
             waiter.done.set()  # timed out or cancelled: the pump must not grant it any more
 
-    def _outcome(self, waiter: _Waiter) -> Lease:
+    def _outcome(self, waiter: _Waiter) -> Lease | Refusal:
         if waiter.lease is not None:
             return waiter.lease
         if waiter.failure is not None:
-            raise waiter.failure
-        raise QueueTimeout(
+            return waiter.failure
+        return QueueTimeout(
             f"no provider of model {shown(waiter.traits.model)} became free"
             f" within {self._timeout:g} s",
             retry_after=self._retry_after(),
@@ -169,13 +183,6 @@ class AdmissionQueue:
         queue.remove(waiter)
         waiter.done.set()
 
-    def _hopeless(self, traits: RequestTraits) -> AdmissionError | None:
+    def _hopeless(self, traits: RequestTraits) -> Refusal | None:
         """A waiter whose model lost every capable provider fails now, not at its timeout."""
-        preflight = self._registry.preflight(traits)
-        if preflight.verdict == "unavailable":
-            return Unavailable(preflight.reason, retry_after=self._retry_after())
-        if preflight.verdict == "unknown_model":
-            return UnknownModel(preflight.reason)
-        if preflight.verdict == "too_long":
-            return ContextTooLong(preflight.reason)
-        return None
+        return self._refusal(self._registry.preflight(traits))
