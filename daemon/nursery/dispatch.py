@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import assert_never
+from typing import Final, assert_never
 
 import trio
 
@@ -78,6 +78,11 @@ class InBandError:
     message: str
 
 
+# The end of a stream this request let go of itself (the consumer stopped reading and the
+# watchdog released the provider): nobody is reading, and the provider is not to blame.
+RELEASED: Final = InBandError("timeout", "the consumer stopped reading; the provider was released")
+
+
 @dataclass(frozen=True, slots=True)
 class Finished:
     """The committed stream ended cleanly; `usage` as the provider reported it."""
@@ -116,10 +121,12 @@ class Committed:
 
     async def next_event(self) -> RelayEvent:
         """The next chunk to relay; then exactly one `Finished` or `InBandError`."""
-        while True:
-            relayable = self._relayable(self._next_pending() or await self._receive())
+        while not self.content.stream.closed:
+            event = self._pending.pop() if self._pending else await self._receive()
+            relayable = self._relayable(event)
             if relayable is not None:
                 return relayable
+        return RELEASED
 
     def poll(self) -> RelayEvent | None:
         """next_event without waiting: None when no frame is waiting right now.
@@ -127,19 +134,14 @@ class Committed:
         The relay drains what is already buffered into one write to the consumer: under load
         that saves a send, an HTTP chunk and a task switch per chunk.
         """
-        while (event := self._next_pending() or self._poll_stream()) is not None:
+        while not self.content.stream.closed:
+            event = self._pending.pop() if self._pending else self.content.stream.poll_event()
+            if event is None:
+                return None
             relayable = self._relayable(event)
             if relayable is not None:
                 return relayable
-        return None
-
-    def _next_pending(self) -> object:
-        if self.content.stream.closed:  # released by us: nothing more to relay or blame
-            return _RELEASED
-        return self._pending.pop() if self._pending else None
-
-    def _poll_stream(self) -> object:
-        return self.content.stream.poll_event()
+        return RELEASED
 
     def _relayable(self, event: object) -> RelayEvent | None:
         match event:
@@ -177,8 +179,6 @@ class Committed:
         )
 
     def _fail(self, failure: Failure) -> InBandError:
-        if failure is _RELEASED:
-            return InBandError("timeout", failure.message)
         entry = self.content.stream.entry
         log.info(
             "provider %s failed after commit: %s %s",
@@ -194,11 +194,6 @@ class Committed:
 
     def close(self) -> None:
         self.content.stream.close()
-
-
-# What the stream yields once this request has let go of the provider (the consumer stopped
-# reading and the watchdog released it): nobody is reading, and the provider is not to blame.
-_RELEASED = Failure(504, "the consumer stopped reading; the provider was released", "timeout")
 
 
 async def dispatch(
