@@ -1,9 +1,14 @@
 """The HTTP client of the local OpenAI-compatible model server.
 
-Owns every use of httpx: the client's timeouts, `GET /v1/models`, and the streaming `POST` of a
-request. httpx's exceptions are translated here, at the edge, into `RequestFailure`, so the
+Owns every use of httpx: the client's timeouts, `GET /v1/models`, the streaming `POST` of a
+request, and the small JSON calls of the servers' own APIs (llama-server's `/props`, the
+tokenizers). httpx's exceptions are translated here, at the edge, into `RequestFailure`, so the
 rest of the node never sees a library type. httpx runs under Trio through anyio, and
 cancelling the calling task closes the HTTP stream: that is how `cancel` reaches the backend.
+
+A request the server drops without a byte of answer (closing or resetting the connection it
+had promised to keep alive) is sent once more (`_send`): llama-cpp-python does that to the
+request after any stream its generator broke off, and that request must not fail with it.
 """
 
 from __future__ import annotations
@@ -17,13 +22,15 @@ from typing import Any, Final
 import httpx
 import trio
 
-from provider.failures import RequestFailure, error_message, from_backend_status, from_transport
+from provider.failures import RequestFailure, from_backend_error, from_transport
 
 CONNECT_TIMEOUT: Final = 10.0
 WRITE_TIMEOUT: Final = 60.0
 POOL_TIMEOUT: Final = 10.0
 # An error body is read only to quote its message; a runaway one is cut off here.
 ERROR_BODY_LIMIT: Final = 64 * 1024
+# Raised by `send` before any answer: the connection broke under the request.
+_UNANSWERED: Final = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
 def open_client(read_timeout: float) -> httpx.AsyncClient:
@@ -55,11 +62,20 @@ class Backend:
         self.base_url = base_url.rstrip("/")
 
     async def list_models(self) -> ModelListing:
-        with _translated():
-            response = await self._client.get(f"{self.base_url}/v1/models")
+        response = await self._send(self._client.build_request("GET", self._url("/v1/models")))
         if response.status_code != 200:
-            raise from_backend_status(response.status_code, _message_of(response.content))
+            raise from_backend_error(response.status_code, _document(response.content))
         return ModelListing(_entries(response.content), response.headers.get("server"))
+
+    async def get_json(self, path: str) -> Any:
+        """`GET path` and its JSON answer; RequestFailure unless it is a 200 with JSON."""
+        response = await self._send(self._client.build_request("GET", self._url(path)))
+        return _json_answer(response)
+
+    async def post_json(self, path: str, document: Any) -> Any:
+        """`POST path` with a JSON body and its JSON answer; RequestFailure as for get_json."""
+        request = self._client.build_request("POST", self._url(path), json=document)
+        return _json_answer(await self._send(request))
 
     @asynccontextmanager
     async def stream(self, endpoint: str, body: bytes) -> AsyncIterator[AsyncIterator[str]]:
@@ -69,15 +85,14 @@ class Backend:
         """
         request = self._client.build_request(
             "POST",
-            f"{self.base_url}{endpoint}",
+            self._url(endpoint),
             content=body,
             headers={"content-type": "application/json", "accept": "text/event-stream"},
         )
-        with _translated():
-            response = await self._client.send(request, stream=True)
+        response = await self._send(request, stream=True)
         try:
             if not response.is_success:
-                raise from_backend_status(response.status_code, await _error_text(response))
+                raise from_backend_error(response.status_code, await _error_document(response))
             lines = _Lines(response)
             try:
                 yield lines
@@ -85,6 +100,18 @@ class Backend:
                 await _abandon(lines.raw)
         finally:
             await response.aclose()
+
+    def _url(self, path: str) -> str:
+        return f"{self.base_url}{path}"
+
+    async def _send(self, request: httpx.Request, *, stream: bool = False) -> httpx.Response:
+        with _translated():
+            try:
+                return await self._client.send(request, stream=stream)
+            except _UNANSWERED:
+                # Broken before the status line: no answer came, so none is lost by asking
+                # again. The dead connection has left the pool; this goes out on another.
+                return await self._client.send(request, stream=stream)
 
 
 class _Lines:
@@ -123,7 +150,7 @@ def _translated() -> Iterator[None]:
         raise RequestFailure(500, f"backend stream misused: {exc}", "provider_error") from exc
 
 
-async def _error_text(response: httpx.Response) -> str:
+async def _error_document(response: httpx.Response) -> Any:
     body = bytearray()
     pieces = response.aiter_bytes()
     with _translated():
@@ -132,15 +159,24 @@ async def _error_text(response: httpx.Response) -> str:
             if len(body) >= ERROR_BODY_LIMIT:
                 await _abandon(pieces)
                 break
-    return _message_of(bytes(body))
+    return _document(bytes(body))
 
 
-def _message_of(body: bytes) -> str:
+def _document(body: bytes) -> Any:
+    """A body as JSON when it is JSON, else as text: error bodies come in both."""
     try:
-        document = json.loads(body)
+        return json.loads(body)
     except ValueError:
-        document = body.decode("utf-8", errors="replace")
-    return error_message(document) or "no details"
+        return body.decode("utf-8", errors="replace")
+
+
+def _json_answer(response: httpx.Response) -> Any:
+    if response.status_code != 200:
+        raise from_backend_error(response.status_code, _document(response.content))
+    try:
+        return json.loads(response.content)
+    except ValueError:
+        raise RequestFailure(502, "backend answer is not JSON", "backend_error") from None
 
 
 def _entries(body: bytes) -> tuple[dict[str, Any], ...]:

@@ -3,7 +3,8 @@
 Every flag has an environment variable named after it (`--max-concurrency` is
 `DINFER_PROVIDER_MAX_CONCURRENCY`); a flag given on the command line wins over the variable,
 which wins over the default. List variables (`DINFER_PROVIDER_VISION`,
-`DINFER_PROVIDER_CHAT_TEMPLATE`) are space- or comma-separated.
+`DINFER_PROVIDER_CHAT_TEMPLATE`, `DINFER_PROVIDER_CONTEXT_LENGTH`) are space- or
+comma-separated.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class ProviderConfig:
     max_concurrency: int | None = None
     vision: frozenset[str] = frozenset()
     chat_templates: tuple[tuple[str, Path], ...] = ()
+    # Tokens of context per model, for servers that do not report it (llama-cpp-python).
+    context_lengths: tuple[tuple[str, int], ...] = ()
     state_dir: Path = field(default_factory=DEFAULT_STATE_DIR.expanduser)
     backend_name: str | None = None
     drain_grace: float = DEFAULT_DRAIN_GRACE
@@ -81,6 +84,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="extend",
         help="a model's Jinja chat template, checked at start",
     )
+    add(
+        "--context-length",
+        metavar="MODEL=TOKENS",
+        nargs="+",
+        action="extend",
+        help="a model's context size as the server runs it (llama-cpp-python: its --n_ctx)",
+    )
     add("--state-dir", metavar="DIR", help=f"where the keys live ({DEFAULT_STATE_DIR})")
     add("--backend-name", metavar="NAME", help="backend advertised to the daemon (guessed)")
     add("--drain-grace", metavar="SECONDS", help="on SIGTERM, time allowed to finish requests")
@@ -101,6 +111,7 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Provid
         max_concurrency=options.integer("max_concurrency", minimum=1),
         vision=frozenset(options.items("vision")),
         chat_templates=tuple(_template_entry(item) for item in options.items("chat_template")),
+        context_lengths=tuple(_context_entry(item) for item in options.items("context_length")),
         state_dir=Path(options.text("state_dir") or DEFAULT_STATE_DIR).expanduser(),
         backend_name=options.text("backend_name"),
         drain_grace=_or(options.seconds("drain_grace", minimum=0), DEFAULT_DRAIN_GRACE),
@@ -178,6 +189,13 @@ def _template_entry(item: str) -> tuple[str, Path]:
     if not sep or not model or not path:
         raise ConfigError(f"--chat-template: {item!r} is not MODEL=PATH")
     return model, Path(path).expanduser()
+
+
+def _context_entry(item: str) -> tuple[str, int]:
+    model, _, tokens = item.partition("=")
+    if not model or not tokens.isdecimal() or int(tokens) < 1:
+        raise ConfigError(f"--context-length: {item!r} is not MODEL=TOKENS (a positive number)")
+    return model, int(tokens)
 
 
 def _log_level(value: str) -> str:

@@ -4,7 +4,8 @@ Every way a request can fail on this node ends as one `RequestFailure`, raised w
 is seen and turned into the `inference_error` frame in one place. The status codes tell the
 daemon what to do next: 503 try elsewhere (busy, draining, model missing), 500 this provider is
 at fault, 502 the backend is unreachable or broke off, 504 it timed out, and 400/413/415/422 the
-request itself is bad and must not be retried.
+request itself is bad and must not be retried. A prompt longer than the model's context is a
+400 `context_length_exceeded` whichever status the backend said it with (`provider.overflow`).
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from typing import Any, Final
 import httpx
 
 from protocol.messages import InferenceError
+from provider.overflow import overflow_message
 
 # Codes that say the request itself is wrong: passed through with the backend's own message.
 REQUEST_FAULTS: Final = frozenset({400, 413, 415, 422})
 # Codes that say "not now": the daemon should try another provider.
 CAPACITY: Final = frozenset({429, 503})
+CONTEXT_LENGTH_EXCEEDED: Final = "context_length_exceeded"
 _MESSAGE_LIMIT: Final = 500
 
 
@@ -38,6 +41,19 @@ class RequestFailure(Exception):
             status_code=self.status_code,
             error_reason=self.reason,
         )
+
+
+def context_exceeded(message: str) -> RequestFailure:
+    """The prompt does not fit the model's context: the request's fault, never retried."""
+    return RequestFailure(400, _clip(message) or "prompt too long", CONTEXT_LENGTH_EXCEEDED)
+
+
+def from_backend_error(status: int, document: Any) -> RequestFailure:
+    """A backend's HTTP error answer (its parsed body, or its text) as this node's failure."""
+    said = overflow_message(status, document)
+    if said is not None:
+        return context_exceeded(said)
+    return from_backend_status(status, error_message(document) or "no details")
 
 
 def from_backend_status(status: int, message: str) -> RequestFailure:
@@ -82,6 +98,9 @@ def from_error_event(event: dict[str, Any]) -> RequestFailure:
     The event's own `code` picks the status when it has one; otherwise the backend failed on
     its side, which is a 500 like any backend 5xx.
     """
+    said = overflow_message(None, event)
+    if said is not None:
+        return context_exceeded(said)
     error = event.get("error")
     status = _event_status(error)
     message = error_message(error) or "backend reported an error mid-stream"

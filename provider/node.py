@@ -1,11 +1,11 @@
 """The supervisor: keeps the node connected, its model list current, and drains it on SIGTERM.
 
 `ProviderNode.run` owns two things for the node's whole life: the model poller (`GET
-/v1/models` at start and every 30 s, each model with a `--chat-template` self-checked once
-(`provider.selfcheck`); a change reaches the daemon as `models_update` through the live
-session) and the reconnect loop (one session at a time, forever, with exponential backoff
-and full jitter between them). `serve` is the process: the HTTP client, the node, and the
-signal watcher that turns SIGTERM into a drain.
+/v1/models` at start and every 30 s, and llama-server's `GET /props` for its context size;
+each model with a `--chat-template` self-checked once (`provider.selfcheck`); a change
+reaches the daemon as `models_update` through the live session) and the reconnect loop (one
+session at a time, forever, with exponential backoff and full jitter between them). `serve` is
+the process: the HTTP client, the node, and the signal watcher that turns SIGTERM into a drain.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import signal
 from contextlib import aclosing
 from typing import Final
 
+import msgspec
 import trio
 from trio_util import periodic
 
@@ -26,7 +27,12 @@ from provider.config import ProviderConfig, node_version
 from provider.ending import EndKind, SessionEnd
 from provider.failures import RequestFailure
 from provider.keys import NodeKeys
-from provider.models import default_concurrency, guess_backend_kind, model_infos
+from provider.models import (
+    default_concurrency,
+    guess_backend_kind,
+    model_infos,
+    props_context_length,
+)
 from provider.selfcheck import self_check
 from provider.session import SessionSettings, run_session
 from provider.state import NodeState
@@ -51,10 +57,12 @@ class ProviderNode:
         self._rng = rng or random.Random()
         self._backend_up: bool | None = None
         self._templates = dict(config.chat_templates)
+        self._context_lengths = dict(config.context_lengths)
         # Verdicts by the ModelInfo they were computed for: a template is checked once per model
         # (and again only if the backend starts reporting that model differently).
         self._checked: dict[ModelInfo, ModelInfo] = {}
         self._unlisted_warned: set[str] = set()
+        self._context_warned: set[str] = set()
 
     def drain(self) -> None:
         """Stop taking requests, finish those in flight (up to the grace), then stop."""
@@ -97,10 +105,29 @@ class ProviderNode:
             listing, backend.base_url
         )
         self._warn_unlisted_templates(listing.ids)
-        models = await self._with_verdicts(model_infos(listing, vision=self.config.vision))
+        infos = model_infos(
+            listing, vision=self.config.vision, context_lengths=self._context_lengths
+        )
+        models = await self._with_verdicts(await self._with_props_context(infos))
+        self._warn_unknown_contexts(models)
         if models != self.state.models.value:
             log.info("backend models: %s", ", ".join(m.id for m in models) or "(none)")
             self.state.models.value = models
+
+    async def _with_props_context(self, models: tuple[ModelInfo, ...]) -> tuple[ModelInfo, ...]:
+        # One llama-server serves one model and says its context in /props. A router serving
+        # several answers for itself there, and asking per model could make it load one.
+        if self.state.backend_kind != "llama.cpp" or len(models) != 1:
+            return models
+        (model,) = models
+        if model.context_length is not None:
+            return models
+        try:
+            props = await self.state.backend.get_json("/props")
+        except RequestFailure:
+            return models  # an older build or a proxy without it: the context stays unknown
+        context = props_context_length(props)
+        return (msgspec.structs.replace(model, context_length=context),) if context else models
 
     async def _with_verdicts(self, models: tuple[ModelInfo, ...]) -> tuple[ModelInfo, ...]:
         checked = []
@@ -115,6 +142,22 @@ class ProviderNode:
         for model_id in self._templates.keys() - set(ids) - self._unlisted_warned:
             log.warning("--chat-template names %s, a model the backend does not list", model_id)
             self._unlisted_warned.add(model_id)
+
+    def _warn_unknown_contexts(self, models: tuple[ModelInfo, ...]) -> None:
+        # Only llama-cpp-python both hides its context size and fails over-long prompts with
+        # an empty stream: without the size, those look like backend failures (provider.fit).
+        if self.state.backend_kind != "llama-cpp-python":
+            return
+        for model in models:
+            if model.context_length is None and model.id not in self._context_warned:
+                log.warning(
+                    "llama-cpp-python does not report the context size of %s: give it with "
+                    "--context-length %s=N (the server's --n_ctx), or prompts too long for it "
+                    "are reported as backend failures",
+                    model.id,
+                    model.id,
+                )
+                self._context_warned.add(model.id)
 
     # --- sessions --------------------------------------------------------------------------
 

@@ -43,6 +43,10 @@ class PreparedRequest:
     # Characters of prompt text, for estimating prompt tokens when the backend reports none.
     prompt_chars: int
 
+    def prompt_text(self) -> str:
+        """The prompt's text, one message per line; decoded again, as only failures need it."""
+        return "\n".join(_prompt_pieces(_body(self.body)))
+
 
 def prepare(plaintext: bytes) -> PreparedRequest:
     """The request to forward; RequestFailure(400) when the plaintext is not a valid request."""
@@ -110,24 +114,28 @@ def _fill_tool_call_content(messages: Any) -> bool:
 
 def prompt_chars(body: dict[str, Any]) -> int:
     """Characters of text in the prompt: message contents, or the completions `prompt`."""
+    return sum(len(piece) for piece in _prompt_pieces(body))
+
+
+def _prompt_pieces(body: dict[str, Any]) -> list[str]:
     messages = body.get("messages")
     if isinstance(messages, list):
-        return sum(_text_length(m.get("content")) for m in messages if isinstance(m, dict))
-    return _text_length(body.get("prompt"))
+        return [t for m in messages if isinstance(m, dict) for t in _texts(m.get("content"))]
+    return _texts(body.get("prompt"))
 
 
-def _text_length(content: Any) -> int:
+def _texts(content: Any) -> list[str]:
     if isinstance(content, str):
-        return len(content)
+        return [content]
     if isinstance(content, list):
-        return sum(_part_length(part) for part in content)
-    return 0
+        return [text for part in content if (text := _part_text(part))]
+    return []
 
 
-def _part_length(part: Any) -> int:
+def _part_text(part: Any) -> str:
     if isinstance(part, str):  # a completions prompt may be a list of strings
-        return len(part)
+        return part
     if isinstance(part, dict):
         text = part.get("text")
-        return len(text) if isinstance(text, str) else 0
-    return 0
+        return text if isinstance(text, str) else ""
+    return ""

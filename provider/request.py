@@ -10,6 +10,9 @@ Two kinds of line are never relayed:
   before the node knows whether a finish reason arrived would tell the consumer "finished"
   for a stream that is about to fail (llama-cpp-python ends interrupted streams that way).
 
+A stream that breaks off before any content may be a prompt too long for the model, said the
+only way some backends can say it (`provider.fit`).
+
 Cancelling the caller's scope aborts everything, closes the backend stream and sends nothing
 more, which is what `cancel` asks for.
 """
@@ -30,24 +33,38 @@ from protocol.messages import (
     Usage,
 )
 from protocol.sse import ChunkKind, classify_line
+from provider import fit
 from provider.backend import Backend
 from provider.failures import RequestFailure, from_error_event
-from provider.repair import prepare
+from provider.repair import PreparedRequest, prepare
 from provider.stream import StreamAccount
 
 log = logging.getLogger(__name__)
 
 Send = Callable[[ProviderMessage], Awaitable[None]]
 Emit = Callable[[str], Awaitable[None]]
+# A model's context length in tokens, as advertised; None when nobody knows it.
+ContextLength = Callable[[str | None], int | None]
+
+
+def _unknown(model: str | None) -> int | None:
+    return None
 
 
 async def serve_request(
-    request: InferenceRequest, *, box: PrivateKey, backend: Backend, send: Send
+    request: InferenceRequest,
+    *,
+    box: PrivateKey,
+    backend: Backend,
+    send: Send,
+    context_length: ContextLength = _unknown,
 ) -> None:
     """Serve `request` and send its chunks and exactly one terminal frame."""
     request_id = request.request_id
     try:
-        usage = await _serve(request, box, backend, send)
+        plaintext, sealer = _open(request, box)
+        prepared = prepare(plaintext)
+        usage = await _serve(request_id, prepared, sealer, backend, send, context_length)
     except RequestFailure as failure:
         # The message may quote the backend; only the status and reason are logged.
         log.info("request %s failed: %d %s", request_id, failure.status_code, failure.reason)
@@ -57,18 +74,31 @@ async def serve_request(
     await send(InferenceComplete(request_id=request_id, usage=usage))
 
 
-async def _serve(request: InferenceRequest, box: PrivateKey, backend: Backend, send: Send) -> Usage:
-    plaintext, sealer = _open(request, box)
-    prepared = prepare(plaintext)
+async def _serve(
+    request_id: str,
+    prepared: PreparedRequest,
+    sealer: crypto.ChunkSealer,
+    backend: Backend,
+    send: Send,
+    context_length: ContextLength,
+) -> Usage:
     account = StreamAccount(prepared.prompt_chars)
 
     async def emit(line: str) -> None:
         payload = sealer.seal(line.encode("utf-8"))
-        await send(InferenceResponseChunk(request_id=request.request_id, encrypted_data=payload))
+        await send(InferenceResponseChunk(request_id=request_id, encrypted_data=payload))
 
-    async with backend.stream(prepared.endpoint, prepared.body) as lines:
-        await relay(lines, account, emit)
-    return account.outcome()
+    try:
+        async with backend.stream(prepared.endpoint, prepared.body) as lines:
+            await relay(lines, account, emit)
+        return account.outcome()
+    except RequestFailure as failure:
+        if account.produced_output:
+            raise  # the prompt fit: the backend answered it before it failed
+        explained = await fit.explain(failure, prepared, backend, context_length(prepared.model))
+        if explained is failure:
+            raise
+        raise explained from failure
 
 
 def _open(request: InferenceRequest, box: PrivateKey) -> tuple[bytes, crypto.ChunkSealer]:

@@ -214,6 +214,7 @@ class _Session:
                     box=self._settings.keys.box,
                     backend=self._state.backend,
                     send=self._send_for_request,
+                    context_length=self._state.context_length,
                 )
         finally:
             self._slots.release(request.request_id)

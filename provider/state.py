@@ -27,6 +27,13 @@ class NodeState:
     # When draining, in-flight requests get until this (trio clock) time to finish.
     drain_deadline: float = math.inf
 
+    def context_length(self, model_id: str | None) -> int | None:
+        """The advertised context of `model_id`, in tokens; None when it is not known."""
+        for model in self.models.value:
+            if model.id == model_id:
+                return model.context_length
+        return None
+
     def start_draining(self, grace: float) -> None:
         """Stop taking requests; idempotent, so a second call never extends the grace."""
         if not self.draining.value:

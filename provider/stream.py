@@ -44,6 +44,11 @@ class StreamAccount:
         if usage is not None:
             self._usage = usage
 
+    @property
+    def produced_output(self) -> bool:
+        """Whether any event carried output (content, reasoning, tool calls, text)."""
+        return self._output_deltas > 0
+
     def outcome(self) -> Usage:
         """The usage to report; raises RequestFailure(502) if the stream never finished."""
         if not self._finished:

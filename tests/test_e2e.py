@@ -435,3 +435,60 @@ async def seconds_per_token(user: Consumer) -> float:
         first = time.monotonic()
         tokens = sum(1 for data in await sse.rest() if content_of(data))
         return (time.monotonic() - first) / tokens
+
+
+# ~3000 tokens (3001 by the model's tokenizer, 3009 with the chat template) for a 2048 context.
+OVER_LONG: Final[list[ChatCompletionMessageParam]] = [
+    {"role": "user", "content": " ".join(["word"] * 3000)}
+]
+
+
+@asynccontextmanager
+async def one_llama_cpp_python_provider(model: Path, logs: Path) -> AsyncIterator[Consumer]:
+    """The only provider, cooled down by a single strike, its context given as the server's."""
+    async with open_net(model, logs) as net:
+        backend = await net.backend("model", n_threads=2)
+        daemon = await net.daemon({"DINFER_BREAKER_THRESHOLD": "1"})
+        node = await net.node(daemon, backend, "node", "--context-length", f"{MODEL_ALIAS}=2048")
+        async with consumer(daemon) as user:
+            yield user
+            cooldowns = {p["provider_id"]: p["cooldowns"] for p in await daemon.providers()}
+            assert cooldowns[node.provider_id] == [], "a request's own fault is no strike"
+
+
+async def ask_over_long(user: Consumer, *, stream: bool) -> httpx.Response:
+    body = {**chat(8, stream=stream), "messages": OVER_LONG}
+    with trio.fail_after(BOUND_S):
+        return await user.client.post("/v1/chat/completions", json=body)
+
+
+async def test_a_prompt_longer_than_the_context_is_the_consumers_400_not_a_strike(
+    model: Path, tmp_path: Path
+) -> None:
+    # llama-cpp-python fails an over-long prompt after its 200 headers (an empty body, then a
+    # dropped connection): only the node, knowing the context, can tell it was the prompt.
+    async with one_llama_cpp_python_provider(model, tmp_path) as user:
+        for stream in (True, False):
+            answer = await ask_over_long(user, stream=stream)
+            assert answer.status_code == 400, answer.text
+            error = answer.json()["error"]
+            assert error["type"] == "invalid_request_error"
+            assert error["message"] == (
+                "the prompt is 3001 tokens, the model's context is 2048: "
+                "the backend ended the stream without an answer"
+            )
+        assert_whole_answer(await user.complete(8), 8)
+
+
+@pytest.mark.xfail(
+    reason="the daemon does not pass the node's error_reason on to the consumer yet "
+    "(daemon/nursery/attempt.py keeps only the status and message)",
+    strict=True,
+)
+async def test_the_consumer_is_told_the_context_length_was_exceeded(
+    model: Path, tmp_path: Path
+) -> None:
+    async with one_llama_cpp_python_provider(model, tmp_path) as user:
+        answer = await ask_over_long(user, stream=True)
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"]["code"] == "context_length_exceeded"

@@ -96,3 +96,16 @@ def test_the_command_refuses_exposed_keys_with_exit_code_1(tmp_path: Path, capsy
     args = parse_args("--coordinator", WS, "--state-dir", str(tmp_path))
     assert args.run(args) == 1
     assert "chmod 600" in capsys.readouterr().err
+
+
+def test_context_lengths_by_model() -> None:
+    config = parse("--coordinator", WS, "--context-length", "gemma=2048", "qwen=32768")
+    assert config.context_lengths == (("gemma", 2048), ("qwen", 32768))
+    env = {"DINFER_PROVIDER_CONTEXT_LENGTH": "gemma=2048,qwen=32768"}
+    assert parse("--coordinator", WS, env=env).context_lengths == config.context_lengths
+
+
+@pytest.mark.parametrize("item", ["gemma", "gemma=", "=2048", "gemma=lots", "gemma=0"])
+def test_a_bad_context_length_names_the_flag(item: str) -> None:
+    with pytest.raises(ConfigError, match="--context-length"):
+        parse("--coordinator", WS, "--context-length", item)

@@ -8,7 +8,12 @@ import pytest
 
 from protocol.messages import ModelInfo
 from provider.backend import ModelListing
-from provider.models import default_concurrency, guess_backend_kind, model_infos
+from provider.models import (
+    default_concurrency,
+    guess_backend_kind,
+    model_infos,
+    props_context_length,
+)
 
 
 def listing(*entries: dict[str, Any], server: str | None = None) -> ModelListing:
@@ -49,3 +54,32 @@ def test_model_infos_mark_vision_and_keep_backend_order() -> None:
     )
     infos = model_infos(found, vision=frozenset({"a"}))
     assert infos == (ModelInfo(id="b", context_length=8192), ModelInfo(id="a", is_vision=True))
+
+
+def test_a_served_context_size_in_the_listing_is_advertised_and_the_training_one_is_not() -> None:
+    found = listing(
+        {"id": "fork", "meta": {"n_ctx": 8192, "n_ctx_train": 131072}},
+        {"id": "upstream", "meta": {"n_ctx_train": 131072}},
+    )
+    infos = model_infos(found, vision=frozenset())
+    assert infos == (ModelInfo(id="fork", context_length=8192), ModelInfo(id="upstream"))
+
+
+def test_the_operators_context_length_wins() -> None:
+    found = listing({"id": "a", "max_model_len": 8192}, {"id": "b"})
+    infos = model_infos(found, vision=frozenset(), context_lengths={"a": 4096, "b": 2048})
+    assert infos == (ModelInfo(id="a", context_length=4096), ModelInfo(id="b", context_length=2048))
+
+
+@pytest.mark.parametrize(
+    ("props", "expected"),
+    [
+        ({"default_generation_settings": {"n_ctx": 4096, "params": {}}}, 4096),
+        ({"default_generation_settings": {"n_ctx": 0}}, None),
+        ({"default_generation_settings": {"n_ctx": True}}, None),
+        ({"n_ctx": 4096}, None),  # not llama-server's shape: the per-slot size is what counts
+        ([], None),
+    ],
+)
+def test_llama_server_props_give_the_per_slot_context(props: Any, expected: int | None) -> None:
+    assert props_context_length(props) == expected

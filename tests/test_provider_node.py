@@ -57,7 +57,14 @@ from provider.backoff import Backoff
 from provider.config import ProviderConfig, node_version
 from provider.keys import load_or_create_keys
 from provider.node import ProviderNode
-from tests.fakes.backend import MODEL, FakeBackend, slow_reply, stream_reply
+from tests.fakes.backend import (
+    MODEL,
+    FakeBackend,
+    cut_reply,
+    empty_reply,
+    slow_reply,
+    stream_reply,
+)
 
 SEED = 1234
 TOKEN = "s3cret-provider-token"
@@ -186,9 +193,9 @@ class FakeDaemon:
 
 
 def sealed(
-    register: Register, request_id: str = "r1"
+    register: Register, request_id: str = "r1", body: dict[str, Any] = BODY
 ) -> tuple[InferenceRequest, crypto.ChunkOpener]:
-    plaintext = json.dumps({"endpoint": CHAT, "body": BODY}).encode()
+    plaintext = json.dumps({"endpoint": CHAT, "body": body}).encode()
     payload, opener = crypto.seal_request(plaintext, crypto.decode_public_key(register.public_key))
     return InferenceRequest(request_id=request_id, encrypted_body=payload), opener
 
@@ -379,6 +386,73 @@ async def test_a_chat_template_verdict_is_advertised_with_an_explicit_false(
     assert register.models == [
         ModelInfo(id=MODEL, template_render_ok=False, template_render=render)
     ]
+
+
+# A prompt longer than the model's context ---------------------------------------------------
+
+
+async def terminal(link: Link) -> InferenceComplete | InferenceError:
+    """The request's terminal, past the boilerplate chunks a broken stream may still carry."""
+    while isinstance(frame := await link.receive(), InferenceResponseChunk):
+        pass
+    assert isinstance(frame, InferenceComplete | InferenceError), frame
+    return frame
+
+
+async def test_llama_cpp_python_breaking_off_on_an_over_long_prompt_is_a_400_not_a_fault(
+    backend, daemon, run_node
+) -> None:
+    # llama-cpp-python reports no context size: the operator names it, as its --n_ctx.
+    backend.models[0]["owned_by"] = "me"
+    backend.tokenizer = "/extras/tokenize"
+    backend.script(empty_reply(), cut_reply(pieces=()), empty_reply())
+    await run_node(context_lengths=((MODEL, 64),))
+    link, register = await daemon.connection()
+    assert register.models == [ModelInfo(id=MODEL, context_length=64)]
+    await link.trust(register)
+    long_body = {**BODY, "messages": [{"role": "user", "content": " ".join(["w"] * 80)}]}
+
+    for request_id in ("empty", "reset"):
+        request, _ = sealed(register, request_id, long_body)
+        await link.send(request)
+        failure = await terminal(link)
+        assert isinstance(failure, InferenceError)
+        assert (failure.request_id, failure.status_code, failure.error_reason) == (
+            request_id,
+            400,
+            "context_length_exceeded",
+        )
+        assert "80 tokens" in failure.error
+
+    # The same empty answer to a prompt that fits is what it was: the backend failed.
+    short, _ = sealed(register, "short")
+    await link.send(short)
+    assert await terminal(link) == InferenceError(
+        "short", "backend sent no events (empty response)", 502, "empty_response"
+    )
+
+
+async def test_a_llama_cpp_python_model_of_unknown_context_is_warned_about_once(
+    backend, daemon, run_node, caplog, autojump_clock
+) -> None:
+    backend.models[0]["owned_by"] = "me"
+    await run_node()
+    link, _ = await daemon.connection()
+    await link.next_heartbeat()
+    with trio.move_on_after(65):  # two more model polls
+        await link.receive()
+    hints = [r for r in caplog.records if "--context-length fake-model=N" in r.getMessage()]
+    assert len(hints) == 1
+    assert hints[0].levelno == logging.WARNING
+
+
+async def test_llama_server_context_size_is_read_from_props_and_advertised(
+    backend, daemon, run_node
+) -> None:
+    backend.props = {"default_generation_settings": {"n_ctx": 4096}, "total_slots": 4}
+    await run_node()
+    _, register = await daemon.connection()
+    assert register.models == [ModelInfo(id=MODEL, context_length=4096)]
 
 
 # Reconnects -----------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from tests.fakes.backend import (
     DONE,
     MODEL,
     FakeBackend,
+    Raw,
     Reply,
     chunk,
     content_lines,
@@ -41,6 +42,7 @@ from tests.fakes.backend import (
     done_without_finish_reply,
     empty_reply,
     error_event_reply,
+    generator_raised_reply,
     http_error,
     ollama_eof_reply,
     slow_reply,
@@ -85,7 +87,12 @@ def sealed(body: Any = BODY, endpoint: str = CHAT) -> tuple[InferenceRequest, Ch
 
 
 async def serve(
-    client: httpx.AsyncClient, url: str, body: Any = BODY, endpoint: str = CHAT
+    client: httpx.AsyncClient,
+    url: str,
+    body: Any = BODY,
+    endpoint: str = CHAT,
+    *,
+    context: int | None = None,
 ) -> Outcome:
     request, opener = sealed(body, endpoint)
     frames: list[ProviderMessage] = []
@@ -93,7 +100,13 @@ async def serve(
     async def send(message: ProviderMessage) -> None:
         frames.append(message)
 
-    await serve_request(request, box=NODE_KEY, backend=Backend(client, url), send=send)
+    def context_length(model: str | None) -> int | None:
+        return context if model == MODEL else None
+
+    backend = Backend(client, url)
+    await serve_request(
+        request, box=NODE_KEY, backend=backend, send=send, context_length=context_length
+    )
     return outcome(frames, opener)
 
 
@@ -226,6 +239,140 @@ async def test_a_silent_backend_times_out_with_504_at_the_read_timeout(
     assert isinstance(result.terminal, InferenceError)
     assert (result.terminal.status_code, result.terminal.error_reason) == (504, "backend_timeout")
     assert trio.current_time() == 30.0
+
+
+# --- a prompt longer than the model's context ----------------------------------------------------
+
+CONTEXT = 64
+# 80 words: 80 tokens by the fake's tokenizer; 399 characters: 100 tokens by the estimate.
+LONG = " ".join(["word"] * 80)
+LONG_BODY = {**BODY, "messages": [{"role": "user", "content": LONG}]}
+
+# llama-cpp-python raises its context error inside the stream generator, after the 200 headers.
+BROKE_OFF_BEFORE_CONTENT = [
+    pytest.param(generator_raised_reply("close"), id="llama-cpp-python-empty-200-then-close"),
+    pytest.param(generator_raised_reply("reset"), id="llama-cpp-python-empty-200-then-reset"),
+    pytest.param(empty_reply(), id="empty-200"),
+    pytest.param(cut_reply(pieces=()), id="role-chunk-then-reset"),
+    pytest.param(done_without_finish_reply(pieces=()), id="role-chunk-then-done"),
+]
+
+
+def assert_context_exceeded(result: Outcome) -> InferenceError:
+    assert isinstance(result.terminal, InferenceError)
+    assert (result.terminal.status_code, result.terminal.error_reason) == (
+        400,
+        "context_length_exceeded",
+    )
+    return result.terminal
+
+
+@pytest.mark.parametrize("reply", BROKE_OFF_BEFORE_CONTENT)
+@pytest.mark.parametrize("tokenizer", ["/extras/tokenize", "/tokenize"])
+async def test_a_stream_that_breaks_off_for_a_prompt_over_the_context_is_a_400(
+    fake, client, reply, tokenizer
+) -> None:
+    fake.tokenizer = tokenizer
+    fake.script(reply)
+    error = assert_context_exceeded(await serve(client, fake.url, LONG_BODY, context=CONTEXT))
+    assert error.error == (
+        "the prompt is 80 tokens, the model's context is 64: "
+        "the backend ended the stream without an answer"
+    )
+    *_, count = fake.tokenized  # llama-server first answers 404 to llama-cpp-python's route
+    assert (count.path, count.json["model"]) == (tokenizer, MODEL)
+
+
+async def test_without_a_tokenizer_the_prompt_size_is_estimated(fake, client) -> None:
+    fake.script(empty_reply())
+    error = assert_context_exceeded(await serve(client, fake.url, LONG_BODY, context=CONTEXT))
+    assert error.error.startswith("the prompt is about 100 tokens (estimated)")
+
+
+async def test_a_tokenizer_that_does_not_answer_falls_back_to_the_estimate(
+    fake, client, autojump_clock
+) -> None:
+    fake.tokenizer = "/tokenize"
+    fake.tokenizer_gate = trio.Event()  # never set: the count never comes
+    fake.script(empty_reply())
+    assert_context_exceeded(await serve(client, fake.url, LONG_BODY, context=CONTEXT))
+    assert trio.current_time() == 10.0
+
+
+@pytest.mark.parametrize("reply", BROKE_OFF_BEFORE_CONTENT)
+async def test_the_same_failure_for_a_prompt_that_fits_is_still_a_backend_fault(
+    fake, client, reply
+) -> None:
+    fake.tokenizer = "/extras/tokenize"
+    fake.script(reply)
+    result = await serve(client, fake.url, context=CONTEXT)
+    assert isinstance(result.terminal, InferenceError)
+    assert result.terminal.status_code == 502
+
+
+async def test_without_a_known_context_a_broken_stream_stays_a_502(fake, client) -> None:
+    fake.tokenizer = "/extras/tokenize"
+    fake.script(empty_reply())
+    result = await serve(client, fake.url, LONG_BODY, context=None)
+    assert isinstance(result.terminal, InferenceError)
+    assert (result.terminal.status_code, result.terminal.error_reason) == (502, "empty_response")
+    assert fake.tokenized == []
+
+
+async def test_a_stream_that_broke_off_after_content_is_never_blamed_on_the_prompt(
+    fake, client
+) -> None:
+    fake.tokenizer = "/extras/tokenize"
+    fake.script(cut_reply(pieces=["Hel"]))
+    result = await serve(client, fake.url, LONG_BODY, context=CONTEXT)
+    assert isinstance(result.terminal, InferenceError)
+    assert (result.terminal.status_code, result.terminal.error_reason) == (
+        502,
+        "backend_disconnected",
+    )
+    assert fake.tokenized == []
+
+
+async def test_a_served_request_never_pays_for_counting_its_prompt(fake, client) -> None:
+    fake.tokenizer = "/extras/tokenize"
+    result = await serve(client, fake.url, LONG_BODY, context=CONTEXT)
+    assert isinstance(result.terminal, InferenceComplete)
+    assert fake.tokenized == []
+
+
+@pytest.mark.parametrize("drop", ["close", "reset"])
+async def test_the_request_after_a_stream_whose_connection_was_dropped_is_served(
+    fake, client, drop
+) -> None:
+    # The next request goes out on the connection the server promised to keep and then drops:
+    # it got no answer at all, so it is sent again rather than failed as a backend fault.
+    fake.script(generator_raised_reply(drop), stream_reply(["again"]))
+    first = await serve(client, fake.url)
+    assert isinstance(first.terminal, InferenceError)
+    assert first.terminal.error_reason == "empty_response"
+    second = await serve(client, fake.url)
+    assert isinstance(second.terminal, InferenceComplete)
+
+
+async def test_llama_cpp_python_non_streaming_answer_passes_its_message_through(
+    fake, client
+) -> None:
+    message = "This model's maximum context length is 64 tokens. However, you requested 80 tokens"
+    error = {"message": message, "type": "invalid_request_error", "code": "context_length_exceeded"}
+    body = json.dumps({"error": error}).encode()
+    fake.script(Reply(status=400, steps=(Raw(body),), content_type="application/json"))
+    result = await serve(client, fake.url, LONG_BODY)
+    assert result.terminal == InferenceError("req-1", message, 400, "context_length_exceeded")
+
+
+async def test_llama_server_error_event_is_a_context_overflow(fake, client) -> None:
+    error = {"code": 400, "message": "request (80 tokens) exceeds the available context size "
+             "(64 tokens), try increasing it", "type": "exceed_context_size_error"}  # fmt: skip
+    fake.script(Reply(steps=(*content_lines([]), data({"error": error}))))
+    result = await serve(client, fake.url, LONG_BODY)
+    assert result.terminal == InferenceError(
+        "req-1", error["message"], 400, "context_length_exceeded"
+    )
 
 
 # --- usage ------------------------------------------------------------------------------------

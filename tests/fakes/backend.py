@@ -7,6 +7,11 @@ waits on a test-controlled event, virtual-clock sleeps, a cut connection). Every
 recorded as `Served`, whose `disconnected` event fires when the client hangs up before the reply
 ended: that is how a test sees `cancel` reach the backend.
 
+Two more routes exist only when a test asks for them, as on real servers: `GET /props`
+(llama-server) answers `fake.props`, and `POST fake.tokenizer` (llama-server's `/tokenize`,
+llama-cpp-python's `/extras/tokenize`) counts one token per whitespace-separated word of the
+text it is sent, after `fake.tokenizer_gate` is set if there is one. Anything else is a 404.
+
 The constructors below reproduce how real servers fail: llama-server and vLLM send an `error`
 event mid-stream; llama-cpp-python answers 200 with an empty body when its template raises and
 ends an interrupted stream with `[DONE]` but no finish reason; Ollama ends with an empty chunk
@@ -15,12 +20,15 @@ and EOF.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import socket
+import struct
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import h11
 import trio
@@ -71,6 +79,10 @@ class Reply:
     status: int = 200
     steps: tuple[Step, ...] = ()
     content_type: str = "text/event-stream"
+    # Promise `connection: keep-alive`, then drop the client's next request on this connection
+    # unanswered, closing after reading it or resetting under it (llama-cpp-python after its
+    # stream generator raised does either).
+    drops_next: Literal["close", "reset"] | None = None
 
 
 # Reply constructors -----------------------------------------------------------------------------
@@ -155,6 +167,15 @@ def empty_reply() -> Reply:
     return Reply()
 
 
+def generator_raised_reply(drop: Literal["close", "reset"] = "close") -> Reply:
+    """llama-cpp-python when its stream generator raises (a prompt over the context, say).
+
+    Seen on the wire: `200`, `connection: keep-alive`, an empty chunked body (`0\\r\\n\\r\\n`),
+    and the connection closed or reset under the next request sent on it.
+    """
+    return Reply(drops_next=drop)
+
+
 def done_without_finish_reply(pieces: Sequence[str] = ("Hel",)) -> Reply:
     """llama-cpp-python cut short: content, then `[DONE]`, never a finish reason."""
     return Reply(steps=(*content_lines(pieces), DONE))
@@ -216,6 +237,9 @@ class FakeBackend:
         self.replies: deque[Reply] = deque()
         self.default_reply = stream_reply()
         self.served: list[Served] = []
+        self.props: dict[str, Any] | None = None  # set to serve llama-server's GET /props
+        self.tokenizer: str | None = None  # a path that answers POST {"tokens": [...]}
+        self.tokenizer_gate: trio.Event | None = None  # set: the tokenizer waits for it
         self.url = ""
 
     def script(self, *replies: Reply) -> None:
@@ -226,7 +250,11 @@ class FakeBackend:
 
     @property
     def completions(self) -> list[Served]:
-        return [s for s in self.served if s.method == "POST"]
+        return [s for s in self.served if s.method == "POST" and _is_completion(s.path)]
+
+    @property
+    def tokenized(self) -> list[Served]:
+        return [s for s in self.served if s.method == "POST" and not _is_completion(s.path)]
 
     async def run(self, *, task_status: trio.TaskStatus[FakeBackend] = trio.TASK_STATUS_IGNORED):
         async with trio.open_nursery() as nursery:
@@ -244,7 +272,9 @@ class FakeBackend:
                 return
             served = Served(request[0], request[1], request[2])
             self.served.append(served)
-            await _play(stream, connection, self._reply_for(served), served)
+            reply = self._reply_for(served)
+            await _play(stream, connection, reply, served)
+            await _drop_next(stream, connection, reply.drops_next)
 
     def _reply_for(self, served: Served) -> Reply:
         if served.method == "GET" and served.path == "/v1/models":
@@ -252,9 +282,29 @@ class FakeBackend:
                 return self.models_reply
             body = json.dumps({"object": "list", "data": self.models}).encode()
             return Reply(steps=(Raw(body),), content_type="application/json")
-        if served.method == "POST" and served.path.endswith("completions"):
+        if served.method == "POST" and _is_completion(served.path):
             return self.replies.popleft() if self.replies else self.default_reply
+        if served.method == "GET" and served.path == "/props" and self.props is not None:
+            return _json_reply(self.props)
+        if served.method == "POST" and served.path == self.tokenizer:
+            answer = _json_reply({"tokens": list(range(_words(served.json)))})
+            gate = () if self.tokenizer_gate is None else (Wait(self.tokenizer_gate),)
+            return Reply(steps=(*gate, *answer.steps), content_type=answer.content_type)
         return http_error(404, f"no route {served.method} {served.path}")
+
+
+def _is_completion(path: str) -> bool:
+    return path.endswith("completions")
+
+
+def _json_reply(document: dict[str, Any]) -> Reply:
+    return Reply(steps=(Raw(json.dumps(document).encode()),), content_type="application/json")
+
+
+def _words(request: dict[str, Any]) -> int:
+    # llama-server names the text `content`, llama-cpp-python `input`.
+    text = request.get("content", request.get("input", ""))
+    return len(text.split())
 
 
 async def _read_request(
@@ -288,6 +338,21 @@ async def _play(
         nursery.cancel_scope.cancel()
 
 
+async def _drop_next(
+    stream: trio.SocketStream, connection: h11.Connection, how: Literal["close", "reset"] | None
+) -> None:
+    if how is None:
+        return
+    # The whole next request is read first: a reset under a half-sent body would fail the
+    # client's write, not the read this fake is here to fail.
+    with contextlib.suppress(h11.ProtocolError):  # the client hung up instead: nothing to drop
+        connection.start_next_cycle()
+        await _read_request(stream, connection)
+    if how == "reset":
+        # A zero linger time makes the close a reset (RST) rather than an orderly FIN.
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
 async def _watch_hang_up(
     stream: trio.SocketStream, served: Served, scope: trio.CancelScope
 ) -> None:
@@ -309,7 +374,8 @@ def _hung_up(served: Served) -> None:
 async def _write_reply(
     stream: trio.SocketStream, connection: h11.Connection, reply: Reply, served: Served
 ) -> None:
-    headers = [("content-type", reply.content_type), ("connection", "close")]
+    keep = "keep-alive" if reply.drops_next is not None else "close"
+    headers = [("content-type", reply.content_type), ("connection", keep)]
     await stream.send_all(connection.send(h11.Response(status_code=reply.status, headers=headers)))
     for step in reply.steps:
         match step:
