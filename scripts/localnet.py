@@ -21,6 +21,8 @@ import httpx
 import trio
 
 MODEL_ALIAS: Final = "gemma-3-270m"
+# The model server's context window, in tokens (the node is told it too).
+N_CTX: Final = 2048
 PYTHON: Final = sys.executable
 DINFER: Final = [PYTHON, "-m", "dinfer"]
 READY_POLL_S: Final = 0.2
@@ -94,7 +96,7 @@ async def run_model_server(
     command = [
         PYTHON, "-m", "llama_cpp.server",
         "--model", str(model), "--model_alias", MODEL_ALIAS, "--chat_format", "gemma",
-        "--n_threads", str(n_threads), "--n_ctx", "2048", "--interrupt_requests", "False",
+        "--n_threads", str(n_threads), "--n_ctx", str(N_CTX), "--interrupt_requests", "False",
         "--logits_all", "False", "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
     with log.open("ab") as out:
@@ -181,7 +183,10 @@ async def run_provider(
     """`dinfer provider` in front of `backend_url`, ready once the daemon trusts it."""
     command = [
         *DINFER, "provider", "--coordinator", daemon.provider_url, "--backend", backend_url,
-        "--state-dir", str(state_dir), *(extra_args or []),
+        "--state-dir", str(state_dir),
+        # llama-cpp-python does not say its context size: tell the node, so an over-long
+        # prompt is the consumer's 400, not a strike against the provider.
+        "--context-length", f"{MODEL_ALIAS}={N_CTX}", *(extra_args or []),
     ]  # fmt: skip
     before = {p["provider_id"] for p in await daemon.providers()}
     with log.open("ab") as out:

@@ -437,9 +437,15 @@ async def seconds_per_token(user: Consumer) -> float:
         return (time.monotonic() - first) / tokens
 
 
-# ~3000 tokens (3001 by the model's tokenizer, 3009 with the chat template) for a 2048 context.
+# ~3000 tokens (3001 by the model's tokenizer, 3009 with the chat template) for a 2048 context:
+# the daemon's estimate (characters / 4) sees it too, and refuses it before any provider.
 OVER_LONG: Final[list[ChatCompletionMessageParam]] = [
     {"role": "user", "content": " ".join(["word"] * 3000)}
+]
+# Digits tokenize one by one: about 2 tokens per 2 characters, four times the daemon's
+# estimate, so this prompt passes the daemon's check and only the node can tell.
+SLIPS_PAST_THE_ESTIMATE: Final[list[ChatCompletionMessageParam]] = [
+    {"role": "user", "content": " 7" * 2600}
 ]
 
 
@@ -449,15 +455,17 @@ async def one_llama_cpp_python_provider(model: Path, logs: Path) -> AsyncIterato
     async with open_net(model, logs) as net:
         backend = await net.backend("model", n_threads=2)
         daemon = await net.daemon({"DINFER_BREAKER_THRESHOLD": "1"})
-        node = await net.node(daemon, backend, "node", "--context-length", f"{MODEL_ALIAS}=2048")
+        node = await net.node(daemon, backend, "node")  # localnet gives it the context size
         async with consumer(daemon) as user:
             yield user
             cooldowns = {p["provider_id"]: p["cooldowns"] for p in await daemon.providers()}
             assert cooldowns[node.provider_id] == [], "a request's own fault is no strike"
 
 
-async def ask_over_long(user: Consumer, *, stream: bool) -> httpx.Response:
-    body = {**chat(8, stream=stream), "messages": OVER_LONG}
+async def ask_over_long(
+    user: Consumer, *, stream: bool, messages: list[ChatCompletionMessageParam] = OVER_LONG
+) -> httpx.Response:
+    body = {**chat(8, stream=stream), "messages": messages}
     with trio.fail_after(BOUND_S):
         return await user.client.post("/v1/chat/completions", json=body)
 
@@ -469,26 +477,26 @@ async def test_a_prompt_longer_than_the_context_is_the_consumers_400_not_a_strik
     # dropped connection): only the node, knowing the context, can tell it was the prompt.
     async with one_llama_cpp_python_provider(model, tmp_path) as user:
         for stream in (True, False):
-            answer = await ask_over_long(user, stream=stream)
+            answer = await ask_over_long(user, stream=stream, messages=SLIPS_PAST_THE_ESTIMATE)
             assert answer.status_code == 400, answer.text
             error = answer.json()["error"]
-            assert error["type"] == "invalid_request_error"
-            assert error["message"] == (
-                "the prompt is 3001 tokens, the model's context is 2048: "
-                "the backend ended the stream without an answer"
+            assert (error["type"], error["code"]) == (
+                "invalid_request_error",
+                "context_length_exceeded",
             )
+            assert "the model's context is 2048" in error["message"]
+            assert "the backend ended the stream without an answer" in error["message"]
         assert_whole_answer(await user.complete(8), 8)
 
 
-@pytest.mark.xfail(
-    reason="the daemon does not pass the node's error_reason on to the consumer yet "
-    "(daemon/nursery/attempt.py keeps only the status and message)",
-    strict=True,
-)
-async def test_the_consumer_is_told_the_context_length_was_exceeded(
+async def test_a_prompt_the_daemon_can_see_is_too_long_is_refused_before_any_provider(
     model: Path, tmp_path: Path
 ) -> None:
     async with one_llama_cpp_python_provider(model, tmp_path) as user:
         answer = await ask_over_long(user, stream=True)
         assert answer.status_code == 400, answer.text
-        assert answer.json()["error"]["code"] == "context_length_exceeded"
+        error = answer.json()["error"]
+        assert error["code"] == "context_length_exceeded"
+        assert "2048 tokens" in error["message"]
+        assert "x-provider-id" not in answer.headers
+        assert_whole_answer(await user.complete(8), 8)
