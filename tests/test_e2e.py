@@ -500,3 +500,46 @@ async def test_a_prompt_the_daemon_can_see_is_too_long_is_refused_before_any_pro
         assert "2048 tokens" in error["message"]
         assert "x-provider-id" not in answer.headers
         assert_whole_answer(await user.complete(8), 8)
+
+
+def sdk_responses_stream(client: openai.OpenAI, max_tokens: int) -> tuple[str, list[Any]]:
+    """Stream a Responses API request; the serving provider and the typed events."""
+    stream = client.responses.create(
+        model=MODEL_ALIAS,
+        input="Count from one to one thousand.",
+        max_output_tokens=max_tokens,
+        extra_body={"logit_bias": NO_EOS},  # a chat extension the daemon passes through
+        stream=True,
+    )
+    with stream:
+        return stream.response.headers["x-provider-id"], list(stream)
+
+
+async def test_a_streamed_responses_request_is_the_responses_event_sequence(
+    model: Path, tmp_path: Path
+) -> None:
+    async with open_net(model, tmp_path) as net:
+        pair = await start_pair(net)
+        provider_id, events = await with_sdk(
+            pair.daemon, partial(sdk_responses_stream, max_tokens=16)
+        )
+    assert provider_id in {node.provider_id for node in pair.nodes}
+    kinds = [event.type for event in events]
+    deltas = kinds.count("response.output_text.delta")
+    assert deltas > 0
+    assert kinds == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        *["response.output_text.delta"] * deltas,
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.incomplete",  # NO_EOS: the answer runs to max_output_tokens
+    ]
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    final = events[-1].response
+    assert final.output_text
+    assert final.incomplete_details.reason == "max_output_tokens"
+    assert final.usage.input_tokens > 0 and 0 < final.usage.output_tokens <= 16

@@ -19,6 +19,7 @@ from daemon.api.admin import admin, json_error
 from daemon.api.chat import ChatCodec
 from daemon.api.handler import InferenceRoute
 from daemon.api.provider_socket import ProviderSocket
+from daemon.api.responses import ResponsesCodec
 from daemon.nursery.supervisor import Supervisor
 
 ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
@@ -70,6 +71,7 @@ class Router:
 def create_app(sup: Supervisor) -> Router:
     routes: dict[tuple[str, str], ASGIApp] = {
         ("http", "/v1/chat/completions"): InferenceRoute(sup, ChatCodec()),
+        ("http", "/v1/responses"): InferenceRoute(sup, ResponsesCodec()),
         ("websocket", "/ws/provider"): ProviderSocket(sup),
     }
     return Router(cast(ASGIApp, create_quart_app(sup)), routes)

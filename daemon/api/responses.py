@@ -1,0 +1,110 @@
+"""`POST /v1/responses`: the OpenAI Responses API, streamed or assembled.
+
+The route is a codec on the shared skeleton (`handler.py`): `parse` translates the body into
+a chat-completions request (`responses_request.py`); `respond` turns the provider's chat
+chunks into Responses events (`responses_stream.py`) or assembles one `chat.completion` and
+states it as one `response` (`responses_output.py`). `response.created` is written only after
+the commit, like everything else. A failure after the commit is one `response.failed` event
+in a stream, and a 502 or 504 in OpenAI's error shape for a non-streaming request. Nothing is
+stored: each request carries its whole conversation.
+"""
+
+from __future__ import annotations
+
+from typing import Final, assert_never
+
+import msgspec
+
+from daemon.api.asgi import Send, send_error, send_json
+from daemon.api.assemble import CompletionAssembler
+from daemon.api.errors import ApiError, openai_error
+from daemon.api.handler import Headers, Parsed
+from daemon.api.responses_output import Frame, from_completion, usage_object
+from daemon.api.responses_request import ResponsesOptions, parse_responses_request
+from daemon.api.responses_stream import ResponseEvents
+from daemon.nursery.attempt import Chunk
+from daemon.nursery.dispatch import Committed, Finished, InBandError
+
+_encoder: Final = msgspec.json.Encoder(decimal_format="number")
+
+
+class ResponsesCodec:
+    """The Responses API wire shape."""
+
+    def parse(self, raw: bytes) -> Parsed:
+        return parse_responses_request(raw)
+
+    def render_error(self, error: ApiError) -> bytes:
+        return openai_error(error)
+
+    async def respond(
+        self, send: Send, committed: Committed, headers: Headers, options: ResponsesOptions
+    ) -> None:
+        frame = Frame.open(committed.request_id, options)
+        if options.stream:
+            await _stream(send, committed, headers, ResponseEvents(frame))
+        else:
+            await _complete(send, committed, headers, frame)
+
+
+async def _stream(
+    send: Send, committed: Committed, headers: Headers, events: ResponseEvents
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"text/event-stream"),
+                (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no"),
+                *headers,
+            ],
+        }
+    )
+    parts = [events.opening()]
+    event = await committed.next_event()
+    while True:
+        match event:
+            case Chunk(event=data):
+                parts.append(events.add(data))
+            case Finished(usage=usage):
+                parts.append(events.finish(usage))
+                break
+            case InBandError(kind=kind, message=message):
+                parts.append(events.fail(kind, message))
+                break
+            case _:
+                assert_never(event)
+        polled = committed.poll()
+        if polled is None:  # nothing more waiting: write what we have, then wait
+            await _body(send, b"".join(parts), more=True)
+            parts = []
+            event = await committed.next_event()
+        else:
+            event = polled
+    await _body(send, b"".join(parts), more=False)
+
+
+async def _body(send: Send, data: bytes, *, more: bool) -> None:
+    await send({"type": "http.response.body", "body": data, "more_body": more})
+
+
+async def _complete(send: Send, committed: Committed, headers: Headers, frame: Frame) -> None:
+    assembler = CompletionAssembler(frame.options.model)
+    while True:
+        match await committed.next_event():
+            case Chunk(event=data):
+                assembler.add(data)
+            case Finished(usage=usage):
+                completion = assembler.result(usage)
+                response = from_completion(frame, completion, usage_object(assembler.usage, usage))
+                await send_json(send, 200, _encoder.encode(response), headers)
+                return
+            case InBandError(kind=kind, message=message):
+                status = 504 if kind == "timeout" else 502
+                text = f"the provider failed mid-answer: {message}"
+                await send_error(send, status, text, kind, headers=headers)
+                return
+            case other:
+                assert_never(other)
