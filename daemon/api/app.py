@@ -17,6 +17,7 @@ from quart_trio import QuartTrio
 
 from daemon.api.admin import admin, json_error
 from daemon.api.chat import ChatCodec
+from daemon.api.completions import CompletionsCodec
 from daemon.api.handler import InferenceRoute
 from daemon.api.provider_socket import ProviderSocket
 from daemon.nursery.supervisor import Supervisor
@@ -70,6 +71,7 @@ class Router:
 def create_app(sup: Supervisor) -> Router:
     routes: dict[tuple[str, str], ASGIApp] = {
         ("http", "/v1/chat/completions"): InferenceRoute(sup, ChatCodec()),
+        ("http", "/v1/completions"): InferenceRoute(sup, CompletionsCodec()),
         ("websocket", "/ws/provider"): ProviderSocket(sup),
     }
     return Router(cast(ASGIApp, create_quart_app(sup)), routes)
