@@ -9,6 +9,7 @@ daemon never decodes a chunk twice.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import msgspec
@@ -94,14 +95,17 @@ def _kind_of(event: dict[str, Any]) -> ChunkKind:
 
 
 def _is_boilerplate_chunk(event: dict[str, Any]) -> bool:
-    if event.get("object") != "chat.completion.chunk" or event.get("usage") is not None:
+    kind = event.get("object")
+    # Only a string is looked up: an unhashable `object` value must not raise.
+    vacuous = _VACUOUS_CHOICE.get(kind) if isinstance(kind, str) else None
+    if vacuous is None or event.get("usage") is not None:
         return False
     choices = event.get("choices")
     if not isinstance(choices, list):
         return False
     # An empty `choices` list passes ("every choice" holds vacuously): without usage such a
     # chunk carries nothing a consumer could see. With usage it was rejected above.
-    return all(_is_vacuous_choice(choice) for choice in choices)
+    return all(vacuous(choice) for choice in choices)
 
 
 def _is_vacuous_choice(choice: Any) -> bool:
@@ -119,3 +123,21 @@ def _delta_is_empty(delta: dict[str, Any]) -> bool:
         if delta.get(field) not in (None, ""):
             return False
     return delta.get("tool_calls") in (None, [])
+
+
+def _is_vacuous_text_choice(choice: Any) -> bool:
+    """A `/v1/completions` choice with no text yet. Logprobs, even for an empty token, are
+    something a consumer asked to see: such a choice is content."""
+    return (
+        isinstance(choice, dict)
+        and choice.get("finish_reason") is None
+        and choice.get("text") in (None, "")
+        and choice.get("logprobs") is None
+    )
+
+
+# The boilerplate rule of each chunk type that has one, by the chunk's `object`.
+_VACUOUS_CHOICE: dict[str, Callable[[Any], bool]] = {
+    "chat.completion.chunk": _is_vacuous_choice,
+    "text_completion": _is_vacuous_text_choice,
+}

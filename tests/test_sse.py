@@ -32,6 +32,25 @@ def chunk(*deltas: dict[str, Any], finish_reason: str | None = None, **top: Any)
     return json.dumps(event)
 
 
+def text_chunk(*texts: Any, finish_reason: str | None = None, **top: Any) -> str:
+    """A `/v1/completions` chunk with one choice per text (`...`: no `text` key)."""
+    logprobs = top.pop("logprobs", None)
+    choices = [
+        {"index": i, "logprobs": logprobs, "finish_reason": finish_reason}
+        | ({} if text is ... else {"text": text})
+        for i, text in enumerate(texts)
+    ]
+    event = {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 1764026918,
+        "model": "qwen3-8b",
+        "choices": choices,
+        **top,
+    }
+    return json.dumps(event)
+
+
 ROLE = {"role": "assistant"}
 USAGE = {"prompt_tokens": 12, "completion_tokens": 0, "total_tokens": 12}
 
@@ -72,10 +91,42 @@ CASES = [
         CONTENT,
         id="choices-not-a-list",
     ),
+    pytest.param(text_chunk(""), BOILERPLATE, id="text-empty"),
+    pytest.param(text_chunk(None), BOILERPLATE, id="text-null"),
+    pytest.param(text_chunk(...), BOILERPLATE, id="text-absent"),
+    pytest.param(text_chunk("", ""), BOILERPLATE, id="text-every-choice-empty"),
+    pytest.param(text_chunk("", usage=None), BOILERPLATE, id="text-null-usage"),
+    pytest.param(text_chunk(), BOILERPLATE, id="text-empty-choices-without-usage"),
+    pytest.param(text_chunk("Hi"), CONTENT, id="text-with-text"),
+    pytest.param(text_chunk("", "Hi"), CONTENT, id="text-one-choice-has-text"),
+    pytest.param(text_chunk(" "), CONTENT, id="text-whitespace"),
+    pytest.param(text_chunk("", finish_reason="length"), CONTENT, id="text-finish-reason-set"),
+    pytest.param(text_chunk("", usage=USAGE), CONTENT, id="text-usage-present"),
+    pytest.param(text_chunk(usage=USAGE), CONTENT, id="text-empty-choices-with-usage"),
     pytest.param(
-        json.dumps({"object": "text_completion", "choices": [{"text": "", "index": 0}]}),
+        text_chunk("", logprobs={"tokens": [""], "token_logprobs": [-0.1]}),
         CONTENT,
-        id="completions-chunk",
+        id="text-empty-with-logprobs",
+    ),
+    pytest.param(
+        json.dumps({"object": "text_completion", "choices": ["x"]}),
+        CONTENT,
+        id="text-choice-not-an-object",
+    ),
+    pytest.param(
+        json.dumps({"object": "text_completion", "choices": None}),
+        CONTENT,
+        id="text-choices-not-a-list",
+    ),
+    pytest.param(
+        json.dumps({"object": ["text_completion"], "choices": []}),
+        CONTENT,
+        id="unhashable-object",
+    ),
+    pytest.param(
+        json.dumps({"object": "text_completion.chunk", "choices": []}),
+        CONTENT,
+        id="unknown-object",
     ),
     pytest.param(
         json.dumps({"type": "response.created", "response": {"id": "resp_1"}}),

@@ -17,7 +17,9 @@ from quart_trio import QuartTrio
 
 from daemon.api.admin import admin, json_error
 from daemon.api.chat import ChatCodec
+from daemon.api.completions import CompletionsCodec
 from daemon.api.handler import InferenceRoute
+from daemon.api.models import ModelsRoute
 from daemon.api.provider_socket import ProviderSocket
 from daemon.api.responses import ResponsesCodec
 from daemon.nursery.supervisor import Supervisor
@@ -57,21 +59,42 @@ def create_quart_app(sup: Supervisor) -> QuartTrio:
 
 
 class Router:
-    """Consumer API paths and the provider WebSocket to their ASGI handlers; the rest to quart."""
+    """Consumer API paths and the provider WebSocket to their ASGI handlers; the rest to quart.
 
-    def __init__(self, fallback: ASGIApp, routes: Mapping[tuple[str, str], ASGIApp]) -> None:
+    `routes` match a path exactly; `prefixes` match what starts with them, for a path that
+    ends in an id which may itself hold `/` (model ids such as `Qwen/Qwen2.5-7B-Instruct`).
+    """
+
+    def __init__(
+        self,
+        fallback: ASGIApp,
+        routes: Mapping[tuple[str, str], ASGIApp],
+        prefixes: Mapping[tuple[str, str], ASGIApp] | None = None,
+    ) -> None:
         self._fallback = fallback
         self._routes = dict(routes)
+        self._prefixes = dict(prefixes or {})
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        handler = self._routes.get((scope["type"], scope.get("path", "")), self._fallback)
+        key = (scope["type"], scope.get("path", ""))
+        handler = self._routes.get(key) or self._by_prefix(*key)
         await handler(scope, receive, send)
+
+    def _by_prefix(self, kind: str, path: str) -> ASGIApp:
+        for (prefix_kind, prefix), handler in self._prefixes.items():
+            if kind == prefix_kind and path.startswith(prefix):
+                return handler
+        return self._fallback
 
 
 def create_app(sup: Supervisor) -> Router:
+    models = ModelsRoute(sup)
     routes: dict[tuple[str, str], ASGIApp] = {
         ("http", "/v1/chat/completions"): InferenceRoute(sup, ChatCodec()),
         ("http", "/v1/responses"): InferenceRoute(sup, ResponsesCodec()),
+        ("http", "/v1/completions"): InferenceRoute(sup, CompletionsCodec()),
+        ("http", "/v1/models"): models,
         ("websocket", "/ws/provider"): ProviderSocket(sup),
     }
-    return Router(cast(ASGIApp, create_quart_app(sup)), routes)
+    prefixes: dict[tuple[str, str], ASGIApp] = {("http", "/v1/models/"): models}
+    return Router(cast(ASGIApp, create_quart_app(sup)), routes, prefixes)

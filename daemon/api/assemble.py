@@ -2,7 +2,8 @@
 
 Providers always stream; a consumer that asked for one answer gets the content, reasoning and
 tool calls accumulated (tool calls by index, arguments concatenated), the finish reason and
-the usage.
+the usage. The `text` of `/v1/completions` chunks accumulates as content too, and their
+`logprobs` lists are concatenated key by key, for the text-completions route to answer with.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class CompletionAssembler:
     tool_calls: dict[int, _ToolCall] = field(default_factory=dict)
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
+    logprobs: dict[str, list[Any]] = field(default_factory=dict)
 
     def add(self, event: dict[str, Any] | None) -> None:
         if not event:
@@ -64,6 +66,8 @@ class CompletionAssembler:
 
     def _add_choice(self, choice: dict[str, Any]) -> None:
         self.finish_reason = choice.get("finish_reason") or self.finish_reason
+        _append(self.content, choice.get("text"))
+        self._add_logprobs(choice.get("logprobs"))
         delta = choice.get("delta")
         if not isinstance(delta, dict):
             return
@@ -76,6 +80,11 @@ class CompletionAssembler:
                 index = call.get("index")
                 index = index if isinstance(index, int) else 0
                 self.tool_calls.setdefault(index, _ToolCall()).merge(call)
+
+    def _add_logprobs(self, logprobs: Any) -> None:
+        for key, values in logprobs.items() if isinstance(logprobs, dict) else ():
+            if isinstance(values, list):
+                self.logprobs.setdefault(key, []).extend(values)
 
     def result(self, usage: Usage | None) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content)}

@@ -16,7 +16,8 @@ from typing import Any, Final
 
 import msgspec
 
-from daemon.api.chat_request import MAX_TOKENS_LIMIT, bad_request, parse_chat_request
+from daemon.api.body import MAX_TOKENS_LIMIT, bad_request
+from daemon.api.chat_request import parse_chat_request
 from daemon.api.errors import ApiError
 from daemon.api.handler import Parsed
 
