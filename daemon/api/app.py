@@ -18,6 +18,7 @@ from quart_trio import QuartTrio
 from daemon.api.admin import admin, json_error
 from daemon.api.chat import ChatCodec
 from daemon.api.handler import InferenceRoute
+from daemon.api.messages import REQUEST_ID_HEADERS, CountTokensRoute, MessagesCodec
 from daemon.api.provider_socket import ProviderSocket
 from daemon.nursery.supervisor import Supervisor
 
@@ -70,6 +71,10 @@ class Router:
 def create_app(sup: Supervisor) -> Router:
     routes: dict[tuple[str, str], ASGIApp] = {
         ("http", "/v1/chat/completions"): InferenceRoute(sup, ChatCodec()),
+        ("http", "/v1/messages"): InferenceRoute(
+            sup, MessagesCodec(), id_headers=REQUEST_ID_HEADERS
+        ),
+        ("http", "/v1/messages/count_tokens"): CountTokensRoute(sup),
         ("websocket", "/ws/provider"): ProviderSocket(sup),
     }
     return Router(cast(ASGIApp, create_quart_app(sup)), routes)
