@@ -348,6 +348,43 @@ async def test_the_openai_sdk_gets_whole_and_streamed_answers(model: Path, tmp_p
             assert_usage(answer.usage, max_tokens=16)
 
 
+async def test_a_streamed_messages_request_is_anthropic_s_event_sequence(
+    model: Path, tmp_path: Path
+) -> None:
+    """`POST /v1/messages` through the real model: the events' shape, a text block with text."""
+    async with open_net(model, tmp_path) as net:
+        backend = await net.backend("model", n_threads=2)
+        daemon = await net.daemon()
+        node = await net.node(daemon, backend, "node")
+        key = await daemon.create_key("e2e-messages")
+        body = {"model": MODEL_ALIAS, "max_tokens": 16, "stream": True, "messages": HELLO}
+        headers = {"x-api-key": key, "anthropic-version": "2023-06-01"}
+        async with httpx.AsyncClient(
+            base_url=daemon.url, headers=headers, timeout=BOUND_S, trust_env=False
+        ) as client:
+            with trio.fail_after(BOUND_S):
+                response = await client.post("/v1/messages", json=body)
+    assert response.status_code == 200, response.text
+    assert response.headers["x-provider-id"] == node.provider_id
+    events = [
+        json.loads(block.split("\ndata: ", 1)[1]) for block in response.text.split("\n\n")[:-1]
+    ]
+    kinds = [event["type"] for event in events]
+    assert kinds[:3] == ["message_start", "ping", "content_block_start"]
+    assert kinds[-2:] == ["message_delta", "message_stop"]
+    assert set(kinds[3:-2]) <= {"content_block_start", "content_block_delta", "content_block_stop"}
+    assert kinds.count("content_block_start") == kinds.count("content_block_stop")
+    assert events[0]["message"]["usage"]["input_tokens"] > 0
+    text = "".join(
+        event["delta"].get("text", "") for event in events if event["type"] == "content_block_delta"
+    )
+    assert events[2]["content_block"]["type"] == "text" and text
+    ended = events[-2]
+    assert ended["delta"]["stop_reason"] in {"max_tokens", "end_turn"}
+    assert 0 < ended["usage"]["output_tokens"] <= 16
+    assert ended["usage"]["input_tokens"] > 0
+
+
 async def test_a_dead_backend_is_invisible_to_consumers(model: Path, tmp_path: Path) -> None:
     async with open_net(model, tmp_path) as net:
         backend_a = await net.backend("model-a", n_threads=1)

@@ -19,6 +19,7 @@ from daemon.api.admin import admin, json_error
 from daemon.api.chat import ChatCodec
 from daemon.api.completions import CompletionsCodec
 from daemon.api.handler import InferenceRoute
+from daemon.api.messages import REQUEST_ID_HEADERS, CountTokensRoute, MessagesCodec
 from daemon.api.models import ModelsRoute
 from daemon.api.provider_socket import ProviderSocket
 from daemon.api.responses import ResponsesCodec
@@ -94,6 +95,10 @@ def create_app(sup: Supervisor) -> Router:
         ("http", "/v1/responses"): InferenceRoute(sup, ResponsesCodec()),
         ("http", "/v1/completions"): InferenceRoute(sup, CompletionsCodec()),
         ("http", "/v1/models"): models,
+        ("http", "/v1/messages"): InferenceRoute(
+            sup, MessagesCodec(), id_headers=REQUEST_ID_HEADERS
+        ),
+        ("http", "/v1/messages/count_tokens"): CountTokensRoute(sup),
         ("websocket", "/ws/provider"): ProviderSocket(sup),
     }
     prefixes: dict[tuple[str, str], ASGIApp] = {("http", "/v1/models/"): models}

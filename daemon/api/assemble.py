@@ -60,7 +60,8 @@ class CompletionAssembler:
         self.created = self.created or event.get("created")
         if isinstance(event.get("usage"), dict):
             self.usage = event["usage"]
-        for choice in event.get("choices") or ():
+        choices = event.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
             if isinstance(choice, dict):
                 self._add_choice(choice)
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, Protocol, assert_never
+from typing import Any, Final, Protocol, assert_never
 
 import trio
 from trio_util import periodic
@@ -44,6 +45,7 @@ from protocol.messages import MAX_FRAME_BYTES
 log = logging.getLogger("dinfer.api")
 
 Headers = list[tuple[bytes, bytes]]
+ID_HEADERS: Final = (b"x-request-id",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,16 +89,47 @@ def timing_for(settings: Settings, prompt_tokens: int) -> Timing:
     )
 
 
+def request_id_headers(names: Sequence[bytes] = ID_HEADERS) -> Headers:
+    """A fresh request id under each of `names` (Anthropic's SDK reads `request-id`)."""
+    request_id = str(uuid.uuid4()).encode()
+    return [(name, request_id) for name in names]
+
+
+async def read_consumer_body(sup: Supervisor, scope: dict[str, Any], receive: Receive) -> bytes:
+    """The first checks of every consumer POST route: the method, the body's size, the key."""
+    if scope["method"] != "POST":
+        await drain(receive)
+        raise ApiError(405, "method_not_allowed", "use POST")
+    limit = sup.settings.max_body_bytes
+    try:
+        raw = await read_body(scope, receive, limit)
+    except BodyTooLarge:
+        raise ApiError(
+            413, "request_too_large", f"the request body exceeds {limit} bytes"
+        ) from None
+    key = consumer_key(scope)
+    if key is None or await sup.store.find_api_key(key) is None:
+        raise ApiError(
+            401,
+            "invalid_api_key",
+            "a valid API key is required (Authorization: Bearer KEY, or x-api-key: KEY)",
+        )
+    return raw
+
+
 class InferenceRoute:
     """The ASGI handler of one inference route."""
 
-    def __init__(self, supervisor: Supervisor, codec: Codec) -> None:
+    def __init__(
+        self, supervisor: Supervisor, codec: Codec, *, id_headers: Sequence[bytes] = ID_HEADERS
+    ) -> None:
         self._sup = supervisor
         self._settings = supervisor.settings
         self._codec = codec
+        self._id_headers = tuple(id_headers)
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        ident = [(b"x-request-id", str(uuid.uuid4()).encode())]
+        ident = request_id_headers(self._id_headers)
         try:
             request = await self._admit(scope, receive)
         except ClientGone:
@@ -111,20 +144,7 @@ class InferenceRoute:
 
     async def _admit(self, scope: dict[str, Any], receive: Receive) -> Parsed:
         """Every check before dispatch, in the order a client can act on them."""
-        if scope["method"] != "POST":
-            await drain(receive)
-            raise ApiError(405, "method_not_allowed", "use POST")
-        try:
-            raw = await read_body(scope, receive, self._settings.max_body_bytes)
-        except BodyTooLarge:
-            limit = self._settings.max_body_bytes
-            raise ApiError(
-                413, "request_too_large", f"the request body exceeds {limit} bytes"
-            ) from None
-        if not await self._authorized(scope):
-            raise ApiError(
-                401, "invalid_api_key", "a valid API key is required (Authorization: Bearer KEY)"
-            )
+        raw = await read_consumer_body(self._sup, scope, receive)
         if self._sup.draining:
             raise ApiError(503, "shutting_down", "the daemon is shutting down", retry_after=5)
         request = self._codec.parse(raw)
@@ -136,10 +156,6 @@ class InferenceRoute:
                 "protocol's 10 MiB frame",
             )
         return request
-
-    async def _authorized(self, scope: dict[str, Any]) -> bool:
-        key = consumer_key(scope)
-        return key is not None and await self._sup.store.find_api_key(key) is not None
 
     async def _serve(
         self, request: Parsed, ident: Headers, send: Send, nursery: trio.Nursery

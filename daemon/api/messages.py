@@ -1,0 +1,161 @@
+"""`POST /v1/messages` (Anthropic Messages) and `POST /v1/messages/count_tokens`.
+
+The Messages route is a codec on the shared skeleton (`handler.py`): `parse` translates the
+body to chat completions (`messages_request.py`), so it is routed, gated and failed over
+exactly like the chat route; `respond` translates the committed chunks back to Anthropic's
+stream events or one `message` (`messages_response.py`). A failure after the commit is one
+`event: error`, and no `[DONE]` ever. Errors use Anthropic's shape
+`{"type": "error", "error": {"type", "message"}}`, and every answer carries `request-id`
+(what Anthropic's SDK reads) beside `X-Request-ID`.
+
+`count_tokens` answers `{"input_tokens": N}` with the daemon's own estimate of the prompt (the
+one routing uses), not a model tokenizer's count; it dispatches nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, assert_never
+
+import msgspec
+
+from daemon.api.asgi import ClientGone, Receive, Send, send_api_error, send_json
+from daemon.api.assemble import CompletionAssembler
+from daemon.api.errors import ApiError
+from daemon.api.handler import Headers, Parsed, read_consumer_body, request_id_headers
+from daemon.api.messages_request import (
+    MessagesOptions,
+    count_input_tokens,
+    parse_messages_request,
+)
+from daemon.api.messages_response import EventStream, Stop, assembled_message, message_id
+from daemon.nursery.attempt import Chunk
+from daemon.nursery.dispatch import Committed, Finished, InBandError
+from daemon.nursery.supervisor import Supervisor
+
+REQUEST_ID_HEADERS: Final = (b"x-request-id", b"request-id")
+# Anthropic's error types by status; 502 and 504 are api_error too (their 5xx default).
+ERROR_TYPES: Final = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+}
+
+_encoder: Final = msgspec.json.Encoder()
+
+
+def anthropic_error(error: ApiError) -> bytes:
+    """Anthropic's body for `error`."""
+    default = "api_error" if error.status >= 500 else "invalid_request_error"
+    detail = {"type": ERROR_TYPES.get(error.status, default), "message": error.message}
+    return _encoder.encode({"type": "error", "error": detail})
+
+
+class MessagesCodec:
+    """The Anthropic Messages wire shape."""
+
+    def parse(self, raw: bytes) -> Parsed:
+        return parse_messages_request(raw)
+
+    def render_error(self, error: ApiError) -> bytes:
+        return anthropic_error(error)
+
+    async def respond(
+        self, send: Send, committed: Committed, headers: Headers, options: MessagesOptions
+    ) -> None:
+        if options.stream:
+            await _stream(send, committed, headers, options)
+        else:
+            await _complete(send, committed, headers, options)
+
+
+async def _stream(
+    send: Send, committed: Committed, headers: Headers, options: MessagesOptions
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"text/event-stream"),
+                (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no"),
+                *headers,
+            ],
+        }
+    )
+    events = EventStream(options, message_id(committed.request_id))
+    parts = [events.start()]
+    event = await committed.next_event()
+    while True:
+        match event:
+            case Chunk(event=data):
+                parts.append(events.chunk(data))
+            case Finished(usage=usage):
+                parts.append(events.finish(usage))
+                break
+            case InBandError(kind=kind, message=message):
+                parts.append(events.fail(kind, message))
+                break
+            case _:
+                assert_never(event)
+        polled = committed.poll()
+        if polled is None:  # nothing more waiting: write what we have, then wait
+            await _body(send, b"".join(parts), more=True)
+            parts = []
+            event = await committed.next_event()
+        else:
+            event = polled
+    await _body(send, b"".join(parts), more=False)
+
+
+async def _body(send: Send, data: bytes, *, more: bool) -> None:
+    if data or not more:  # a chunk that maps to no event (usage only) writes nothing
+        await send({"type": "http.response.body", "body": data, "more_body": more})
+
+
+async def _complete(
+    send: Send, committed: Committed, headers: Headers, options: MessagesOptions
+) -> None:
+    assembler = CompletionAssembler(options.model)
+    stop = Stop(options.stop_sequences)
+    while True:
+        match await committed.next_event():
+            case Chunk(event=data):
+                assembler.add(data)
+                stop.observe(data)
+            case Finished(usage=usage):
+                completion = assembler.result(usage)
+                ident = message_id(committed.request_id)
+                message = assembled_message(completion, stop, options, ident, usage)
+                await send_json(send, 200, _encoder.encode(message), headers)
+                return
+            case InBandError(kind=kind, message=text):
+                status = 504 if kind == "timeout" else 502
+                error = ApiError(status, kind, f"the provider failed mid-answer: {text}")
+                await send_api_error(send, error, headers, anthropic_error)
+                return
+            case other:
+                assert_never(other)
+
+
+class CountTokensRoute:
+    """The ASGI handler of `POST /v1/messages/count_tokens`."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self._sup = supervisor
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        ident = request_id_headers(REQUEST_ID_HEADERS)
+        try:
+            tokens = count_input_tokens(await read_consumer_body(self._sup, scope, receive))
+        except ClientGone:
+            return
+        except ApiError as error:
+            await send_api_error(send, error, ident, anthropic_error)
+            return
+        await send_json(send, 200, _encoder.encode({"input_tokens": tokens}), ident)
