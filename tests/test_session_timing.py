@@ -19,7 +19,9 @@ from daemon.config import load_settings
 from daemon.nursery.attempt import FELL_BEHIND, ProviderStream
 from daemon.nursery.supervisor import build_registry
 from daemon.routing.registry import Registry
-from daemon.routing.session import STREAM_BUFFER, ProviderSession, TransportClosed
+from daemon.routing.session import ProviderSession
+from daemon.routing.streams import STREAM_BUFFER
+from daemon.routing.transport import TransportClosed
 from daemon.routing.types import ProviderEntry, RequestTraits
 from protocol import crypto
 from protocol.messages import (

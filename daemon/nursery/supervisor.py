@@ -23,7 +23,8 @@ from daemon.routing.admission import AdmissionQueue
 from daemon.routing.breaker import CircuitBreaker
 from daemon.routing.eligibility import Gates
 from daemon.routing.registry import Registry
-from daemon.routing.session import ProviderSession, Transport
+from daemon.routing.session import ProviderSession
+from daemon.routing.transport import Transport
 from daemon.store import Store
 from protocol.messages import CloseCode
 

@@ -56,7 +56,7 @@ from tests.fakes.provider import (
     answer,
 )
 
-# The real session's per-request buffer (daemon.routing.session.STREAM_BUFFER) is far larger than
+# The real session's per-request buffer (daemon.routing.streams.STREAM_BUFFER) is far larger than
 # any script here; a full buffer drops the request there too.
 STREAM_BUFFER: Final = 1024
 

@@ -1,0 +1,93 @@
+"""The attestation task of one provider session: challenges, answers and verdicts.
+
+A challenge goes out the moment the provider registers, then every `challenge_interval_s`
+(PROTOCOL.md §4). The provider has `challenge_answer_s` to sign `nonce + timestamp` with its
+identity key; only the outstanding nonce counts, once, so an unknown or replayed answer is
+ignored. Each verdict is recorded in the registry (which decides trust) and sent back as
+`trust_status`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+import trio
+from trio_util import periodic
+
+from daemon.config import Settings
+from daemon.routing.registry import Registry
+from daemon.routing.types import ProviderEntry, SessionGone
+from protocol import crypto
+from protocol.messages import (
+    AttestationChallenge,
+    AttestationResponse,
+    DaemonMessage,
+    TrustStatus,
+)
+
+log = logging.getLogger("dinfer.session")
+
+Post = Callable[[DaemonMessage], None]
+
+
+@dataclass
+class _Challenge:
+    nonce: str
+    timestamp: str
+    answered: trio.Event = field(default_factory=trio.Event)
+    passed: bool = False
+
+
+class Attestation:
+    """Challenges one session's provider; `answer` takes its replies from the reader."""
+
+    def __init__(
+        self, entry: ProviderEntry, registry: Registry, settings: Settings, post: Post
+    ) -> None:
+        self._entry = entry
+        self._registry = registry
+        self._settings = settings
+        self._post = post
+        self._challenge: _Challenge | None = None
+
+    async def run(self) -> None:
+        """Challenge at once, then every interval, until the session ends."""
+        # aclosing: a cancelled loop must close the generator itself, not leave it to the GC.
+        async with aclosing(periodic(self._settings.challenge_interval_s)) as ticks:
+            try:
+                async for _ in ticks:
+                    await self._run_challenge()
+            except SessionGone:
+                pass  # the session is ending: whoever ended it said why
+
+    def answer(self, response: AttestationResponse) -> None:
+        challenge = self._challenge
+        if challenge is None or challenge.nonce != response.nonce or challenge.answered.is_set():
+            return  # unknown or replayed nonce: ignored (PROTOCOL.md §4)
+        challenge.passed = crypto.verify_challenge(
+            self._entry.identity_key, challenge.nonce, challenge.timestamp, response.signature
+        )
+        challenge.answered.set()
+
+    async def _run_challenge(self) -> None:
+        challenge = _Challenge(crypto.new_challenge_nonce(), crypto.challenge_timestamp())
+        self._challenge = challenge
+        self._post(AttestationChallenge(nonce=challenge.nonce, timestamp=challenge.timestamp))
+        with trio.move_on_after(self._settings.challenge_answer_s):
+            await challenge.answered.wait()
+        self._challenge = None
+        self._post(self._verdict(challenge.passed))
+
+    def _verdict(self, passed: bool) -> TrustStatus:
+        entry = self._entry
+        if passed:
+            self._registry.challenge_passed(entry)
+        elif self._registry.challenge_failed(entry):
+            log.warning("provider %s untrusted after failed challenges", entry.provider_id)
+        if entry.trusted:
+            return TrustStatus(status="trusted")
+        reason = entry.banned_reason or f"{entry.challenge_failures} failed challenge(s)"
+        return TrustStatus(status="untrusted", reason=reason)
