@@ -1,9 +1,11 @@
 """The registry actor: every connected provider, its models, trust, load, speed and breaker.
 
-State changes only in the plain `def` methods below (atomic under Trio: no await inside);
-`lock` guards the few sequences that must await between steps, such as superseding a session.
-Every change that could make a waiting request routable bumps `generation`, an AsyncValue the
-admission queue parks on.
+State changes only in the plain `def` methods below: with no await inside, each runs to the
+end before any other task can look, so under Trio each is atomic and no lock is needed. No
+sequence of them has to await in between either: a session joins, replaces another or leaves
+in one call, and a slot is reserved (chosen and taken) in one. A change that needed an await
+in the middle would take a `trio.Lock` then; none does. Every change that could make a
+waiting request routable bumps `generation`, an AsyncValue the admission queue parks on.
 """
 
 from __future__ import annotations
@@ -47,7 +49,6 @@ class Preflight:
 class Registry:
     def __init__(self, gates: Gates, *, seed: int | None = None) -> None:
         self.gates = gates
-        self.lock = trio.Lock()
         self.generation = AsyncValue(0)
         self._providers: dict[str, ProviderEntry] = {}
         self._model_seen: dict[str, float] = {}
