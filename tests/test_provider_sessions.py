@@ -10,8 +10,9 @@ answered after some frames proves those frames were handled first, without any s
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from itertools import cycle, islice
 from typing import Any, TypeVar
 
@@ -49,7 +50,18 @@ from protocol.messages import (
     encode,
 )
 from tests.conftest import ADMIN_KEY, StartDaemon
-from tests.fakes.provider import FakeProvider, open_provider_socket
+from tests.consumer_harness import OpenApi, chat_body
+from tests.fakes.provider import (
+    Chunk,
+    Complete,
+    FakeProvider,
+    Hold,
+    always,
+    content_chunk,
+    finish_chunk,
+    open_provider_socket,
+    role_chunk,
+)
 
 M = TypeVar("M")
 BOUND_S = 5  # every wait in this module is bounded: a hang fails, it never stalls the suite
@@ -353,31 +365,130 @@ async def test_token_mode_admits_a_live_auth_token(
     assert entry is not None and entry.token_id == token_id
 
 
-# Superseding --------------------------------------------------------------------------------
+# Superseding and impostors ------------------------------------------------------------------
 
 
-async def test_a_second_connection_with_the_same_identity_supersedes_the_first(
+async def claim(provider: RawProvider, victim: FakeProvider, **changes: Any) -> None:
+    """Register as `victim`'s identity without its signing key (`provider` signs with its own)."""
+    await provider.send(
+        provider.register_fields(
+            identity_key=crypto.encode_key(victim.identity.verify_key), **changes
+        )
+    )
+
+
+async def stream_text(lines: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The content deltas of a streamed chat completion, as they arrive."""
+    async for line in lines:
+        if line.startswith("data: {"):
+            for choice in json.loads(line.removeprefix("data: "))["choices"]:
+                if choice["delta"].get("content"):
+                    yield choice["delta"]["content"]
+
+
+@pytest.mark.parametrize("auth", ["open", "token"])
+async def test_an_impostor_of_a_live_identity_is_closed_and_the_live_session_never_notices(
+    open_api: OpenApi, auth: str
+) -> None:
+    api = await open_api(provider_auth=auth)
+    tokens = [(await issue_token(api.daemon))[1] if auth == "token" else None for _ in "ab"]
+    registry = api.daemon.supervisor.registry
+    release = trio.Event()
+    script = [role_chunk(), content_chunk("Hello"), Hold(release), content_chunk(" world")]
+    (victim,) = await api.connect(
+        api.fake(
+            always([*script, finish_chunk(), Chunk("data: [DONE]"), Complete()]),
+            auth_token=tokens[0],
+        )
+    )
+    live = registry.get(victim.provider_id)
+    body = chat_body(stream=True)
+    with trio.fail_after(BOUND_S):
+        async with (
+            api.client.stream(
+                "POST", "/v1/chat/completions", json=body, headers=api.auth
+            ) as response,
+            aclosing(stream_text(response.aiter_lines())) as texts,
+        ):
+            assert await anext(texts) == "Hello"  # the request is in flight on the victim
+            async with raw_provider(api.daemon) as impostor:
+                await claim(impostor, victim, auth_token=tokens[1])
+                challenge = await impostor.expect(AttestationChallenge)
+                # Challenged, but not routable and not the victim's entry.
+                assert registry.get(victim.provider_id) is live
+                assert registry.providers() == [live]
+                await impostor.answer(challenge)  # signed with a key that is not the identity
+                verdict = await impostor.expect(TrustStatus)
+                close = await impostor.closed()
+            release.set()
+            assert [text async for text in texts] == [" world"]
+    assert response.status_code == 200
+    assert verdict.status == "rejected" and verdict.reason is not None
+    assert "first challenge" in verdict.reason
+    assert close.code == 1008
+    assert not victim.closed.is_set() and victim.cancels == []
+    assert registry.get(victim.provider_id) is live and registry.providers() == [live]
+    assert live.trusted and live.challenge_failures == 0
+    assert ready(api.daemon) == "ready"
+
+
+async def test_a_reconnect_supersedes_the_live_session_only_once_it_passes_its_challenge(
     daemon: RunningDaemon, nursery: trio.Nursery
 ) -> None:
     registry = daemon.supervisor.registry
     first = await started(nursery, FakeProvider(daemon.provider_url))
     old_entry = registry.get(first.provider_id)
     in_flight = session_of(old_entry).open_stream("rid")
-
-    second = FakeProvider(daemon.provider_url, identity=first.identity, box_key=first.box_key)
-    await started(nursery, second)
-
     with trio.fail_after(BOUND_S):
-        await first.closed.wait()
-        with pytest.raises(trio.EndOfChannel):
-            await in_flight.receive()
-    assert first.close_code == 4001
-    new_entry = registry.get(first.provider_id)
-    assert new_entry is not None and new_entry is not old_entry
-    assert session_of(new_entry) is not session_of(old_entry)
-    assert registry.providers() == [new_entry]
-    assert not second.closed.is_set()
-    assert ready(daemon) == "ready"
+        async with raw_provider(daemon) as second:
+            second.identity, second.box_key = first.identity, first.box_key  # the same node
+            challenge = await second.register()
+            assert registry.get(first.provider_id) is old_entry
+            assert not first.closed.is_set()
+
+            await second.answer(challenge)
+            assert await second.receive() == TrustStatus(status="trusted")
+            await first.closed.wait()
+            with pytest.raises(trio.EndOfChannel):
+                await in_flight.receive()
+            assert first.close_code == 4001
+            new_entry = registry.get(first.provider_id)
+            assert new_entry is not None and new_entry is not old_entry
+            assert session_of(new_entry) is not session_of(old_entry)
+            assert registry.providers() == [new_entry]
+            assert ready(daemon) == "ready"
+
+
+async def test_a_public_key_registered_by_another_live_identity_is_rejected(
+    daemon: RunningDaemon, nursery: trio.Nursery
+) -> None:
+    registry = daemon.supervisor.registry
+    owner = await started(nursery, FakeProvider(daemon.provider_url))
+    owners_key = crypto.encode_key(owner.box_key.public_key)
+    with trio.fail_after(BOUND_S):
+        verdict, close = await refused(daemon, lambda p: p.register_fields(public_key=owners_key))
+    assert_rejected(verdict, close, "public_key is already registered by another provider")
+    assert [entry.provider_id for entry in registry.providers()] == [owner.provider_id]
+    assert not owner.closed.is_set()
+
+
+async def test_revoking_a_token_closes_a_newcomer_still_waiting_for_its_first_challenge(
+    start_daemon: StartDaemon, nursery: trio.Nursery
+) -> None:
+    daemon = await start_daemon(provider_auth="token")
+    registry = daemon.supervisor.registry
+    _, own_token = await issue_token(daemon)
+    victim = await started(nursery, FakeProvider(daemon.provider_url, auth_token=own_token))
+    token_id, token = await issue_token(daemon)
+    with trio.fail_after(BOUND_S):
+        async with raw_provider(daemon) as impostor:
+            await claim(impostor, victim, auth_token=token)
+            await impostor.expect(AttestationChallenge)
+            await revoke_token(daemon, token_id)
+            close = await impostor.closed()
+    assert close.code == 1008 and close.reason == "provider token revoked"
+    assert not victim.closed.is_set()
+    assert [entry.provider_id for entry in registry.providers()] == [victim.provider_id]
 
 
 # Malformed frames and unknown request ids ----------------------------------------------------

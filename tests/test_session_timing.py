@@ -7,7 +7,7 @@ transport and checks each frame and close at the exact virtual second PROTOCOL.m
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -15,7 +15,7 @@ import trio
 import trio.testing
 from nacl.signing import SigningKey
 
-from daemon.config import load_settings
+from daemon.config import Settings, load_settings
 from daemon.nursery.attempt import FELL_BEHIND, ProviderStream
 from daemon.nursery.supervisor import build_registry
 from daemon.routing.registry import Registry
@@ -97,9 +97,9 @@ class FakeTransport:
 class Provider:
     """The provider's keys and the frames it sends."""
 
-    def __init__(self, transport: FakeTransport) -> None:
+    def __init__(self, transport: FakeTransport, identity: SigningKey | None = None) -> None:
         self.transport = transport
-        self.identity = crypto.generate_identity_key()
+        self.identity = identity or crypto.generate_identity_key()
         self.provider_id = crypto.provider_id(self.identity.verify_key)
 
     async def register(self) -> None:
@@ -141,6 +141,7 @@ class Provider:
 @dataclass
 class Connection:
     registry: Registry
+    settings: Settings
     transport: FakeTransport
     provider: Provider
 
@@ -152,19 +153,31 @@ class Connection:
         entry = self.entry
         return entry is not None and self.registry.refusal(entry, BASE) is None
 
+    def again(self) -> AbstractAsyncContextManager[Connection]:
+        """A second connection to the same daemon claiming this provider's identity."""
+        return _serve(self.registry, self.settings, self.provider.identity)
+
 
 @asynccontextmanager
 async def connection(**env: str) -> AsyncIterator[Connection]:
     """A ProviderSession served in a nursery; on exit the provider hangs up and it ends."""
     settings = load_settings({"DINFER_PROVIDER_AUTH": "open", **env})
     registry = build_registry(settings)
+    async with _serve(registry, settings) as conn:
+        yield conn
+    assert registry.providers() == []
+
+
+@asynccontextmanager
+async def _serve(
+    registry: Registry, settings: Settings, identity: SigningKey | None = None
+) -> AsyncIterator[Connection]:
     transport = FakeTransport()
     session = ProviderSession(transport, registry, settings, lambda token: None)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(session.run)
-        yield Connection(registry, transport, Provider(transport))
+        yield Connection(registry, settings, transport, Provider(transport, identity))
         await transport.hang_up()
-    assert registry.providers() == []
 
 
 # Challenges -------------------------------------------------------------------------------
@@ -301,6 +314,52 @@ async def test_a_pass_older_than_sixteen_minutes_is_not_routable(
         await trio.sleep_until(960)  # DINFER_CHALLENGE_MAX_AGE_S default
         assert not c.routable()
         assert c.entry is not None and c.entry.trusted
+
+
+# Superseding -------------------------------------------------------------------------------
+
+
+async def test_a_reconnect_supersedes_the_live_session_at_the_moment_its_challenge_passes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with connection(**QUIET) as live:
+        await live.provider.register()
+        await live.provider.attest()
+        old = live.entry
+        async with live.again() as newcomer:
+            await newcomer.provider.register()
+            challenge = await newcomer.provider.challenge()
+            await trio.sleep(5)
+            assert live.entry is old and live.routable()
+            await newcomer.provider.answer(challenge)
+            assert await newcomer.provider.verdict() == TrustStatus(status="trusted")
+            assert trio.current_time() == 5
+            with pytest.raises(trio.EndOfChannel):
+                await live.transport.provider_receive()
+            assert live.transport.closed == Closed(4001, "superseded by a newer connection", 5)
+            assert live.entry is not old and newcomer.routable()
+
+
+async def test_a_newcomer_that_never_answers_is_closed_when_its_window_ends_unnoticed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with connection(**QUIET) as live:
+        await live.provider.register()
+        await live.provider.attest()
+        old = live.entry
+        async with live.again() as impostor:
+            await impostor.provider.register()
+            await impostor.provider.challenge()
+            rejection = await impostor.provider.verdict()
+            assert trio.current_time() == 30  # DINFER_CHALLENGE_ANSWER_S default
+            assert rejection.status == "rejected"
+            with pytest.raises(trio.EndOfChannel):
+                await impostor.transport.provider_receive()
+            assert impostor.transport.closed is not None
+            assert impostor.transport.closed.code == 1008
+            assert live.entry is old and live.routable()
+        assert old is not None and old.challenge_failures == 0
+        assert live.transport.closed is None
 
 
 # Staleness and registration -----------------------------------------------------------------

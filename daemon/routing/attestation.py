@@ -4,7 +4,8 @@ A challenge goes out the moment the provider registers, then every `challenge_in
 (PROTOCOL.md §4). The provider has `challenge_answer_s` to sign `nonce + timestamp` with its
 identity key; only the outstanding nonce counts, once, so an unknown or replayed answer is
 ignored. Each verdict is recorded in the registry (which decides trust) and sent back as
-`trust_status`.
+`trust_status`. The first verdict is the session's to settle first: it decides whether a
+connection that claimed a live identity takes its place or is closed.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from protocol.messages import (
 log = logging.getLogger("dinfer.session")
 
 Post = Callable[[DaemonMessage], None]
+# Hears whether the first challenge passed, before its verdict is sent; False: the session
+# is closing and sends its own last word.
+Settle = Callable[[bool], bool]
 
 
 @dataclass
@@ -53,13 +57,19 @@ class Attestation:
         self._post = post
         self._challenge: _Challenge | None = None
 
-    async def run(self) -> None:
+    async def run(self, settle: Settle) -> None:
         """Challenge at once, then every interval, until the session ends."""
+        first: Settle | None = settle
         # aclosing: a cancelled loop must close the generator itself, not leave it to the GC.
         async with aclosing(periodic(self._settings.challenge_interval_s)) as ticks:
             try:
                 async for _ in ticks:
-                    await self._run_challenge()
+                    passed = await self._challenge_once()
+                    self._record(passed)
+                    if first is not None and not first(passed):
+                        return
+                    first = None
+                    self._post(self._trust_status())
             except SessionGone:
                 pass  # the session is ending: whoever ended it said why
 
@@ -72,21 +82,25 @@ class Attestation:
         )
         challenge.answered.set()
 
-    async def _run_challenge(self) -> None:
+    async def _challenge_once(self) -> bool:
+        """Send a challenge; True when the right signature came back within the window."""
         challenge = _Challenge(crypto.new_challenge_nonce(), crypto.challenge_timestamp())
         self._challenge = challenge
         self._post(AttestationChallenge(nonce=challenge.nonce, timestamp=challenge.timestamp))
         with trio.move_on_after(self._settings.challenge_answer_s):
             await challenge.answered.wait()
         self._challenge = None
-        self._post(self._verdict(challenge.passed))
+        return challenge.passed
 
-    def _verdict(self, passed: bool) -> TrustStatus:
+    def _record(self, passed: bool) -> None:
         entry = self._entry
         if passed:
             self._registry.challenge_passed(entry)
         elif self._registry.challenge_failed(entry):
             log.warning("provider %s untrusted after failed challenges", entry.provider_id)
+
+    def _trust_status(self) -> TrustStatus:
+        entry = self._entry
         if entry.trusted:
             return TrustStatus(status="trusted")
         reason = entry.banned_reason or f"{entry.challenge_failures} failed challenge(s)"

@@ -2,8 +2,9 @@
 
 A connection has `register_timeout_s` to send `register` (PROTOCOL.md §4). The frame is then
 validated into a `ProviderEntry`: the protocol version, both keys, unique model ids, and in
-token mode a live admin-issued token. Anything wrong raises `Refused`, whose text is the reason
-the provider is sent with `trust_status: rejected` before the 1008 close.
+token mode a live admin-issued token. `admit` adds it to the registry, unless another live
+identity registered the same box key. Anything wrong raises `Refused`, whose text is the
+reason the provider is sent with `trust_status: rejected` before the 1008 close.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 import trio
 
 from daemon.config import Settings
+from daemon.routing.registry import Registry
 from daemon.routing.transport import Transport, decode_frame
 from daemon.routing.types import ProviderEntry, ProviderLink
 from protocol import crypto
@@ -65,6 +67,16 @@ def validate(
         advertised_decode_tps=register.decode_tps,
         token_id=_check_token(register.auth_token, settings, lookup_token),
     )
+
+
+def admit(registry: Registry, entry: ProviderEntry) -> bool:
+    """Add `entry` to the registry: True when live at once, False when it is a candidate
+    for an identity that already has a live session (see `Registry.add`)."""
+    holder = registry.holder_of(entry.public_key)
+    if holder is not None and holder.provider_id != entry.provider_id:
+        # Requests are sealed to this key: one identity's key must never route to another.
+        raise Refused("public_key is already registered by another provider")
+    return registry.add(entry)
 
 
 def _check_token(token: str | None, settings: Settings, lookup_token: TokenLookup) -> str | None:

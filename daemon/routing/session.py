@@ -11,6 +11,7 @@ and ends every stream the moment it ends, even if its writer is stuck.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Final
 
 import trio
@@ -18,7 +19,13 @@ import trio
 from daemon.config import Settings
 from daemon.routing.attestation import Attestation
 from daemon.routing.outbox import OUTBOX_FRAMES, Outbox, OutboxFull
-from daemon.routing.registration import Refused, TokenLookup, receive_register, validate
+from daemon.routing.registration import (
+    Refused,
+    TokenLookup,
+    admit,
+    receive_register,
+    validate,
+)
 from daemon.routing.registry import Registry
 from daemon.routing.streams import StreamFrame, Streams
 from daemon.routing.transport import Transport, TransportClosed, decode_frame
@@ -65,6 +72,8 @@ class ProviderSession:
         self._scope = trio.CancelScope()
         self._close_code: int = CloseCode.GOING_AWAY
         self._close_reason = "daemon shutting down"
+        self._farewell: DaemonMessage | None = None  # the last frame, sent just before closing
+        self._candidate = False  # claims an identity with a live session; not yet proven
         self._malformed = 0
         self.entry: ProviderEntry | None = None
 
@@ -89,7 +98,7 @@ class ProviderSession:
     def kick(self, code: int, reason: str) -> None:
         """End the session with this close code (superseded, token revoked, stale...)."""
         self._close_code, self._close_reason = code, reason
-        self._scope.cancel()
+        self._scope.cancel(reason=reason)
         self._retire()
 
     def _retire(self) -> None:
@@ -109,34 +118,50 @@ class ProviderSession:
 
     def _admit(self, register: Register) -> ProviderEntry:
         entry = validate(register, self, self._settings, self._lookup_token)
-        old = self._registry.add(entry)
-        if old is not None:
-            old.session.kick(CloseCode.SUPERSEDED, "superseded by a newer connection")
+        self._candidate = not admit(self._registry, entry)
         self.entry = entry
-        log.info("provider %s registered (%s %s)", entry.provider_id, entry.backend, entry.version)
+        if self._candidate:
+            log.info("provider %s connected again: challenging the newcomer", entry.provider_id)
+        else:
+            _log_registered(entry)
         return entry
+
+    def _settle(self, entry: ProviderEntry, passed: bool) -> bool:
+        """The first verdict: a candidate that passed replaces the live session (4001), one
+        that failed is closed, and the live session never learns it was challenged."""
+        if not self._candidate:
+            return True
+        self._candidate = False
+        if passed:
+            old = self._registry.promote(entry)
+            if old is not None:
+                old.session.kick(CloseCode.SUPERSEDED, "superseded by a newer connection")
+            _log_registered(entry)
+            return True
+        reason = "failed its first challenge while another session holds this identity"
+        self._farewell = TrustStatus(status="rejected", reason=reason)
+        self.kick(CloseCode.POLICY, reason)
+        return False
 
     async def _serve(self, entry: ProviderEntry) -> None:
         attestation = Attestation(entry, self._registry, self._settings, self.post)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._write_loop)
-            nursery.start_soon(attestation.run)
+            nursery.start_soon(attestation.run, partial(self._settle, entry))
             await self._read_loop(entry, attestation)
-            nursery.cancel_scope.cancel()
+            nursery.cancel_scope.cancel(reason="the connection ended")
 
     async def _refuse(self, reason: str) -> None:
         log.warning("provider registration refused: %s", reason)
-        with trio.CancelScope(shield=True), trio.move_on_after(1):
-            try:
-                await self._transport.send(encode(TrustStatus(status="rejected", reason=reason)))
-            except TransportClosed:
-                pass
+        self._farewell = TrustStatus(status="rejected", reason=reason)
         self._close_code, self._close_reason = CloseCode.POLICY, reason
         await self._close()
 
     async def _close(self) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(1):
             try:
+                if self._farewell is not None:
+                    await self._transport.send(encode(self._farewell))
                 await self._transport.close(self._close_code, self._close_reason[:120])
             except TransportClosed:
                 pass
@@ -236,3 +261,7 @@ class ProviderSession:
     def fell_behind(self, request_id: str) -> bool:
         """Was this request's stream closed because its reader could not keep up?"""
         return self._streams.fell_behind(request_id)
+
+
+def _log_registered(entry: ProviderEntry) -> None:
+    log.info("provider %s registered (%s %s)", entry.provider_id, entry.backend, entry.version)

@@ -47,6 +47,7 @@ from tests.fakes.provider import (
     Complete,
     Drop,
     Fail,
+    Hold,
     Plaintext,
     Script,
     Stall,
@@ -234,6 +235,8 @@ class MemorySession:
                 await trio.sleep(seconds)
             case Stall():
                 await trio.sleep_forever()
+            case Hold(release=release):
+                await release.wait()
             case Drop():
                 self._drop(request_id)
                 return False

@@ -83,11 +83,18 @@ class Wait:
 
 
 @dataclass(frozen=True)
+class Hold:
+    """Send nothing more until the test sets `release` (a stream kept in flight on cue)."""
+
+    release: trio.Event
+
+
+@dataclass(frozen=True)
 class Plaintext:
     """A chunk frame with a bad encryption (tests the daemon's sender-key check)."""
 
 
-Step = Chunk | Complete | Fail | Accept | Drop | Stall | Wait | Plaintext
+Step = Chunk | Complete | Fail | Accept | Drop | Stall | Wait | Hold | Plaintext
 Script = Sequence[Step]
 Behaviour = Callable[[dict[str, Any]], Script]
 
@@ -282,6 +289,8 @@ class FakeProvider:
                 await trio.sleep(seconds)
             case Stall():
                 await trio.sleep_forever()
+            case Hold(release=release):
+                await release.wait()
             case Plaintext():
                 forged = crypto.seal_request(b"data: {}", self.box_key.public_key)[0]
                 await ws.send_message(
