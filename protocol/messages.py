@@ -116,7 +116,13 @@ class InferenceAccepted(_Message, frozen=True, tag="inference_accepted"):
 
 class InferenceResponseChunk(_Message, frozen=True, tag="inference_response_chunk"):
     request_id: str
-    encrypted_data: EncryptedPayload
+    # Required by PROTOCOL.md §3, and plaintext `data` forbidden; both are decoded as
+    # optional so that a chunk breaking the rule still reaches the attempt it belongs to,
+    # which fails at once and stops trusting the provider (`ChunkOpener.open_chunk` judges
+    # every way a chunk can break it). Decoded strictly, it would be a dropped bad frame,
+    # or worse, `data` an unknown field silently ignored beside a valid box.
+    encrypted_data: EncryptedPayload | None = None
+    data: object = None
 
 
 class InferenceComplete(_Message, frozen=True, tag="inference_complete"):

@@ -50,13 +50,18 @@ from protocol.messages import (
     encode,
 )
 from tests.conftest import ADMIN_KEY, StartDaemon
-from tests.consumer_harness import OpenApi, chat_body
+from tests.consumer_harness import OpenApi, chat_body, in_turn
 from tests.fakes.provider import (
     Chunk,
+    Cleartext,
     Complete,
     FakeProvider,
     Hold,
+    Plaintext,
+    Stall,
+    Step,
     always,
+    answer,
     content_chunk,
     finish_chunk,
     open_provider_socket,
@@ -489,6 +494,40 @@ async def test_revoking_a_token_closes_a_newcomer_still_waiting_for_its_first_ch
     assert close.code == 1008 and close.reason == "provider token revoked"
     assert not victim.closed.is_set()
     assert [entry.provider_id for entry in registry.providers()] == [victim.provider_id]
+
+
+# Encryption violations (PROTOCOL.md §3) ----------------------------------------------------
+
+VIOLATIONS = [
+    pytest.param(Cleartext(content_chunk("leaked").line), id="plaintext data"),
+    pytest.param(Cleartext(content_chunk("leaked").line, sealed=True), id="data beside a box"),
+    pytest.param(Cleartext(None), id="no payload at all"),
+    pytest.param(Plaintext(), id="a box under a foreign key"),
+]
+
+
+@pytest.mark.parametrize("violation", VIOLATIONS)
+async def test_a_chunk_breaking_the_encryption_contract_fails_over_at_once_and_untrusts(
+    open_api: OpenApi, violation: Step
+) -> None:
+    # The backup attempt's timer would start one after 50 s: answering within api.chat's
+    # bound proves the first attempt failed the moment the chunk arrived.
+    api = await open_api(ttft_base_s="100")
+    behaviour = in_turn([role_chunk(), violation, Stall()], answer("Hello", " world"))
+    fakes = await api.connect(api.fake(behaviour), api.fake(behaviour))
+
+    reply = await api.chat()
+
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["message"]["content"] == "Hello world"
+    registry = api.daemon.supervisor.registry
+    entries = {fake.provider_id: registry.get(fake.provider_id) for fake in fakes}
+    (culprit,) = [fake for fake in fakes if fake.cancels]  # told to stop its stalled stream
+    entry = entries[culprit.provider_id]
+    assert entry is not None and not entry.trusted
+    assert entry.banned_reason == "provider returned invalid encrypted chunk"
+    assert registry.refusal(entry, RequestTraits(model="m")) == "untrusted"
+    assert all(e is not None and e.trusted for e in entries.values() if e is not entry)
 
 
 # Malformed frames and unknown request ids ----------------------------------------------------

@@ -44,6 +44,7 @@ from tests.fakes.provider import (
     Accept,
     Behaviour,
     Chunk,
+    Cleartext,
     Complete,
     Drop,
     Fail,
@@ -221,6 +222,12 @@ class MemorySession:
             case Plaintext():
                 forged = crypto.seal_request(b"data: {}", self.box_key.public_key)[0]
                 self._route(InferenceResponseChunk(request_id=request_id, encrypted_data=forged))
+            case Cleartext(line=line, sealed=sealed):
+                boxed = sealer.seal(line.encode()) if sealed and line is not None else None
+                leak = InferenceResponseChunk(
+                    request_id=request_id, encrypted_data=boxed, data=line
+                )
+                self._route(leak)
             case Accept():
                 self._route(InferenceAccepted(request_id=request_id))
             case Complete(prompt_tokens=prompt, completion_tokens=completion):

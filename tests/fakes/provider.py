@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+import msgspec
 import trio
 import trio_websocket
 from nacl.public import PrivateKey
@@ -94,7 +95,17 @@ class Plaintext:
     """A chunk frame with a bad encryption (tests the daemon's sender-key check)."""
 
 
-Step = Chunk | Complete | Fail | Accept | Drop | Stall | Wait | Hold | Plaintext
+@dataclass(frozen=True)
+class Cleartext:
+    """A chunk frame carrying its line as plaintext `data`, which PROTOCOL.md §3 forbids:
+    alone, beside the line properly sealed (`sealed`), or with no payload at all (`line`
+    None)."""
+
+    line: str | None
+    sealed: bool = False
+
+
+Step = Chunk | Complete | Fail | Accept | Drop | Stall | Wait | Hold | Plaintext | Cleartext
 Script = Sequence[Step]
 Behaviour = Callable[[dict[str, Any]], Script]
 
@@ -296,10 +307,22 @@ class FakeProvider:
                 await ws.send_message(
                     encode(InferenceResponseChunk(request_id=request_id, encrypted_data=forged))
                 )
+            case Cleartext(line=line, sealed=sealed):
+                await ws.send_message(cleartext_frame(request_id, line, sealer if sealed else None))
             case Drop():
                 await ws.aclose(code=1011, reason="fake provider died")
                 return False
         return True
+
+
+def cleartext_frame(request_id: str, line: str | None, sealer: crypto.ChunkSealer | None) -> str:
+    """A chunk frame written by hand, as a node breaking the encryption contract would."""
+    frame: dict[str, Any] = {"type": "inference_response_chunk", "request_id": request_id}
+    if line is not None:
+        frame["data"] = line
+    if sealer is not None and line is not None:
+        frame["encrypted_data"] = msgspec.to_builtins(sealer.seal(line.encode()))
+    return json.dumps(frame)
 
 
 def _first_leaf(group: BaseExceptionGroup[Any]) -> Any:
