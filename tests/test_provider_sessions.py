@@ -50,7 +50,7 @@ from protocol.messages import (
     encode,
 )
 from tests.conftest import ADMIN_KEY, StartDaemon
-from tests.consumer_harness import OpenApi, chat_body, in_turn
+from tests.consumer_harness import OpenApi, assert_openai_error, chat_body, in_turn
 from tests.fakes.provider import (
     Chunk,
     Cleartext,
@@ -666,6 +666,24 @@ async def test_a_dropped_tcp_connection_ends_streams_and_removes_the_entry(
             with pytest.raises(trio.EndOfChannel):
                 await stream.receive()
     assert registry.providers() == []
+
+
+async def test_a_provider_closing_with_1009_mid_request_fails_it_with_502_at_once(
+    open_api: OpenApi,
+) -> None:
+    # A fake reads frames of at most 1 MiB (trio-websocket's default) and closes with 1009
+    # on a bigger one. The backup attempt's timer would fire after 50 s: the 502 within
+    # api.chat's bound shows the close itself ended the request.
+    api = await open_api(ttft_base_s="100")
+    (fake,) = await api.connect(api.fake())
+    big = [{"role": "user", "content": "x" * (1024 * 1024)}]
+
+    reply = await api.chat(messages=big)
+
+    error = assert_openai_error(reply, 502)
+    assert error["message"].startswith("provider disconnected")
+    assert fake.close_code == 1009
+    assert api.daemon.supervisor.registry.connected() == []
 
 
 # Challenges ---------------------------------------------------------------------------------

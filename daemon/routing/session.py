@@ -4,8 +4,10 @@ A session is one task (plus its reader's helpers) owned by the supervisor nurser
 the connection (`registration`), then runs three things until the connection ends: the reader,
 the only task that receives frames; the writer, the only one that sends, taking frames from
 the `outbox` everyone else posts to without waiting; and the `attestation` task. The reader
-hands each request's frames to its stream (`streams`). The session retires its registry entry
-and ends every stream the moment it ends, even if its writer is stuck.
+hands each request's frames to its stream (`streams`) and gives up on a provider it no
+longer hears from (`silence`). However the session ends (the provider closed, went silent or
+was kicked), it retires its registry entry and ends every stream at that moment, even if its
+writer is stuck in a send.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from daemon.routing.registration import (
     validate,
 )
 from daemon.routing.registry import Registry
+from daemon.routing.silence import Silence
 from daemon.routing.streams import StreamFrame, Streams
 from daemon.routing.transport import Transport, TransportClosed, decode_frame
 from daemon.routing.types import ProviderEntry, SessionGone
@@ -75,6 +78,7 @@ class ProviderSession:
         self._farewell: DaemonMessage | None = None  # the last frame, sent just before closing
         self._candidate = False  # claims an identity with a live session; not yet proven
         self._malformed = 0
+        self._silence = Silence(settings.heartbeat_timeout_s)
         self.entry: ProviderEntry | None = None
 
     # Lifecycle ------------------------------------------------------------------------------
@@ -114,7 +118,7 @@ class ProviderSession:
     def connection_lost(self) -> None:
         """The WebSocket task ended first: the provider hung up, or the server is stopping."""
         if not self._scope.cancel_called:
-            self._close_reason = "connection closed"
+            self.kick(CloseCode.GOING_AWAY, "connection closed")
 
     def _admit(self, register: Register) -> ProviderEntry:
         entry = validate(register, self, self._settings, self._lookup_token)
@@ -169,18 +173,17 @@ class ProviderSession:
     # The reader -----------------------------------------------------------------------------
 
     async def _read_loop(self, entry: ProviderEntry, attestation: Attestation) -> None:
-        silence = self._settings.heartbeat_timeout_s
-        # One scope whose deadline every frame pushes back: cheaper than a scope per frame.
-        with trio.CancelScope() as quiet:
+        with self._silence.scope:
             while True:
-                quiet.deadline = trio.current_time() + silence
+                self._silence.heard()
                 try:
                     frame = await self._transport.receive()
                 except TransportClosed:
-                    self._close_reason = "connection closed by the provider"
+                    # At once, not when the nursery unwinds: a stuck writer would delay it.
+                    self.kick(CloseCode.GOING_AWAY, "connection closed by the provider")
                     return
                 self._handle(entry, attestation, decode_frame(frame))
-        self.kick(CloseCode.STALE, f"no frame for {silence:g} s")
+        self.kick(*self._silence.verdict())
 
     def _handle(
         self,
@@ -231,11 +234,13 @@ class ProviderSession:
     async def _write_loop(self) -> None:
         async with self._outbox.frames as frames:
             async for frame in frames:
+                self._silence.writing(True)
                 try:
                     await self._transport.send(frame)
                 except TransportClosed:
                     self.kick(CloseCode.GOING_AWAY, "connection closed")
                     return
+                self._silence.writing(False)
 
     # Requests (ProviderLink: what dispatch calls) -------------------------------------------
 
