@@ -32,7 +32,11 @@ from daemon.routing.session import MAX_MALFORMED_FRAMES, ProviderSession
 from daemon.routing.types import ProviderEntry, RequestTraits
 from protocol import crypto
 from protocol.messages import (
+    MAX_CONCURRENCY,
     MAX_FRAME_BYTES,
+    MAX_LABEL_CHARS,
+    MAX_MODEL_ID_CHARS,
+    MAX_MODELS,
     AttestationChallenge,
     AttestationResponse,
     DaemonMessage,
@@ -273,6 +277,36 @@ REFUSALS: list[tuple[str, Frame, tuple[str, ...]]] = [
         ("$.max_concurrency",),
     ),
     (
+        "too many models",
+        lambda p: p.register_fields(models=[{"id": f"m{i}"} for i in range(MAX_MODELS + 1)]),
+        ("$.models", f"length <= {MAX_MODELS}"),
+    ),
+    (
+        "model id too long",
+        lambda p: p.register_fields(models=[{"id": "m" * (MAX_MODEL_ID_CHARS + 1)}]),
+        ("$.models[0].id", f"length <= {MAX_MODEL_ID_CHARS}"),
+    ),
+    (
+        "quantization too long",
+        lambda p: p.register_fields(models=[{"id": "m", "quantization": "q" * 65}]),
+        ("$.models[0].quantization", f"length <= {MAX_LABEL_CHARS}"),
+    ),
+    (
+        "version too long",
+        lambda p: p.register_fields(version="1." * 40),
+        ("$.version", f"length <= {MAX_LABEL_CHARS}"),
+    ),
+    (
+        "backend too long",
+        lambda p: p.register_fields(backend="b" * (MAX_LABEL_CHARS + 1)),
+        ("$.backend", f"length <= {MAX_LABEL_CHARS}"),
+    ),
+    (
+        "max_concurrency too high",
+        lambda p: p.register_fields(max_concurrency=100_000),
+        ("$.max_concurrency", f"<= {MAX_CONCURRENCY}"),
+    ),
+    (
         "heartbeat first",
         lambda p: Heartbeat(active_requests=0),
         ("expected a register frame first, got 'heartbeat'",),
@@ -311,6 +345,20 @@ async def test_a_bad_first_frame_is_rejected_with_a_reason_and_1008(
         verdict, close = await refused(daemon, frame)
     assert_rejected(verdict, close, *reason_parts)
     assert daemon.supervisor.registry.providers() == []
+
+
+async def test_a_register_at_every_bound_is_admitted(daemon: RunningDaemon) -> None:
+    models = [
+        {"id": f"{i:03}" + "m" * (MAX_MODEL_ID_CHARS - 3), "quantization": "q" * MAX_LABEL_CHARS}
+        for i in range(MAX_MODELS)
+    ]
+    fields = {"version": "9" * MAX_LABEL_CHARS, "backend": "b" * MAX_LABEL_CHARS}
+    with trio.fail_after(BOUND_S):
+        async with raw_provider(daemon) as provider:
+            await provider.register(models=models, max_concurrency=MAX_CONCURRENCY, **fields)
+            entry = daemon.supervisor.registry.get(provider.provider_id)
+            assert entry is not None
+            assert len(entry.models) == MAX_MODELS and entry.max_concurrency == MAX_CONCURRENCY
 
 
 async def test_no_register_within_the_timeout_is_rejected(start_daemon: StartDaemon) -> None:
@@ -565,6 +613,27 @@ async def test_malformed_frames_get_no_reply_until_the_bound_then_1008(
     assert close.code == 1008
     assert "malformed" in (close.reason or "")
     assert registry.providers() == []
+
+
+async def test_a_models_update_past_the_bounds_is_dropped_and_the_old_list_kept(
+    daemon: RunningDaemon,
+) -> None:
+    registry = daemon.supervisor.registry
+    too_many = ModelsUpdate(models=[ModelInfo(id=f"m{i}") for i in range(MAX_MODELS + 1)])
+    too_long = ModelsUpdate(models=[ModelInfo(id="m" * (MAX_MODEL_ID_CHARS + 1))])
+    with trio.fail_after(BOUND_S):
+        async with raw_provider(daemon) as provider:
+            challenge = await provider.register()
+            for _ in range(MAX_MALFORMED_FRAMES // 2):
+                await provider.send(too_many)
+                await provider.send(too_long)
+            await provider.answer(challenge)  # handled after the updates: they came first
+            assert await provider.receive() == TrustStatus(status="trusted")
+            entry = registry.get(provider.provider_id)
+            assert entry is not None and entry.models.keys() == {"m"}
+            await provider.send(too_many)  # each one counted as malformed: this is one too many
+            close = await provider.closed()
+    assert close.code == 1008 and "malformed" in (close.reason or "")
 
 
 async def test_frames_for_unknown_request_ids_are_dropped_and_not_counted(
