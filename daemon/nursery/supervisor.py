@@ -65,7 +65,7 @@ class Supervisor:
         finally:
             self.sessions.value -= 1
             session.connection_lost()
-            scope.cancel()
+            scope.cancel(reason="the provider's WebSocket task ended")
 
     async def drain(self, grace: float) -> None:
         """Shutting down: refuse new requests, let those in flight finish for up to `grace`
