@@ -58,7 +58,11 @@ class Attestation:
         self._challenge: _Challenge | None = None
 
     async def run(self, settle: Settle) -> None:
-        """Challenge at once, then every interval, until the session ends."""
+        """Challenge at once, then every interval, until the session ends.
+
+        `settle` hears the first verdict before it goes out; when it answers False the
+        session is closing with a last word of its own, and this task ends.
+        """
         first: Settle | None = settle
         # aclosing: a cancelled loop must close the generator itself, not leave it to the GC.
         async with aclosing(periodic(self._settings.challenge_interval_s)) as ticks:
