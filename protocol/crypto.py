@@ -19,7 +19,7 @@ import nacl.utils
 from nacl.public import Box, PrivateKey, PublicKey
 from nacl.signing import SigningKey, VerifyKey
 
-from protocol.messages import EncryptedPayload, InferenceRequest, encode
+from protocol.messages import EncryptedPayload, InferenceRequest, InferenceResponseChunk, encode
 
 KEY_BYTES: Final = 32
 NONCE_BYTES: Final = Box.NONCE_SIZE
@@ -55,6 +55,10 @@ class DecryptionError(CryptoError):
 
 class SenderKeyMismatch(CryptoError):
     """A response chunk not sealed under the provider's registered public key."""
+
+
+class UnsealedChunk(CryptoError):
+    """A response chunk carrying plaintext `data`, or no `encrypted_data` at all."""
 
 
 # --- encoding -------------------------------------------------------------------------------
@@ -156,6 +160,14 @@ class ChunkOpener:
         self._box = box
         self._provider_key = bytes(provider_key)
         self._provider_key_b64 = b64encode(self._provider_key)
+
+    def open_chunk(self, chunk: InferenceResponseChunk) -> bytes:
+        """The plaintext of a response chunk; CryptoError for each way it breaks PROTOCOL.md
+        §3: plaintext `data` (even beside a box), no box, a foreign sender key, a box that
+        does not open."""
+        if chunk.data is not None or chunk.encrypted_data is None:
+            raise UnsealedChunk("response chunk carries plaintext data or no encrypted_data")
+        return self.open(chunk.encrypted_data)
 
     def open(self, payload: EncryptedPayload) -> bytes:
         self._check_sender(payload.ephemeral_public_key)

@@ -18,6 +18,17 @@ from msgspec import Meta
 PROTOCOL_VERSION: Final = 1
 MAX_FRAME_BYTES: Final = 10 * 1024 * 1024
 
+# Bounds on what a provider advertises in `register` and `models_update`. The daemon keeps
+# these for the whole session, and routing and the admin view walk them, so a node's claims
+# must cost a bounded amount: unbounded, one register listed 521,053 models (~87 MB held,
+# 5.5 s to render the admin view). Each bound is far above what a real node sends. A frame
+# past one fails to decode, naming the field: before registration that is a refusal (1008),
+# after it a malformed frame (a models_update is dropped and the old list kept).
+MAX_MODELS: Final = 256  # models one provider may serve
+MAX_MODEL_ID_CHARS: Final = 256  # a model id
+MAX_LABEL_CHARS: Final = 64  # version, backend, quantization: short labels
+MAX_CONCURRENCY: Final = 1024  # slots; more would only game the load-aware choice
+
 
 class CloseCode(enum.IntEnum):
     """The WebSocket close codes the daemon uses (PROTOCOL.md §1)."""
@@ -30,6 +41,9 @@ class CloseCode(enum.IntEnum):
 
 NonNegative = Annotated[int, Meta(ge=0)]
 Positive = Annotated[int, Meta(ge=1)]
+ModelId = Annotated[str, Meta(min_length=1, max_length=MAX_MODEL_ID_CHARS)]
+Label = Annotated[str, Meta(max_length=MAX_LABEL_CHARS)]
+Concurrency = Annotated[int, Meta(ge=1, le=MAX_CONCURRENCY)]
 
 
 class _Message(msgspec.Struct, frozen=True, omit_defaults=True, tag_field="type"):
@@ -57,14 +71,17 @@ class TemplateRender(_Part, frozen=True):
 
 
 class ModelInfo(_Part, frozen=True):
-    id: Annotated[str, Meta(min_length=1)]
+    id: ModelId
     is_vision: bool | None = None
     # Tri-state: None is "no opinion"; an explicit False must survive the wire (omit_defaults
     # drops only the None default, never False).
     template_render_ok: bool | None = None
     template_render: TemplateRender | None = None
     context_length: Positive | None = None
-    quantization: str | None = None
+    quantization: Label | None = None
+
+
+Models = Annotated[list[ModelInfo], Meta(max_length=MAX_MODELS)]
 
 
 class Hardware(_Part, frozen=True):
@@ -84,13 +101,13 @@ class Usage(_Part, frozen=True):
 
 class Register(_Message, frozen=True, tag="register"):
     protocol: int
-    version: str
-    backend: str
+    version: Label
+    backend: Label
     public_key: str
     identity_key: str
-    models: list[ModelInfo]
+    models: Models
     auth_token: str | None = None
-    max_concurrency: Positive | None = None
+    max_concurrency: Concurrency | None = None
     decode_tps: float | None = None
     prefill_tps: float | None = None
     hardware: Hardware | None = None
@@ -107,7 +124,7 @@ class Heartbeat(_Message, frozen=True, tag="heartbeat"):
 
 
 class ModelsUpdate(_Message, frozen=True, tag="models_update"):
-    models: list[ModelInfo]
+    models: Models
 
 
 class InferenceAccepted(_Message, frozen=True, tag="inference_accepted"):
@@ -116,7 +133,13 @@ class InferenceAccepted(_Message, frozen=True, tag="inference_accepted"):
 
 class InferenceResponseChunk(_Message, frozen=True, tag="inference_response_chunk"):
     request_id: str
-    encrypted_data: EncryptedPayload
+    # Required by PROTOCOL.md §3, and plaintext `data` forbidden; both are decoded as
+    # optional so that a chunk breaking the rule still reaches the attempt it belongs to,
+    # which fails at once and stops trusting the provider (`ChunkOpener.open_chunk` judges
+    # every way a chunk can break it). Decoded strictly, it would be a dropped bad frame,
+    # or worse, `data` an unknown field silently ignored beside a valid box.
+    encrypted_data: EncryptedPayload | None = None
+    data: object = None
 
 
 class InferenceComplete(_Message, frozen=True, tag="inference_complete"):

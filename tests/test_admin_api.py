@@ -279,6 +279,13 @@ async def test_the_provider_view_describes_each_provider(
         ModelInfo(id="m", template_render_ok=True, is_vision=True),
         ModelInfo(id="n", template_render_ok=False),
         ModelInfo(id="o", template_render=TemplateRender(tools=False)),
+        ModelInfo(
+            id="p",
+            template_render_ok=False,
+            template_render=TemplateRender(base=True, tools=False, vision=True),
+            context_length=8192,
+        ),
+        ModelInfo(id="q", template_render=TemplateRender()),
     ]
     before = time.time()
     fake = FakeProvider(
@@ -306,10 +313,19 @@ async def test_the_provider_view_describes_each_provider(
         "provider_id": fake.provider_id,
         "version": "0.6.9",
         "backend": "vllm",
+        # The render verdicts exactly as the node sent them: absent stays absent.
         "models": [
             {"id": "m", "template_render_ok": True, "is_vision": True},
             {"id": "n", "template_render_ok": False, "is_vision": False},
-            {"id": "o", "template_render_ok": None, "is_vision": False},
+            {"id": "o", "template_render": {"tools": False}, "is_vision": False},
+            {
+                "id": "p",
+                "template_render_ok": False,
+                "template_render": {"base": True, "tools": False, "vision": True},
+                "context_length": 8192,
+                "is_vision": False,
+            },
+            {"id": "q", "template_render": {}, "is_vision": False},
         ],
         "in_flight": 1,
         "max_concurrency": 3,

@@ -18,9 +18,10 @@ from protocol.crypto import (
     KeyLengthError,
     NonceError,
     SenderKeyMismatch,
+    UnsealedChunk,
     WeakKeyError,
 )
-from protocol.messages import EncryptedPayload
+from protocol.messages import EncryptedPayload, InferenceResponseChunk, decode_provider_frame
 
 REQUEST = b'{"endpoint":"/v1/chat/completions","body":{"model":"m","stream":true}}'
 CHUNK = b'data: {"object":"chat.completion.chunk","choices":[]}'
@@ -159,6 +160,7 @@ def test_error_classes_are_distinct_crypto_errors() -> None:
         NonceError,
         DecryptionError,
         SenderKeyMismatch,
+        UnsealedChunk,
     }
     assert all(issubclass(cls, CryptoError) for cls in classes)
     assert not any(issubclass(a, b) for a in classes for b in classes if a is not b)
@@ -193,6 +195,34 @@ def test_chunk_from_a_different_sender_key_is_rejected(provider_key: PrivateKey)
     impostor = crypto.encode_key(crypto.generate_box_key().public_key)
     with pytest.raises(SenderKeyMismatch, match="registered public_key"):
         opener.open(EncryptedPayload(impostor, chunk.ciphertext))
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        '{"type": "inference_response_chunk", "request_id": "r", "data": "data: {}"}',
+        '{"type": "inference_response_chunk", "request_id": "r", "data": {"choices": []}}',
+        '{"type": "inference_response_chunk", "request_id": "r"}',
+    ],
+    ids=["plaintext data", "plaintext data of another JSON type", "no payload"],
+)
+def test_an_unsealed_chunk_decodes_as_a_chunk_and_never_opens(
+    provider_key: PrivateKey, frame: str
+) -> None:
+    _, opener = dispatch(provider_key)
+    chunk = decode_provider_frame(frame)
+    assert isinstance(chunk, InferenceResponseChunk)  # it reaches its attempt, to be judged
+    with pytest.raises(UnsealedChunk):
+        opener.open_chunk(chunk)
+
+
+def test_plaintext_data_beside_a_valid_box_never_opens(provider_key: PrivateKey) -> None:
+    body, opener = dispatch(provider_key)
+    _, sealer = crypto.open_request(body, provider_key)
+    sealed = InferenceResponseChunk(request_id="r", encrypted_data=sealer.seal(CHUNK))
+    assert opener.open_chunk(sealed) == CHUNK
+    with pytest.raises(UnsealedChunk):
+        opener.open_chunk(InferenceResponseChunk("r", sealed.encrypted_data, data="data: {}"))
 
 
 def test_chunk_sealed_for_another_request_fails_to_open(provider_key: PrivateKey) -> None:

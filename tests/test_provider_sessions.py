@@ -10,8 +10,9 @@ answered after some frames proves those frames were handled first, without any s
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from itertools import cycle, islice
 from typing import Any, TypeVar
 
@@ -31,7 +32,11 @@ from daemon.routing.session import MAX_MALFORMED_FRAMES, ProviderSession
 from daemon.routing.types import ProviderEntry, RequestTraits
 from protocol import crypto
 from protocol.messages import (
+    MAX_CONCURRENCY,
     MAX_FRAME_BYTES,
+    MAX_LABEL_CHARS,
+    MAX_MODEL_ID_CHARS,
+    MAX_MODELS,
     AttestationChallenge,
     AttestationResponse,
     DaemonMessage,
@@ -49,7 +54,23 @@ from protocol.messages import (
     encode,
 )
 from tests.conftest import ADMIN_KEY, StartDaemon
-from tests.fakes.provider import FakeProvider, open_provider_socket
+from tests.consumer_harness import OpenApi, assert_openai_error, chat_body, in_turn
+from tests.fakes.provider import (
+    Chunk,
+    Cleartext,
+    Complete,
+    FakeProvider,
+    Hold,
+    Plaintext,
+    Stall,
+    Step,
+    always,
+    answer,
+    content_chunk,
+    finish_chunk,
+    open_provider_socket,
+    role_chunk,
+)
 
 M = TypeVar("M")
 BOUND_S = 5  # every wait in this module is bounded: a hang fails, it never stalls the suite
@@ -256,6 +277,36 @@ REFUSALS: list[tuple[str, Frame, tuple[str, ...]]] = [
         ("$.max_concurrency",),
     ),
     (
+        "too many models",
+        lambda p: p.register_fields(models=[{"id": f"m{i}"} for i in range(MAX_MODELS + 1)]),
+        ("$.models", f"length <= {MAX_MODELS}"),
+    ),
+    (
+        "model id too long",
+        lambda p: p.register_fields(models=[{"id": "m" * (MAX_MODEL_ID_CHARS + 1)}]),
+        ("$.models[0].id", f"length <= {MAX_MODEL_ID_CHARS}"),
+    ),
+    (
+        "quantization too long",
+        lambda p: p.register_fields(models=[{"id": "m", "quantization": "q" * 65}]),
+        ("$.models[0].quantization", f"length <= {MAX_LABEL_CHARS}"),
+    ),
+    (
+        "version too long",
+        lambda p: p.register_fields(version="1." * 40),
+        ("$.version", f"length <= {MAX_LABEL_CHARS}"),
+    ),
+    (
+        "backend too long",
+        lambda p: p.register_fields(backend="b" * (MAX_LABEL_CHARS + 1)),
+        ("$.backend", f"length <= {MAX_LABEL_CHARS}"),
+    ),
+    (
+        "max_concurrency too high",
+        lambda p: p.register_fields(max_concurrency=100_000),
+        ("$.max_concurrency", f"<= {MAX_CONCURRENCY}"),
+    ),
+    (
         "heartbeat first",
         lambda p: Heartbeat(active_requests=0),
         ("expected a register frame first, got 'heartbeat'",),
@@ -294,6 +345,20 @@ async def test_a_bad_first_frame_is_rejected_with_a_reason_and_1008(
         verdict, close = await refused(daemon, frame)
     assert_rejected(verdict, close, *reason_parts)
     assert daemon.supervisor.registry.providers() == []
+
+
+async def test_a_register_at_every_bound_is_admitted(daemon: RunningDaemon) -> None:
+    models = [
+        {"id": f"{i:03}" + "m" * (MAX_MODEL_ID_CHARS - 3), "quantization": "q" * MAX_LABEL_CHARS}
+        for i in range(MAX_MODELS)
+    ]
+    fields = {"version": "9" * MAX_LABEL_CHARS, "backend": "b" * MAX_LABEL_CHARS}
+    with trio.fail_after(BOUND_S):
+        async with raw_provider(daemon) as provider:
+            await provider.register(models=models, max_concurrency=MAX_CONCURRENCY, **fields)
+            entry = daemon.supervisor.registry.get(provider.provider_id)
+            assert entry is not None
+            assert len(entry.models) == MAX_MODELS and entry.max_concurrency == MAX_CONCURRENCY
 
 
 async def test_no_register_within_the_timeout_is_rejected(start_daemon: StartDaemon) -> None:
@@ -353,31 +418,164 @@ async def test_token_mode_admits_a_live_auth_token(
     assert entry is not None and entry.token_id == token_id
 
 
-# Superseding --------------------------------------------------------------------------------
+# Superseding and impostors ------------------------------------------------------------------
 
 
-async def test_a_second_connection_with_the_same_identity_supersedes_the_first(
+async def claim(provider: RawProvider, victim: FakeProvider, **changes: Any) -> None:
+    """Register as `victim`'s identity without its signing key (`provider` signs with its own)."""
+    await provider.send(
+        provider.register_fields(
+            identity_key=crypto.encode_key(victim.identity.verify_key), **changes
+        )
+    )
+
+
+async def stream_text(lines: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The content deltas of a streamed chat completion, as they arrive."""
+    async for line in lines:
+        if line.startswith("data: {"):
+            for choice in json.loads(line.removeprefix("data: "))["choices"]:
+                if choice["delta"].get("content"):
+                    yield choice["delta"]["content"]
+
+
+@pytest.mark.parametrize("auth", ["open", "token"])
+async def test_an_impostor_of_a_live_identity_is_closed_and_the_live_session_never_notices(
+    open_api: OpenApi, auth: str
+) -> None:
+    api = await open_api(provider_auth=auth)
+    tokens = [(await issue_token(api.daemon))[1] if auth == "token" else None for _ in "ab"]
+    registry = api.daemon.supervisor.registry
+    release = trio.Event()
+    script = [role_chunk(), content_chunk("Hello"), Hold(release), content_chunk(" world")]
+    (victim,) = await api.connect(
+        api.fake(
+            always([*script, finish_chunk(), Chunk("data: [DONE]"), Complete()]),
+            auth_token=tokens[0],
+        )
+    )
+    live = registry.get(victim.provider_id)
+    body = chat_body(stream=True)
+    with trio.fail_after(BOUND_S):
+        async with (
+            api.client.stream(
+                "POST", "/v1/chat/completions", json=body, headers=api.auth
+            ) as response,
+            aclosing(stream_text(response.aiter_lines())) as texts,
+        ):
+            assert await anext(texts) == "Hello"  # the request is in flight on the victim
+            async with raw_provider(api.daemon) as impostor:
+                await claim(impostor, victim, auth_token=tokens[1])
+                challenge = await impostor.expect(AttestationChallenge)
+                # Challenged, but not routable and not the victim's entry.
+                assert registry.get(victim.provider_id) is live
+                assert registry.providers() == [live]
+                await impostor.answer(challenge)  # signed with a key that is not the identity
+                verdict = await impostor.expect(TrustStatus)
+                close = await impostor.closed()
+            release.set()
+            assert [text async for text in texts] == [" world"]
+    assert response.status_code == 200
+    assert verdict.status == "rejected" and verdict.reason is not None
+    assert "first challenge" in verdict.reason
+    assert close.code == 1008
+    assert not victim.closed.is_set() and victim.cancels == []
+    assert registry.get(victim.provider_id) is live and registry.providers() == [live]
+    assert live.trusted and live.challenge_failures == 0
+    assert ready(api.daemon) == "ready"
+
+
+async def test_a_reconnect_supersedes_the_live_session_only_once_it_passes_its_challenge(
     daemon: RunningDaemon, nursery: trio.Nursery
 ) -> None:
     registry = daemon.supervisor.registry
     first = await started(nursery, FakeProvider(daemon.provider_url))
     old_entry = registry.get(first.provider_id)
     in_flight = session_of(old_entry).open_stream("rid")
-
-    second = FakeProvider(daemon.provider_url, identity=first.identity, box_key=first.box_key)
-    await started(nursery, second)
-
     with trio.fail_after(BOUND_S):
-        await first.closed.wait()
-        with pytest.raises(trio.EndOfChannel):
-            await in_flight.receive()
-    assert first.close_code == 4001
-    new_entry = registry.get(first.provider_id)
-    assert new_entry is not None and new_entry is not old_entry
-    assert session_of(new_entry) is not session_of(old_entry)
-    assert registry.providers() == [new_entry]
-    assert not second.closed.is_set()
-    assert ready(daemon) == "ready"
+        async with raw_provider(daemon) as second:
+            second.identity, second.box_key = first.identity, first.box_key  # the same node
+            challenge = await second.register()
+            assert registry.get(first.provider_id) is old_entry
+            assert not first.closed.is_set()
+
+            await second.answer(challenge)
+            assert await second.receive() == TrustStatus(status="trusted")
+            await first.closed.wait()
+            with pytest.raises(trio.EndOfChannel):
+                await in_flight.receive()
+            assert first.close_code == 4001
+            new_entry = registry.get(first.provider_id)
+            assert new_entry is not None and new_entry is not old_entry
+            assert session_of(new_entry) is not session_of(old_entry)
+            assert registry.providers() == [new_entry]
+            assert ready(daemon) == "ready"
+
+
+async def test_a_public_key_registered_by_another_live_identity_is_rejected(
+    daemon: RunningDaemon, nursery: trio.Nursery
+) -> None:
+    registry = daemon.supervisor.registry
+    owner = await started(nursery, FakeProvider(daemon.provider_url))
+    owners_key = crypto.encode_key(owner.box_key.public_key)
+    with trio.fail_after(BOUND_S):
+        verdict, close = await refused(daemon, lambda p: p.register_fields(public_key=owners_key))
+    assert_rejected(verdict, close, "public_key is already registered by another provider")
+    assert [entry.provider_id for entry in registry.providers()] == [owner.provider_id]
+    assert not owner.closed.is_set()
+
+
+async def test_revoking_a_token_closes_a_newcomer_still_waiting_for_its_first_challenge(
+    start_daemon: StartDaemon, nursery: trio.Nursery
+) -> None:
+    daemon = await start_daemon(provider_auth="token")
+    registry = daemon.supervisor.registry
+    _, own_token = await issue_token(daemon)
+    victim = await started(nursery, FakeProvider(daemon.provider_url, auth_token=own_token))
+    token_id, token = await issue_token(daemon)
+    with trio.fail_after(BOUND_S):
+        async with raw_provider(daemon) as impostor:
+            await claim(impostor, victim, auth_token=token)
+            await impostor.expect(AttestationChallenge)
+            await revoke_token(daemon, token_id)
+            close = await impostor.closed()
+    assert close.code == 1008 and close.reason == "provider token revoked"
+    assert not victim.closed.is_set()
+    assert [entry.provider_id for entry in registry.providers()] == [victim.provider_id]
+
+
+# Encryption violations (PROTOCOL.md §3) ----------------------------------------------------
+
+VIOLATIONS = [
+    pytest.param(Cleartext(content_chunk("leaked").line), id="plaintext data"),
+    pytest.param(Cleartext(content_chunk("leaked").line, sealed=True), id="data beside a box"),
+    pytest.param(Cleartext(None), id="no payload at all"),
+    pytest.param(Plaintext(), id="a box under a foreign key"),
+]
+
+
+@pytest.mark.parametrize("violation", VIOLATIONS)
+async def test_a_chunk_breaking_the_encryption_contract_fails_over_at_once_and_untrusts(
+    open_api: OpenApi, violation: Step
+) -> None:
+    # The backup attempt's timer would start one after 50 s: answering within api.chat's
+    # bound proves the first attempt failed the moment the chunk arrived.
+    api = await open_api(ttft_base_s="100")
+    behaviour = in_turn([role_chunk(), violation, Stall()], answer("Hello", " world"))
+    fakes = await api.connect(api.fake(behaviour), api.fake(behaviour))
+
+    reply = await api.chat()
+
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["message"]["content"] == "Hello world"
+    registry = api.daemon.supervisor.registry
+    entries = {fake.provider_id: registry.get(fake.provider_id) for fake in fakes}
+    (culprit,) = [fake for fake in fakes if fake.cancels]  # told to stop its stalled stream
+    entry = entries[culprit.provider_id]
+    assert entry is not None and not entry.trusted
+    assert entry.banned_reason == "provider returned invalid encrypted chunk"
+    assert registry.refusal(entry, RequestTraits(model="m")) == "untrusted"
+    assert all(e is not None and e.trusted for e in entries.values() if e is not entry)
 
 
 # Malformed frames and unknown request ids ----------------------------------------------------
@@ -415,6 +613,27 @@ async def test_malformed_frames_get_no_reply_until_the_bound_then_1008(
     assert close.code == 1008
     assert "malformed" in (close.reason or "")
     assert registry.providers() == []
+
+
+async def test_a_models_update_past_the_bounds_is_dropped_and_the_old_list_kept(
+    daemon: RunningDaemon,
+) -> None:
+    registry = daemon.supervisor.registry
+    too_many = ModelsUpdate(models=[ModelInfo(id=f"m{i}") for i in range(MAX_MODELS + 1)])
+    too_long = ModelsUpdate(models=[ModelInfo(id="m" * (MAX_MODEL_ID_CHARS + 1))])
+    with trio.fail_after(BOUND_S):
+        async with raw_provider(daemon) as provider:
+            challenge = await provider.register()
+            for _ in range(MAX_MALFORMED_FRAMES // 2):
+                await provider.send(too_many)
+                await provider.send(too_long)
+            await provider.answer(challenge)  # handled after the updates: they came first
+            assert await provider.receive() == TrustStatus(status="trusted")
+            entry = registry.get(provider.provider_id)
+            assert entry is not None and entry.models.keys() == {"m"}
+            await provider.send(too_many)  # each one counted as malformed: this is one too many
+            close = await provider.closed()
+    assert close.code == 1008 and "malformed" in (close.reason or "")
 
 
 async def test_frames_for_unknown_request_ids_are_dropped_and_not_counted(
@@ -516,6 +735,24 @@ async def test_a_dropped_tcp_connection_ends_streams_and_removes_the_entry(
             with pytest.raises(trio.EndOfChannel):
                 await stream.receive()
     assert registry.providers() == []
+
+
+async def test_a_provider_closing_with_1009_mid_request_fails_it_with_502_at_once(
+    open_api: OpenApi,
+) -> None:
+    # A fake reads frames of at most 1 MiB (trio-websocket's default) and closes with 1009
+    # on a bigger one. The backup attempt's timer would fire after 50 s: the 502 within
+    # api.chat's bound shows the close itself ended the request.
+    api = await open_api(ttft_base_s="100")
+    (fake,) = await api.connect(api.fake())
+    big = [{"role": "user", "content": "x" * (1024 * 1024)}]
+
+    reply = await api.chat(messages=big)
+
+    error = assert_openai_error(reply, 502)
+    assert error["message"].startswith("provider disconnected")
+    assert fake.close_code == 1009
+    assert api.daemon.supervisor.registry.connected() == []
 
 
 # Challenges ---------------------------------------------------------------------------------

@@ -305,3 +305,39 @@ async def test_preflight_does_not_wait_after_a_failed_first_challenge(
     preflight = reg.preflight(BASE)
     assert preflight.verdict == "unavailable"
     assert preflight.reason == 'every provider of model "m" is untrusted'
+
+
+# Membership -------------------------------------------------------------------------------
+
+
+async def test_a_second_entry_for_a_live_identity_waits_unseen_until_promoted(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    reg = registry()
+    live, newcomer = make_entry("p1"), make_entry("p1", ["n"])
+    assert reg.add(live) is True
+    assert reg.add(newcomer) is False
+    assert reg.get("p1") is live and reg.providers() == [live]
+    assert reg.connected() == [live, newcomer]
+    assert chosen(reg, RequestTraits(model="n")) is None
+    assert reg.preflight(RequestTraits(model="n")).verdict == "unknown_model"
+
+    assert reg.promote(newcomer) is live
+    assert reg.get("p1") is newcomer and reg.connected() == [newcomer]
+    assert chosen(reg, RequestTraits(model="n")) == "p1"
+    reg.remove(live)  # the superseded session ending must not take its successor along
+    assert reg.providers() == [newcomer]
+    assert reg.promote(newcomer) is None  # live already: nothing changes
+
+
+async def test_a_candidate_that_leaves_is_forgotten_and_never_promoted(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    reg = registry()
+    live, candidate = make_entry("p1"), make_entry("p1")
+    reg.add(live)
+    reg.add(candidate)
+    reg.remove(candidate)
+    assert reg.connected() == [live]
+    assert reg.promote(candidate) is None
+    assert reg.get("p1") is live

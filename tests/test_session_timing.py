@@ -7,7 +7,7 @@ transport and checks each frame and close at the exact virtual second PROTOCOL.m
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -15,11 +15,14 @@ import trio
 import trio.testing
 from nacl.signing import SigningKey
 
-from daemon.config import load_settings
+from daemon.config import Settings, load_settings
 from daemon.nursery.attempt import FELL_BEHIND, ProviderStream
 from daemon.nursery.supervisor import build_registry
 from daemon.routing.registry import Registry
-from daemon.routing.session import STREAM_BUFFER, ProviderSession, TransportClosed
+from daemon.routing.session import ProviderSession
+from daemon.routing.silence import STALLED_WRITE_S
+from daemon.routing.streams import STREAM_BUFFER
+from daemon.routing.transport import TransportClosed
 from daemon.routing.types import ProviderEntry, RequestTraits
 from protocol import crypto
 from protocol.messages import (
@@ -57,7 +60,17 @@ class FakeTransport:
     def __init__(self) -> None:
         self._to_daemon, self._from_provider = trio.open_memory_channel[str](CHANNEL_BOUND)
         self._to_provider, self._from_daemon = trio.open_memory_channel[str](CHANNEL_BOUND)
+        self._writes_flow = trio.Event()
+        self._writes_flow.set()
         self.closed: Closed | None = None
+
+    def stick_writes(self) -> None:
+        """From now on the daemon's sends block, as a socket write does when the provider
+        stops reading; shielded, as Hypercorn's are, so cancelling the writer cannot help."""
+        self._writes_flow = trio.Event()
+
+    def release_writes(self) -> None:
+        self._writes_flow.set()
 
     # The daemon's side (session.Transport)
 
@@ -68,6 +81,8 @@ class FakeTransport:
             raise TransportClosed from None
 
     async def send(self, text: str) -> None:
+        with trio.CancelScope(shield=True):
+            await self._writes_flow.wait()
         try:
             await self._to_provider.send(text)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -95,9 +110,9 @@ class FakeTransport:
 class Provider:
     """The provider's keys and the frames it sends."""
 
-    def __init__(self, transport: FakeTransport) -> None:
+    def __init__(self, transport: FakeTransport, identity: SigningKey | None = None) -> None:
         self.transport = transport
-        self.identity = crypto.generate_identity_key()
+        self.identity = identity or crypto.generate_identity_key()
         self.provider_id = crypto.provider_id(self.identity.verify_key)
 
     async def register(self) -> None:
@@ -139,8 +154,10 @@ class Provider:
 @dataclass
 class Connection:
     registry: Registry
+    settings: Settings
     transport: FakeTransport
     provider: Provider
+    finished: trio.Event  # set when the session's task has returned
 
     @property
     def entry(self) -> ProviderEntry | None:
@@ -150,19 +167,40 @@ class Connection:
         entry = self.entry
         return entry is not None and self.registry.refusal(entry, BASE) is None
 
+    def again(self) -> AbstractAsyncContextManager[Connection]:
+        """A second connection to the same daemon claiming this provider's identity."""
+        return _serve(self.registry, self.settings, self.provider.identity)
+
 
 @asynccontextmanager
 async def connection(**env: str) -> AsyncIterator[Connection]:
     """A ProviderSession served in a nursery; on exit the provider hangs up and it ends."""
     settings = load_settings({"DINFER_PROVIDER_AUTH": "open", **env})
     registry = build_registry(settings)
+    async with _serve(registry, settings) as conn:
+        yield conn
+    assert registry.connected() == []  # candidates too: no session outlives its connection
+
+
+@asynccontextmanager
+async def _serve(
+    registry: Registry, settings: Settings, identity: SigningKey | None = None
+) -> AsyncIterator[Connection]:
     transport = FakeTransport()
     session = ProviderSession(transport, registry, settings, lambda token: None)
+    finished = trio.Event()
+
+    async def run() -> None:
+        await session.run()
+        finished.set()
+
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(session.run)
-        yield Connection(registry, transport, Provider(transport))
-        await transport.hang_up()
-    assert registry.providers() == []
+        nursery.start_soon(run)
+        try:
+            yield Connection(registry, settings, transport, Provider(transport, identity), finished)
+        finally:  # even when a test fails: a writer stuck for good would hang the nursery
+            await transport.hang_up()
+            transport.release_writes()
 
 
 # Challenges -------------------------------------------------------------------------------
@@ -301,6 +339,52 @@ async def test_a_pass_older_than_sixteen_minutes_is_not_routable(
         assert c.entry is not None and c.entry.trusted
 
 
+# Superseding -------------------------------------------------------------------------------
+
+
+async def test_a_reconnect_supersedes_the_live_session_at_the_moment_its_challenge_passes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with connection(**QUIET) as live:
+        await live.provider.register()
+        await live.provider.attest()
+        old = live.entry
+        async with live.again() as newcomer:
+            await newcomer.provider.register()
+            challenge = await newcomer.provider.challenge()
+            await trio.sleep(5)
+            assert live.entry is old and live.routable()
+            await newcomer.provider.answer(challenge)
+            assert await newcomer.provider.verdict() == TrustStatus(status="trusted")
+            assert trio.current_time() == 5
+            with pytest.raises(trio.EndOfChannel):
+                await live.transport.provider_receive()
+            assert live.transport.closed == Closed(4001, "superseded by a newer connection", 5)
+            assert live.entry is not old and newcomer.routable()
+
+
+async def test_a_newcomer_that_never_answers_is_closed_when_its_window_ends_unnoticed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with connection(**QUIET) as live:
+        await live.provider.register()
+        await live.provider.attest()
+        old = live.entry
+        async with live.again() as impostor:
+            await impostor.provider.register()
+            await impostor.provider.challenge()
+            rejection = await impostor.provider.verdict()
+            assert trio.current_time() == 30  # DINFER_CHALLENGE_ANSWER_S default
+            assert rejection.status == "rejected"
+            with pytest.raises(trio.EndOfChannel):
+                await impostor.transport.provider_receive()
+            assert impostor.transport.closed is not None
+            assert impostor.transport.closed.code == 1008
+            assert live.entry is old and live.routable()
+        assert old is not None and old.challenge_failures == 0
+        assert live.transport.closed is None
+
+
 # Staleness and registration -----------------------------------------------------------------
 
 
@@ -329,6 +413,84 @@ async def test_no_register_frame_is_rejected_at_exactly_the_register_timeout(
         await trio.testing.wait_all_tasks_blocked()
         assert c.transport.closed == Closed(1008, "no register frame within 10 s", 10)
         assert c.registry.providers() == []
+
+
+# Noticing a close ---------------------------------------------------------------------------
+
+PAYLOAD = crypto.seal_request(b"{}", crypto.generate_box_key().public_key)[0]
+
+
+def session_of(conn: Connection) -> ProviderSession:
+    assert conn.entry is not None and isinstance(conn.entry.session, ProviderSession)
+    return conn.entry.session
+
+
+async def test_a_hang_up_before_register_ends_the_session_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with connection() as c:
+        await trio.sleep(1)
+        await c.transport.hang_up()
+        await c.finished.wait()
+        assert trio.current_time() == 1  # not at the 10 s register timeout
+        assert c.registry.connected() == []
+
+
+async def test_a_close_while_a_write_is_stuck_fails_the_requests_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with connection(**QUIET) as c:
+        await c.provider.register()
+        await c.provider.attest()
+        session = session_of(c)
+        stream = session.open_stream("r")
+        c.transport.stick_writes()
+        session.start("r", PAYLOAD)  # the writer blocks sending it
+        await trio.sleep(3)
+        await c.transport.hang_up()
+        # Bounded: with the writer stuck for good, nothing else would ever end the wait.
+        with trio.fail_after(STALLED_WRITE_S), pytest.raises(trio.EndOfChannel):
+            await stream.receive()  # dispatch reads this as 502 provider disconnected
+        assert trio.current_time() == 3
+        assert c.entry is None and c.registry.connected() == []
+
+
+async def test_a_provider_silent_behind_a_stuck_write_is_dropped_after_the_stall_bound(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # What a provider that closed on a frame it would not take looks like from behind
+    # Hypercorn: the write never finishes, and its close frame waits behind the write.
+    async with connection(**QUIET) as c:
+        await c.provider.register()
+        await c.provider.attest()
+        session = session_of(c)
+        stream = session.open_stream("r")
+        await trio.sleep(2)
+        c.transport.stick_writes()
+        session.start("r", PAYLOAD)
+        with trio.fail_after(2 * STALLED_WRITE_S), pytest.raises(trio.EndOfChannel):
+            await stream.receive()
+        assert trio.current_time() == 2 + STALLED_WRITE_S
+        assert c.entry is None and c.registry.connected() == []
+
+
+async def test_a_provider_heard_from_during_a_slow_write_is_kept(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with connection(**QUIET) as c:
+        await c.provider.register()
+        await c.provider.attest()
+        session = session_of(c)
+        c.transport.stick_writes()
+        session.start("r", PAYLOAD)
+        for _ in range(10):  # a heartbeat every 5 s (PROTOCOL.md §4) while the frame crawls
+            await trio.sleep(5)
+            await c.transport.provider_send(Heartbeat(active_requests=1))
+        await trio.sleep(STALLED_WRITE_S - 1)
+        assert trio.current_time() == 50 + STALLED_WRITE_S - 1
+        assert c.routable()
+        c.transport.release_writes()
+        assert isinstance(await c.transport.provider_receive(), InferenceRequest)
 
 
 # Backpressure -----------------------------------------------------------------------------

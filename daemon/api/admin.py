@@ -20,6 +20,7 @@ from daemon.api.errors import error_body
 from daemon.nursery.supervisor import Supervisor
 from daemon.routing.registry import Registry
 from daemon.routing.types import ProviderEntry
+from protocol.messages import ModelInfo
 
 admin = Blueprint("admin", __name__, url_prefix="/v1/admin")
 Handler = Callable[..., Awaitable[Response]]
@@ -121,10 +122,7 @@ def _describe(entry: ProviderEntry, registry: Registry, now: float) -> dict[str,
         "provider_id": entry.provider_id,
         "version": entry.version,
         "backend": entry.backend,
-        "models": [
-            {"id": m.id, "template_render_ok": m.template_render_ok, "is_vision": bool(m.is_vision)}
-            for m in entry.models.values()
-        ],
+        "models": [_describe_model(info) for info in entry.models.values()],
         "in_flight": entry.in_flight,
         "max_concurrency": entry.max_concurrency,
         "trusted": entry.trusted,
@@ -135,3 +133,16 @@ def _describe(entry: ProviderEntry, registry: Registry, now: float) -> dict[str,
             for model, shape, until in registry.breaker.cooldowns(entry.provider_id, now)
         ],
     }
+
+
+def _describe_model(info: ModelInfo) -> dict[str, Any]:
+    """A model as its node described it. The render verdicts are tri-state (PROTOCOL.md §5):
+    an absent one is "no opinion" and stays absent here, never null or false."""
+    view: dict[str, Any] = {"id": info.id, "is_vision": bool(info.is_vision)}
+    if info.template_render_ok is not None:
+        view["template_render_ok"] = info.template_render_ok
+    if info.template_render is not None:
+        view["template_render"] = msgspec.to_builtins(info.template_render)  # omits absent
+    if info.context_length is not None:
+        view["context_length"] = info.context_length
+    return view

@@ -13,7 +13,7 @@ import trio
 
 from daemon.api.asgi import Receive, Send
 from daemon.nursery.supervisor import Supervisor
-from daemon.routing.session import TransportClosed
+from daemon.routing.transport import TransportClosed
 
 
 class AsgiWebSocket:

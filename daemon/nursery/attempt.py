@@ -124,8 +124,8 @@ class ProviderStream:
 
     def _event(self, frame: Any) -> Event:
         match frame:
-            case InferenceResponseChunk(encrypted_data=payload):
-                return self._chunk(payload)
+            case InferenceResponseChunk():
+                return self._chunk(frame)
             case InferenceAccepted():
                 return Accepted()
             case InferenceComplete(usage=usage):
@@ -136,10 +136,10 @@ class ProviderStream:
                 return Failure(status, message or f"provider error {status}", reason=reason)
         return DISCONNECTED  # unreachable: the session routes only these frames
 
-    def _chunk(self, payload: Any) -> Chunk | Failure:
+    def _chunk(self, frame: InferenceResponseChunk) -> Chunk | Failure:
         assert self._opener is not None
         try:
-            line = self._opener.open(payload).decode()
+            line = self._opener.open_chunk(frame).decode()
         except (crypto.CryptoError, UnicodeDecodeError):
             self._registry.ban(self.entry, INVALID_CHUNK.message)
             return INVALID_CHUNK

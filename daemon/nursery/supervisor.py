@@ -23,7 +23,8 @@ from daemon.routing.admission import AdmissionQueue
 from daemon.routing.breaker import CircuitBreaker
 from daemon.routing.eligibility import Gates
 from daemon.routing.registry import Registry
-from daemon.routing.session import ProviderSession, Transport
+from daemon.routing.session import ProviderSession
+from daemon.routing.transport import Transport
 from daemon.store import Store
 from protocol.messages import CloseCode
 
@@ -64,7 +65,7 @@ class Supervisor:
         finally:
             self.sessions.value -= 1
             session.connection_lost()
-            scope.cancel(reason="the provider connection ended")
+            scope.cancel(reason="the provider's WebSocket task ended")
 
     async def drain(self, grace: float) -> None:
         """Shutting down: refuse new requests, let those in flight finish for up to `grace`
@@ -72,14 +73,15 @@ class Supervisor:
         self.draining = True
         with trio.move_on_after(grace):
             await self.registry.generation.wait_value(lambda _: not self.registry.busy())
-        for entry in self.registry.providers():
+        for entry in self.registry.connected():
             entry.session.kick(CloseCode.GOING_AWAY, "daemon shutting down")
         with trio.move_on_after(CLOSE_GRACE_S):
             await self.sessions.wait_value(0)
 
     def kick_token(self, token_id: str) -> int:
-        """Disconnect every provider that registered with a revoked token."""
-        kicked = [e for e in self.registry.providers() if e.token_id == token_id]
+        """Disconnect every provider that registered with a revoked token (live or still
+        proving itself: a candidate must not be promoted on a dead token)."""
+        kicked = [e for e in self.registry.connected() if e.token_id == token_id]
         for entry in kicked:
             entry.session.kick(CloseCode.POLICY, "provider token revoked")
         return len(kicked)

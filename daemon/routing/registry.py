@@ -1,9 +1,16 @@
 """The registry actor: every connected provider, its models, trust, load, speed and breaker.
 
-State changes only in the plain `def` methods below (atomic under Trio: no await inside);
-`lock` guards the few sequences that must await between steps, such as superseding a session.
-Every change that could make a waiting request routable bumps `generation`, an AsyncValue the
-admission queue parks on.
+Each identity has at most one live entry, the one routing sees. A connection claiming an
+identity that already has one waits as a candidate, unroutable and unseen, until its first
+challenge passes and `promote` makes it the live entry (PROTOCOL.md §4): merely knowing a
+provider's public identity key must never be enough to take its place.
+
+State changes only in the plain `def` methods below: with no await inside, each runs to the
+end before any other task can look, so under Trio each is atomic and no lock is needed. No
+sequence of them has to await in between either: a session joins, is promoted over another
+or leaves in one call, and a slot is chosen and taken in one. A change that needed an await
+in the middle would take a `trio.Lock` then; none does. Every change that could make a
+waiting request routable bumps `generation`, an AsyncValue the admission queue parks on.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 import trio
+from nacl.public import PublicKey
 from trio_util import AsyncValue
 
 from daemon.routing.breaker import CircuitBreaker, Shape
@@ -49,9 +57,9 @@ class Preflight:
 class Registry:
     def __init__(self, gates: Gates, *, seed: int | None = None) -> None:
         self.gates = gates
-        self.lock = trio.Lock()
         self.generation = AsyncValue(0)
         self._providers: dict[str, ProviderEntry] = {}
+        self._candidates: set[ProviderEntry] = set()
         self._model_seen: dict[str, float] = {}
         self._rng = random.Random(seed)
 
@@ -60,7 +68,17 @@ class Registry:
         return self.gates.breaker
 
     def providers(self) -> list[ProviderEntry]:
+        """The live entries, one per identity: what routing and the admin view see."""
         return list(self._providers.values())
+
+    def connected(self) -> list[ProviderEntry]:
+        """Every session's entry, live or a candidate: whom a shutdown or a revocation reaches."""
+        return [*self._providers.values(), *self._candidates]
+
+    def holder_of(self, public_key: PublicKey) -> ProviderEntry | None:
+        """The connected entry registered with this box key, if any."""
+        raw = bytes(public_key)
+        return next((e for e in self.connected() if bytes(e.public_key) == raw), None)
 
     def busy(self) -> bool:
         """Is any request holding a slot?"""
@@ -71,27 +89,48 @@ class Registry:
 
     # Membership -----------------------------------------------------------------------------
 
-    def add(self, entry: ProviderEntry) -> ProviderEntry | None:
-        """Register `entry`; return the entry it supersedes (same identity), if any."""
+    def add(self, entry: ProviderEntry) -> bool:
+        """A new session's entry: live at once (True) unless its identity already has a live
+        entry, which it leaves alone; then it is a candidate (False) until `promote`."""
+        if entry.provider_id in self._providers:
+            self._candidates.add(entry)
+            return False
+        self._install(entry)
+        return True
+
+    def promote(self, entry: ProviderEntry) -> ProviderEntry | None:
+        """A candidate proved its identity: it becomes the live entry. Returns the one it
+        replaces, whose session the caller closes; None if there was none (or `entry` is
+        not a candidate, when nothing changes)."""
+        if entry not in self._candidates:
+            return None
+        self._candidates.remove(entry)
         old = self._providers.get(entry.provider_id)
+        self._install(entry)
+        return old
+
+    def _install(self, entry: ProviderEntry) -> None:
         self._providers[entry.provider_id] = entry
         self.breaker.forget_provider(entry.provider_id)
         self._remember_models(entry.models)
         self._bump()
-        return old
 
     def remove(self, entry: ProviderEntry) -> None:
-        """Forget `entry` unless a newer session of the same identity replaced it."""
-        if self._providers.get(entry.provider_id) is entry:
+        """Forget `entry` (a candidate, or live unless a newer session replaced it)."""
+        self._candidates.discard(entry)
+        if self.is_current(entry):
             del self._providers[entry.provider_id]
             self._remember_models(entry.models)
             self._bump()
 
     def update_models(self, entry: ProviderEntry, models: Iterable[ModelInfo]) -> None:
-        self._remember_models(entry.models)
+        current = self.is_current(entry)
+        if current:  # a candidate's models are nobody's to remember yet
+            self._remember_models(entry.models)
         entry.models = {info.id: info for info in models}
-        self._remember_models(entry.models)
-        self._bump()
+        if current:
+            self._remember_models(entry.models)
+            self._bump()
 
     def _remember_models(self, models: Iterable[str]) -> None:
         now = trio.current_time()

@@ -44,9 +44,11 @@ from tests.fakes.provider import (
     Accept,
     Behaviour,
     Chunk,
+    Cleartext,
     Complete,
     Drop,
     Fail,
+    Hold,
     Plaintext,
     Script,
     Stall,
@@ -56,7 +58,7 @@ from tests.fakes.provider import (
     answer,
 )
 
-# The real session's per-request buffer (daemon.routing.session.STREAM_BUFFER) is far larger than
+# The real session's per-request buffer (daemon.routing.streams.STREAM_BUFFER) is far larger than
 # any script here; a full buffer drops the request there too.
 STREAM_BUFFER: Final = 1024
 
@@ -220,6 +222,12 @@ class MemorySession:
             case Plaintext():
                 forged = crypto.seal_request(b"data: {}", self.box_key.public_key)[0]
                 self._route(InferenceResponseChunk(request_id=request_id, encrypted_data=forged))
+            case Cleartext(line=line, sealed=sealed):
+                boxed = sealer.seal(line.encode()) if sealed and line is not None else None
+                leak = InferenceResponseChunk(
+                    request_id=request_id, encrypted_data=boxed, data=line
+                )
+                self._route(leak)
             case Accept():
                 self._route(InferenceAccepted(request_id=request_id))
             case Complete(prompt_tokens=prompt, completion_tokens=completion):
@@ -236,6 +244,8 @@ class MemorySession:
                 await trio.sleep(seconds)
             case Stall():
                 await trio.sleep_forever()
+            case Hold(release=release):
+                await release.wait()
             case Drop():
                 self._drop(request_id)
                 return False

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+import msgspec
 import trio
 import trio_websocket
 from nacl.public import PrivateKey
@@ -84,11 +85,28 @@ class Wait:
 
 
 @dataclass(frozen=True)
+class Hold:
+    """Send nothing more until the test sets `release` (a stream kept in flight on cue)."""
+
+    release: trio.Event
+
+
+@dataclass(frozen=True)
 class Plaintext:
     """A chunk frame with a bad encryption (tests the daemon's sender-key check)."""
 
 
-Step = Chunk | Complete | Fail | Accept | Drop | Stall | Wait | Plaintext
+@dataclass(frozen=True)
+class Cleartext:
+    """A chunk frame carrying its line as plaintext `data`, which PROTOCOL.md §3 forbids:
+    alone, beside the line properly sealed (`sealed`), or with no payload at all (`line`
+    None)."""
+
+    line: str | None
+    sealed: bool = False
+
+
+Step = Chunk | Complete | Fail | Accept | Drop | Stall | Wait | Hold | Plaintext | Cleartext
 Script = Sequence[Step]
 Behaviour = Callable[[dict[str, Any]], Script]
 
@@ -284,15 +302,29 @@ class FakeProvider:
                 await trio.sleep(seconds)
             case Stall():
                 await trio.sleep_forever()
+            case Hold(release=release):
+                await release.wait()
             case Plaintext():
                 forged = crypto.seal_request(b"data: {}", self.box_key.public_key)[0]
                 await ws.send_message(
                     encode(InferenceResponseChunk(request_id=request_id, encrypted_data=forged))
                 )
+            case Cleartext(line=line, sealed=sealed):
+                await ws.send_message(cleartext_frame(request_id, line, sealer if sealed else None))
             case Drop():
                 await ws.aclose(code=1011, reason="fake provider died")
                 return False
         return True
+
+
+def cleartext_frame(request_id: str, line: str | None, sealer: crypto.ChunkSealer | None) -> str:
+    """A chunk frame written by hand, as a node breaking the encryption contract would."""
+    frame: dict[str, Any] = {"type": "inference_response_chunk", "request_id": request_id}
+    if line is not None:
+        frame["data"] = line
+    if sealer is not None and line is not None:
+        frame["encrypted_data"] = msgspec.to_builtins(sealer.seal(line.encode()))
+    return json.dumps(frame)
 
 
 def _first_leaf(group: BaseExceptionGroup[Any]) -> Any:
