@@ -17,6 +17,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Final, TypeVar
 
+from protocol.messages import MAX_CONCURRENCY
+
 ENV_PREFIX: Final = "DINFER_PROVIDER_"
 DEFAULT_BACKEND: Final = "http://127.0.0.1:8080"
 DEFAULT_STATE_DIR: Final = Path("~/.dinfer/provider")
@@ -108,7 +110,7 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Provid
         coordinator=_url(coordinator, ("ws://", "wss://"), "--coordinator"),
         backend=_backend_base(options.text("backend") or DEFAULT_BACKEND),
         token=options.text("token"),
-        max_concurrency=options.integer("max_concurrency", minimum=1),
+        max_concurrency=_concurrency(options.integer("max_concurrency", minimum=1)),
         vision=frozenset(options.items("vision")),
         chat_templates=tuple(_template_entry(item) for item in options.items("chat_template")),
         context_lengths=tuple(_context_entry(item) for item in options.items("context_length")),
@@ -166,6 +168,13 @@ class _Options:
 def _or(value: T | None, default: T) -> T:
     # Not `value or default`: a drain grace of 0 is a real choice.
     return default if value is None else value
+
+
+def _concurrency(value: int | None) -> int | None:
+    """A daemon refuses a register above MAX_CONCURRENCY slots: say so at start-up instead."""
+    if value is not None and value > MAX_CONCURRENCY:
+        raise ConfigError(f"--max-concurrency must be at most {MAX_CONCURRENCY}, got {value}")
+    return value
 
 
 def _flag(name: str) -> str:

@@ -109,3 +109,8 @@ def test_context_lengths_by_model() -> None:
 def test_a_bad_context_length_names_the_flag(item: str) -> None:
     with pytest.raises(ConfigError, match="--context-length"):
         parse("--coordinator", WS, "--context-length", item)
+
+
+def test_a_max_concurrency_the_daemon_would_refuse_stops_start_up() -> None:
+    with pytest.raises(ConfigError, match="at most 1024, got 5000"):
+        parse("--coordinator", WS, "--max-concurrency", "5000")
