@@ -19,7 +19,7 @@ from daemon.api.assemble import CompletionAssembler
 from daemon.api.chat_request import ChatOptions, parse_chat_request
 from daemon.api.errors import ApiError, openai_error
 from daemon.api.handler import Headers, Parsed
-from daemon.api.relay import DONE, collect, relay_chunks, send_failure, usage_fields
+from daemon.api.relay import DONE, OpenAIChunks, collect, relay, send_failure, usage_fields
 from daemon.nursery.dispatch import Committed, Finished, InBandError
 from protocol.messages import Usage
 
@@ -42,13 +42,7 @@ class ChatCodec:
     ) -> None:
         if options.stream:
             usage_chunk = partial(_usage_chunk, committed.request_id, options.model)
-            await relay_chunks(
-                send,
-                committed,
-                headers,
-                include_usage=options.include_usage,
-                usage_chunk=usage_chunk,
-            )
+            await relay(send, committed, headers, OpenAIChunks(options.include_usage, usage_chunk))
         else:
             await _complete(send, committed, headers, options.model)
 

@@ -20,7 +20,7 @@ from daemon.api.assemble import CompletionAssembler
 from daemon.api.completions_request import TextOptions, parse_completion_request
 from daemon.api.errors import ApiError, openai_error
 from daemon.api.handler import Headers, Parsed
-from daemon.api.relay import collect, relay_chunks, send_failure, usage_fields
+from daemon.api.relay import OpenAIChunks, collect, relay, send_failure, usage_fields
 from daemon.nursery.dispatch import Committed, Finished, InBandError
 from protocol.messages import Usage
 
@@ -41,13 +41,7 @@ class CompletionsCodec:
     ) -> None:
         if options.stream:
             usage_chunk = partial(_usage_chunk, committed.request_id, options.model)
-            await relay_chunks(
-                send,
-                committed,
-                headers,
-                include_usage=options.include_usage,
-                usage_chunk=usage_chunk,
-            )
+            await relay(send, committed, headers, OpenAIChunks(options.include_usage, usage_chunk))
         else:
             await _complete(send, committed, headers, options.model)
 

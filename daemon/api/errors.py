@@ -2,7 +2,8 @@
 
 A route's checks raise `ApiError(status, code, message)`; one place (`asgi.send_api_error`)
 turns it into a response, with the body the route's codec renders (`openai_error` is
-OpenAI's shape, `{"error": {"type", "message", "code", "param"}}`) and `Retry-After`.
+OpenAI's shape, `{"error": {"type", "message", "code", "param"}}`; `anthropic_error` is
+Anthropic's, `{"type": "error", "error": {"type", "message"}}`) and `Retry-After`.
 """
 
 from __future__ import annotations
@@ -70,3 +71,24 @@ def openai_error(error: ApiError) -> bytes:
 
 def retry_headers(retry_after: int | None) -> dict[str, str]:
     return {} if retry_after is None else {"Retry-After": str(retry_after)}
+
+
+# Anthropic's error types by status; other 4xx are invalid_request_error, other 5xx (502,
+# 504) api_error.
+ANTHROPIC_ERROR_TYPES: Final = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+}
+
+
+def anthropic_error(error: ApiError) -> bytes:
+    """Anthropic's body for `error`: `{"type": "error", "error": {"type", "message"}}`."""
+    default = "api_error" if error.status >= 500 else "invalid_request_error"
+    detail = {"type": ANTHROPIC_ERROR_TYPES.get(error.status, default), "message": error.message}
+    return msgspec.json.encode({"type": "error", "error": detail})

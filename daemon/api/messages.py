@@ -20,7 +20,7 @@ import msgspec
 
 from daemon.api.asgi import ClientGone, Receive, Send, send_api_error, send_json
 from daemon.api.assemble import CompletionAssembler
-from daemon.api.errors import ApiError
+from daemon.api.errors import ApiError, anthropic_error
 from daemon.api.handler import Headers, Parsed, read_consumer_body, request_id_headers
 from daemon.api.messages_request import (
     MessagesOptions,
@@ -28,31 +28,13 @@ from daemon.api.messages_request import (
     parse_messages_request,
 )
 from daemon.api.messages_response import EventStream, Stop, assembled_message, message_id
+from daemon.api.relay import relay
 from daemon.nursery.attempt import Chunk
 from daemon.nursery.dispatch import Committed, Finished, InBandError
 from daemon.nursery.supervisor import Supervisor
 
 REQUEST_ID_HEADERS: Final = (b"x-request-id", b"request-id")
-# Anthropic's error types by status; 502 and 504 are api_error too (their 5xx default).
-ERROR_TYPES: Final = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    500: "api_error",
-    503: "overloaded_error",
-}
-
 _encoder: Final = msgspec.json.Encoder()
-
-
-def anthropic_error(error: ApiError) -> bytes:
-    """Anthropic's body for `error`."""
-    default = "api_error" if error.status >= 500 else "invalid_request_error"
-    detail = {"type": ERROR_TYPES.get(error.status, default), "message": error.message}
-    return _encoder.encode({"type": "error", "error": detail})
 
 
 class MessagesCodec:
@@ -68,54 +50,10 @@ class MessagesCodec:
         self, send: Send, committed: Committed, headers: Headers, options: MessagesOptions
     ) -> None:
         if options.stream:
-            await _stream(send, committed, headers, options)
+            events = EventStream(options, message_id(committed.request_id))
+            await relay(send, committed, headers, events)
         else:
             await _complete(send, committed, headers, options)
-
-
-async def _stream(
-    send: Send, committed: Committed, headers: Headers, options: MessagesOptions
-) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [
-                (b"content-type", b"text/event-stream"),
-                (b"cache-control", b"no-cache"),
-                (b"x-accel-buffering", b"no"),
-                *headers,
-            ],
-        }
-    )
-    events = EventStream(options, message_id(committed.request_id))
-    parts = [events.start()]
-    event = await committed.next_event()
-    while True:
-        match event:
-            case Chunk(event=data):
-                parts.append(events.chunk(data))
-            case Finished(usage=usage):
-                parts.append(events.finish(usage))
-                break
-            case InBandError(kind=kind, message=message):
-                parts.append(events.fail(kind, message))
-                break
-            case _:
-                assert_never(event)
-        polled = committed.poll()
-        if polled is None:  # nothing more waiting: write what we have, then wait
-            await _body(send, b"".join(parts), more=True)
-            parts = []
-            event = await committed.next_event()
-        else:
-            event = polled
-    await _body(send, b"".join(parts), more=False)
-
-
-async def _body(send: Send, data: bytes, *, more: bool) -> None:
-    if data or not more:  # a chunk that maps to no event (usage only) writes nothing
-        await send({"type": "http.response.body", "body": data, "more_body": more})
 
 
 async def _complete(

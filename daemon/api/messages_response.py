@@ -21,6 +21,7 @@ from typing import Any, Final
 import msgspec
 
 from daemon.api.messages_request import MessagesOptions
+from daemon.nursery.attempt import Chunk
 from protocol.messages import Usage
 
 STOP_REASONS: Final = {
@@ -98,7 +99,7 @@ class EventStream:
         self._open: BlockKey | None = None
         self._tools: dict[int, int] = {}  # a tool call's index -> its block's index
 
-    def start(self) -> bytes:
+    def opening(self) -> bytes:
         message: dict[str, Any] = {
             "id": self._id,
             "type": "message",
@@ -112,7 +113,8 @@ class EventStream:
         start = event("message_start", {"type": "message_start", "message": message})
         return start + event("ping", {"type": "ping"})
 
-    def chunk(self, chunk: dict[str, Any] | None) -> bytes:
+    def chunk(self, relayed: Chunk) -> bytes:
+        chunk = relayed.event
         self._stop.observe(chunk)
         out: list[bytes] = []
         for choice in first_choices(chunk):

@@ -25,7 +25,7 @@ from urllib.parse import parse_qs
 import msgspec
 
 from daemon.api.asgi import Receive, Send, drain, header, send_api_error, send_json
-from daemon.api.errors import ApiError, openai_error
+from daemon.api.errors import ApiError, anthropic_error, openai_error
 from daemon.api.handler import consumer_key
 from daemon.nursery.supervisor import Supervisor
 from daemon.routing.registry import Registry, shown
@@ -36,12 +36,6 @@ ITEM_PREFIX: Final = "/v1/models/"
 # Anthropic's page size: its default and its ceiling.
 DEFAULT_LIMIT: Final = 20
 MAX_LIMIT: Final = 1000
-ANTHROPIC_ERROR_TYPES: Final = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-}
 
 _encoder: Final = msgspec.json.Encoder()
 
@@ -203,12 +197,6 @@ def _limit(query: dict[str, str]) -> int:
             400, "invalid_request", f"'limit' must be from 1 to {MAX_LIMIT}", param="limit"
         )
     return int(text)
-
-
-def anthropic_error(error: ApiError) -> bytes:
-    """Anthropic's body for `error`: `{"type": "error", "error": {"type", "message"}}`."""
-    kind = ANTHROPIC_ERROR_TYPES.get(error.status, "api_error")
-    return _encoder.encode({"type": "error", "error": {"type": kind, "message": error.message}})
 
 
 OPENAI: Final = Shape(

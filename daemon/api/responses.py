@@ -19,6 +19,7 @@ from daemon.api.asgi import Send, send_error, send_json
 from daemon.api.assemble import CompletionAssembler
 from daemon.api.errors import ApiError, openai_error
 from daemon.api.handler import Headers, Parsed
+from daemon.api.relay import relay
 from daemon.api.responses_output import Frame, from_completion, usage_object
 from daemon.api.responses_request import ResponsesOptions, parse_responses_request
 from daemon.api.responses_stream import ResponseEvents
@@ -42,52 +43,9 @@ class ResponsesCodec:
     ) -> None:
         frame = Frame.open(committed.request_id, options)
         if options.stream:
-            await _stream(send, committed, headers, ResponseEvents(frame))
+            await relay(send, committed, headers, ResponseEvents(frame))
         else:
             await _complete(send, committed, headers, frame)
-
-
-async def _stream(
-    send: Send, committed: Committed, headers: Headers, events: ResponseEvents
-) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [
-                (b"content-type", b"text/event-stream"),
-                (b"cache-control", b"no-cache"),
-                (b"x-accel-buffering", b"no"),
-                *headers,
-            ],
-        }
-    )
-    parts = [events.opening()]
-    event = await committed.next_event()
-    while True:
-        match event:
-            case Chunk(event=data):
-                parts.append(events.add(data))
-            case Finished(usage=usage):
-                parts.append(events.finish(usage))
-                break
-            case InBandError(kind=kind, message=message):
-                parts.append(events.fail(kind, message))
-                break
-            case _:
-                assert_never(event)
-        polled = committed.poll()
-        if polled is None:  # nothing more waiting: write what we have, then wait
-            await _body(send, b"".join(parts), more=True)
-            parts = []
-            event = await committed.next_event()
-        else:
-            event = polled
-    await _body(send, b"".join(parts), more=False)
-
-
-async def _body(send: Send, data: bytes, *, more: bool) -> None:
-    await send({"type": "http.response.body", "body": data, "more_body": more})
 
 
 async def _complete(send: Send, committed: Committed, headers: Headers, frame: Frame) -> None:

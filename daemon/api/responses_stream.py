@@ -24,6 +24,7 @@ from daemon.api.responses_output import (
     text_part,
     usage_object,
 )
+from daemon.nursery.attempt import Chunk
 from protocol.messages import Usage
 
 Event = dict[str, Any]
@@ -137,7 +138,8 @@ class ResponseEvents:
             ]
         )
 
-    def add(self, chunk: dict[str, Any] | None) -> bytes:
+    def chunk(self, relayed: Chunk) -> bytes:
+        chunk = relayed.event
         if not chunk:
             return b""
         if isinstance(chunk.get("usage"), dict):
