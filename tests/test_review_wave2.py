@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import trio
 from trio.testing import MockClock
 
+from tests.consumer_harness import BOUND_S, Api, sse_events
 from tests.dispatch_harness import World, drain
-from tests.fakes.provider import Fail, answer
+from tests.fakes.provider import Chunk, Complete, Fail, always, answer, role_chunk
 
 
 async def test_two_busy_providers_of_different_versions_do_not_blame_the_request(
@@ -24,3 +28,43 @@ async def test_two_busy_providers_of_different_versions_do_not_blame_the_request
 
     assert committed.provider_id == c.id and committed.attempts == 3
     await world.assert_nothing_leaked()
+
+
+# A hostile provider's chunk shapes ----------------------------------------------------------
+
+
+def _chunk_with_finish(finish_reason: object) -> Chunk:
+    event = {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": "m",
+        "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": finish_reason}],
+    }
+    return Chunk("data: " + json.dumps(event))
+
+
+@pytest.mark.parametrize("finish_reason", [["stop"], {"why": "stop"}, 7])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_non_string_finish_reason_is_ignored_by_the_responses_route(
+    api: Api, finish_reason: object, stream: bool
+) -> None:
+    """A provider's `finish_reason` that is no string used to crash the route (an unhashable
+    dict key): a 500 from the server, or a stream cut short with no terminal event."""
+    script = [role_chunk(), _chunk_with_finish(finish_reason), Chunk("data: [DONE]"), Complete()]
+    await api.connect(api.fake(always(script)))
+
+    with trio.fail_after(BOUND_S):
+        response = await api.client.post(
+            "/v1/responses", json={"model": "m", "input": "hi", "stream": stream}, headers=api.auth
+        )
+
+    assert response.status_code == 200, response.text
+    if stream:
+        events = sse_events(response.text)
+        assert events[-1]["type"] == "response.completed"
+        answer = events[-1]["response"]
+    else:
+        answer = response.json()
+    assert answer["status"] == "completed"
+    assert answer["output"][0]["content"][0]["text"] == "Hi"
