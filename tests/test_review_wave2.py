@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 
+import anthropic
 import pytest
 import trio
 from trio.testing import MockClock
 
-from tests.consumer_harness import BOUND_S, Api, sse_events
+from tests.consumer_harness import BOUND_S, UUID_RE, Api, sse_events
 from tests.dispatch_harness import World, drain
 from tests.fakes.provider import Chunk, Complete, Fail, always, answer, role_chunk
 
@@ -68,3 +69,18 @@ async def test_a_non_string_finish_reason_is_ignored_by_the_responses_route(
         answer = response.json()
     assert answer["status"] == "completed"
     assert answer["output"][0]["content"][0]["text"] == "Hi"
+
+
+# The model list in Anthropic's shape ----------------------------------------------------------
+
+
+async def test_the_anthropic_sdk_reads_a_request_id_from_a_model_list_error(api: Api) -> None:
+    """Anthropic's SDK names a failed call by the `request-id` header, as on /v1/messages."""
+    async with anthropic.AsyncAnthropic(
+        base_url=api.daemon.base_url, api_key=api.key, max_retries=0, timeout=BOUND_S
+    ) as client:
+        with trio.fail_after(BOUND_S), pytest.raises(anthropic.NotFoundError) as missing:
+            await client.models.retrieve("nope")
+    assert missing.value.request_id is not None
+    assert UUID_RE.match(missing.value.request_id)
+    assert missing.value.response.headers["x-request-id"] == missing.value.request_id
