@@ -9,9 +9,12 @@ import pytest
 import trio
 from trio.testing import MockClock
 
+from daemon.api.serve import RunningDaemon
+from protocol.messages import MAX_TPS
 from tests.consumer_harness import BOUND_S, UUID_RE, Api, sse_events
 from tests.dispatch_harness import World, drain
 from tests.fakes.provider import Chunk, Complete, Fail, always, answer, role_chunk
+from tests.test_provider_sessions import assert_rejected, raw_provider, refused
 
 
 async def test_two_busy_providers_of_different_versions_do_not_blame_the_request(
@@ -84,3 +87,25 @@ async def test_the_anthropic_sdk_reads_a_request_id_from_a_model_list_error(api:
     assert missing.value.request_id is not None
     assert UUID_RE.match(missing.value.request_id)
     assert missing.value.response.headers["x-request-id"] == missing.value.request_id
+
+
+# What a provider advertises ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["decode_tps", "prefill_tps"])
+async def test_a_negative_advertised_speed_is_refused(daemon: RunningDaemon, field: str) -> None:
+    """A negative speed made a provider's expected time negative: it won every pick, over
+    every honest provider, until its first completed request (PROTOCOL.md §4: a bad register
+    is rejected with a reason)."""
+    with trio.fail_after(BOUND_S):
+        verdict, close = await refused(daemon, lambda p: p.register_fields(**{field: -1.0}))
+    assert_rejected(verdict, close, f"$.{field}", ">= 0")
+    assert daemon.supervisor.registry.providers() == []
+
+
+async def test_a_register_at_the_speed_bounds_is_admitted(daemon: RunningDaemon) -> None:
+    with trio.fail_after(BOUND_S):
+        async with raw_provider(daemon) as provider:
+            await provider.register(decode_tps=MAX_TPS, prefill_tps=0.0)
+            entry = daemon.supervisor.registry.get(provider.provider_id)
+    assert entry is not None and entry.advertised_decode_tps == MAX_TPS
