@@ -10,8 +10,9 @@ import trio
 from trio.testing import MockClock
 
 from daemon.api.serve import RunningDaemon
+from daemon.nursery.attempt import MAX_PROVIDER_TEXT
 from protocol.messages import MAX_TPS
-from tests.consumer_harness import BOUND_S, UUID_RE, Api, sse_events
+from tests.consumer_harness import BOUND_S, UUID_RE, Api, assert_openai_error, sse_events
 from tests.dispatch_harness import World, drain
 from tests.fakes.provider import Chunk, Complete, Fail, always, answer, role_chunk
 from tests.test_provider_sessions import assert_rejected, raw_provider, refused
@@ -109,3 +110,28 @@ async def test_a_register_at_the_speed_bounds_is_admitted(daemon: RunningDaemon)
             await provider.register(decode_tps=MAX_TPS, prefill_tps=0.0)
             entry = daemon.supervisor.registry.get(provider.provider_id)
     assert entry is not None and entry.advertised_decode_tps == MAX_TPS
+
+
+# What a provider says about a failure --------------------------------------------------------
+
+
+async def test_a_provider_s_error_text_reaches_the_consumer_cut_short(api: Api) -> None:
+    """A provider's `error` and `error_reason` are its own strings, up to a 10 MiB frame:
+    the consumer gets a bounded message, and a `code` only when the reason is a short
+    identifier (never the provider's arbitrary text, as here with a newline in it)."""
+    huge = "overflow " * 100_000
+    await api.connect(api.fake(always([Fail(400, huge, reason="bad\nreason" * 1000)])))
+
+    response = await api.chat()
+
+    error = assert_openai_error(response, 400, "invalid_request")
+    assert error["message"].startswith("overflow overflow")
+    assert len(error["message"]) <= MAX_PROVIDER_TEXT + 1
+
+
+async def test_a_provider_s_short_error_reason_is_the_consumer_s_code(api: Api) -> None:
+    await api.connect(api.fake(always([Fail(400, "too long", reason="context_length_exceeded")])))
+
+    response = await api.chat()
+
+    assert_openai_error(response, 400, "context_length_exceeded")
