@@ -10,10 +10,15 @@ import trio
 from trio.testing import MockClock
 
 from daemon.api.serve import RunningDaemon
+from daemon.config import load_settings
 from daemon.nursery.attempt import MAX_PROVIDER_TEXT
-from protocol.messages import MAX_TPS
+from daemon.nursery.supervisor import build_registry
+from daemon.routing.registry import MAX_REMEMBERED_MODELS, MODEL_MEMORY_S
+from daemon.routing.types import RequestTraits
+from protocol.messages import MAX_MODELS, MAX_TPS, ModelInfo
 from tests.consumer_harness import BOUND_S, UUID_RE, Api, assert_openai_error, sse_events
 from tests.dispatch_harness import World, drain
+from tests.fakes.entries import make_entry
 from tests.fakes.provider import Chunk, Complete, Fail, always, answer, role_chunk
 from tests.test_provider_sessions import assert_rejected, raw_provider, refused
 
@@ -135,3 +140,26 @@ async def test_a_provider_s_short_error_reason_is_the_consumer_s_code(api: Api) 
     response = await api.chat()
 
     assert_openai_error(response, 400, "context_length_exceeded")
+
+
+async def test_a_provider_cycling_model_ids_cannot_grow_the_model_memory_without_end(
+    autojump_clock: MockClock,
+) -> None:
+    """Every id a provider ever advertised was remembered forever (for the 10-minute
+    "reconnecting" answer): a `models_update` loop through fresh ids grew it without end."""
+    reg = build_registry(load_settings({}), seed=1)
+    entry = make_entry("p1", ["first"])
+    reg.add(entry)
+    rounds = MAX_REMEMBERED_MODELS // MAX_MODELS + 2
+    for n in range(rounds):
+        reg.update_models(entry, [ModelInfo(id=f"m{n}-{i}") for i in range(MAX_MODELS)])
+    assert len(reg._model_seen) <= MAX_REMEMBERED_MODELS
+    # The longest-unseen id went first; the ones just left still queue for a reconnect.
+    assert reg.preflight(RequestTraits(model="first")).verdict == "unknown_model"
+    assert reg.preflight(RequestTraits(model=f"m{rounds - 2}-0")).verdict == "queue"
+
+    reg.update_models(entry, [ModelInfo(id="now")])
+    await trio.sleep(MODEL_MEMORY_S)
+    reg.update_models(entry, [ModelInfo(id="later")])
+    # Every id last served 10 minutes ago is gone ("now" was served until this update).
+    assert set(reg._model_seen) == {"now", "later"}
