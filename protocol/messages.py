@@ -28,9 +28,6 @@ MAX_MODELS: Final = 256  # models one provider may serve
 MAX_MODEL_ID_CHARS: Final = 256  # a model id
 MAX_LABEL_CHARS: Final = 64  # version, backend, quantization: short labels
 MAX_CONCURRENCY: Final = 1024  # slots; more would only game the load-aware choice
-# Advertised tokens per second. A negative speed made the expected time negative, and the
-# provider the choice of every request until its first completion; 0 is "no opinion".
-MAX_TPS: Final = 1_000_000.0
 
 
 class CloseCode(enum.IntEnum):
@@ -47,7 +44,9 @@ Positive = Annotated[int, Meta(ge=1)]
 ModelId = Annotated[str, Meta(min_length=1, max_length=MAX_MODEL_ID_CHARS)]
 Label = Annotated[str, Meta(max_length=MAX_LABEL_CHARS)]
 Concurrency = Annotated[int, Meta(ge=1, le=MAX_CONCURRENCY)]
-Speed = Annotated[float, Meta(ge=0, le=MAX_TPS)]
+# Advertised tokens per second; 0 is "no opinion". A negative speed made the expected time
+# negative, and the provider the choice of every request until its first completion.
+Speed = Annotated[float, Meta(ge=0)]
 
 
 class _Message(msgspec.Struct, frozen=True, omit_defaults=True, tag_field="type"):
