@@ -44,6 +44,9 @@ Positive = Annotated[int, Meta(ge=1)]
 ModelId = Annotated[str, Meta(min_length=1, max_length=MAX_MODEL_ID_CHARS)]
 Label = Annotated[str, Meta(max_length=MAX_LABEL_CHARS)]
 Concurrency = Annotated[int, Meta(ge=1, le=MAX_CONCURRENCY)]
+# Advertised tokens per second; 0 is "no opinion". A negative speed made the expected time
+# negative, and the provider the choice of every request until its first completion.
+Speed = Annotated[float, Meta(ge=0)]
 
 
 class _Message(msgspec.Struct, frozen=True, omit_defaults=True, tag_field="type"):
@@ -108,8 +111,8 @@ class Register(_Message, frozen=True, tag="register"):
     models: Models
     auth_token: str | None = None
     max_concurrency: Concurrency | None = None
-    decode_tps: float | None = None
-    prefill_tps: float | None = None
+    decode_tps: Speed | None = None
+    prefill_tps: Speed | None = None
     hardware: Hardware | None = None
 
 

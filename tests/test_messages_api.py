@@ -822,8 +822,7 @@ async def test_bad_bodies_are_400_naming_the_field(api: Api, raw: bytes, field: 
     ],
 )
 def test_each_status_has_anthropic_s_error_type(status: int, kind: str) -> None:
-    from daemon.api.errors import ApiError
-    from daemon.api.errors import anthropic_error
+    from daemon.api.errors import ApiError, anthropic_error
 
     rendered = json.loads(anthropic_error(ApiError(status, "code", "what went wrong")))
     assert rendered == {"type": "error", "error": {"type": kind, "message": "what went wrong"}}

@@ -66,7 +66,7 @@ class CompletionAssembler:
                 self._add_choice(choice)
 
     def _add_choice(self, choice: dict[str, Any]) -> None:
-        self.finish_reason = choice.get("finish_reason") or self.finish_reason
+        self.finish_reason = finish_reason_of(choice) or self.finish_reason
         _append(self.content, choice.get("text"))
         self._add_logprobs(choice.get("logprobs"))
         delta = choice.get("delta")
@@ -117,6 +117,13 @@ class CompletionAssembler:
             "completion_tokens": usage.completion_tokens,
             "total_tokens": total,
         }
+
+
+def finish_reason_of(choice: dict[str, Any]) -> str | None:
+    """A choice's `finish_reason`: a provider's non-string one is no reason (and would crash a
+    route that looks it up)."""
+    reason = choice.get("finish_reason")
+    return reason if isinstance(reason, str) and reason else None
 
 
 def _append(parts: list[str], value: Any) -> None:

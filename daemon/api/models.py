@@ -15,7 +15,6 @@ Not an inference route: no body, no dispatch, just the consumer-key check and th
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,7 +25,8 @@ import msgspec
 
 from daemon.api.asgi import Receive, Send, drain, header, send_api_error, send_json
 from daemon.api.errors import ApiError, anthropic_error, openai_error
-from daemon.api.handler import consumer_key
+from daemon.api.handler import ID_HEADERS, consumer_key, request_id_headers
+from daemon.api.messages import REQUEST_ID_HEADERS
 from daemon.nursery.supervisor import Supervisor
 from daemon.routing.registry import Registry, shown
 from daemon.routing.types import ProviderEntry, RequestTraits
@@ -61,8 +61,8 @@ class ModelsRoute:
         self._created = int(time.time())
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        ident = [(b"x-request-id", str(uuid.uuid4()).encode())]
         shape = ANTHROPIC if header(scope, b"anthropic-version") is not None else OPENAI
+        ident = request_id_headers(shape.id_headers)
         try:
             payload = await self._answer(scope, receive, shape)
         except ApiError as error:
@@ -139,6 +139,7 @@ class Shape:
     item: Callable[[ModelView, int], dict[str, Any]]
     render_error: Callable[[ApiError], bytes]
     auth_hint: str
+    id_headers: tuple[bytes, ...]  # the request id under each (Anthropic's SDK reads `request-id`)
 
 
 def _openai_item(view: ModelView, created: int) -> dict[str, Any]:
@@ -204,10 +205,12 @@ OPENAI: Final = Shape(
     _openai_item,
     openai_error,
     "a valid API key is required (Authorization: Bearer KEY)",
+    ID_HEADERS,
 )
 ANTHROPIC: Final = Shape(
     _anthropic_page,
     _anthropic_item,
     anthropic_error,
     "a valid API key is required (x-api-key: KEY)",
+    REQUEST_ID_HEADERS,
 )

@@ -15,6 +15,7 @@ from typing import Any, Final, TypeVar
 
 import msgspec
 
+from daemon.api.assemble import finish_reason_of
 from daemon.api.responses_output import (
     Frame,
     call_item,
@@ -148,7 +149,7 @@ class ResponseEvents:
         choice = choices[0] if isinstance(choices, list) and choices else None
         if not isinstance(choice, dict):
             return b""
-        self._finish_reason = choice.get("finish_reason") or self._finish_reason
+        self._finish_reason = finish_reason_of(choice) or self._finish_reason
         delta = choice.get("delta")
         return self._encode(self._delta(delta)) if isinstance(delta, dict) else b""
 

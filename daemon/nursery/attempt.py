@@ -9,6 +9,7 @@ stop (a `cancel` frame) unless the request already ended, and frees the slot.
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any, Final
@@ -63,6 +64,12 @@ class Failure:
 
 
 Event = Chunk | Accepted | Completed | Failure
+
+# A provider's words about a failure are its own strings, as long as a frame allows: they
+# reach logs and consumers cut to this many characters, and a reason becomes the consumer's
+# error `code` only when it is a short identifier such as `context_length_exceeded`.
+MAX_PROVIDER_TEXT: Final = 1000
+_REASON: Final = re.compile(r"[a-z0-9_.\-]{1,64}", re.ASCII)
 
 DISCONNECTED: Final = Failure(502, "provider disconnected")
 INVALID_CHUNK: Final = Failure(502, "provider returned invalid encrypted chunk")
@@ -133,7 +140,9 @@ class ProviderStream:
                 return Completed(usage)
             case InferenceError(status_code=status, error=message, error_reason=reason):
                 self.ended = True
-                return Failure(status, message or f"provider error {status}", reason=reason)
+                text = provider_text(message) or f"provider error {status}"
+                known = reason if reason is not None and _REASON.fullmatch(reason) else None
+                return Failure(status, text, reason=known)
         return DISCONNECTED  # unreachable: the session routes only these frames
 
     def _chunk(self, frame: InferenceResponseChunk) -> Chunk | Failure:
@@ -161,9 +170,16 @@ class ProviderStream:
         self._session.cancel(self.request_id)
 
 
+def provider_text(text: str) -> str:
+    """A provider's (or its backend's) message, cut to MAX_PROVIDER_TEXT characters."""
+    return text if len(text) <= MAX_PROVIDER_TEXT else text[:MAX_PROVIDER_TEXT] + "…"
+
+
 def error_message(event: dict[str, Any] | None) -> str:
     """The text of an SSE `{"error": ...}` event, for logs and the in-band error."""
     error = (event or {}).get("error")
     if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return str(error["message"])
-    return error if isinstance(error, str) else "the provider's backend reported an error"
+        return provider_text(str(error["message"]))
+    if isinstance(error, str) and error:
+        return provider_text(error)
+    return "the provider's backend reported an error"

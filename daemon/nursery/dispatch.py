@@ -35,6 +35,7 @@ from daemon.nursery.race import (
     Won,
 )
 from daemon.routing.admission import AdmissionQueue
+from daemon.routing.breaker import STRIKE_STATUSES
 from daemon.routing.registry import Registry
 from daemon.routing.types import Lease, RequestTraits
 from protocol.messages import Usage
@@ -260,11 +261,12 @@ def _request_at_fault(failures: Sequence[RacerFailure]) -> bool:
     """Did two providers of different versions fail this request the same way?
 
     Only what providers said counts: a missed deadline is the daemon's judgement, and a slow
-    fleet is no proof against the request.
+    fleet is no proof against the request. Only a failure that would be a strike counts: a
+    503 is capacity (busy, draining, loading), which says nothing about the request.
     """
     seen: dict[tuple[int, str | None], str] = {}
     for f in failures:
-        if f.failure.kind == "timeout":
+        if f.failure.kind == "timeout" or f.failure.status not in STRIKE_STATUSES:
             continue
         how = (f.failure.status, f.failure.reason)
         version = seen.setdefault(how, f.entry.version)

@@ -34,6 +34,9 @@ from protocol.messages import ModelInfo
 # A model that had a provider this recently queues instead of failing as unknown: providers
 # reconnect after restarts and network blips.
 MODEL_MEMORY_S: Final = 600.0
+# The most model ids remembered so: a provider cycling `models_update` through fresh ids must
+# not grow the daemon's memory without end. Past it the longest-unseen id is forgotten first.
+MAX_REMEMBERED_MODELS: Final = 16_384
 # Three consecutive failed challenges make a provider untrusted (PROTOCOL.md §4).
 CHALLENGE_FAILURES_TO_UNTRUST: Final = 3
 # Costs within this fraction of the best are a near tie, broken at random to spread load.
@@ -133,9 +136,19 @@ class Registry:
             self._bump()
 
     def _remember_models(self, models: Iterable[str]) -> None:
+        """Note when each model was last served. The dict stays in order of that time (an id
+        seen again moves to the end), so what has expired, or is past the bound, is at the
+        front."""
         now = trio.current_time()
+        seen = self._model_seen
         for model in models:
-            self._model_seen[model] = now
+            seen.pop(model, None)
+            seen[model] = now
+        while seen:
+            oldest = next(iter(seen))
+            if len(seen) <= MAX_REMEMBERED_MODELS and now - seen[oldest] < MODEL_MEMORY_S:
+                break
+            del seen[oldest]
 
     def is_current(self, entry: ProviderEntry) -> bool:
         return self._providers.get(entry.provider_id) is entry
