@@ -19,7 +19,7 @@ from protocol.messages import MAX_MODELS, ModelInfo
 from tests.consumer_harness import BOUND_S, UUID_RE, Api, assert_openai_error, sse_events
 from tests.dispatch_harness import World, drain
 from tests.fakes.entries import make_entry
-from tests.fakes.provider import Chunk, Complete, Fail, always, answer, role_chunk
+from tests.fakes.provider import Chunk, Complete, Fail, Stall, always, answer, role_chunk
 from tests.test_provider_sessions import assert_rejected, raw_provider, refused
 
 
@@ -163,3 +163,58 @@ async def test_a_provider_cycling_model_ids_cannot_grow_the_model_memory_without
     reg.update_models(entry, [ModelInfo(id="later")])
     # Every id last served 10 minutes ago is gone ("now" was served until this update).
     assert set(reg._model_seen) == {"now", "later"}
+
+
+# Found by reading, after the review -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
+        (
+            "/v1/messages",
+            {"model": "m", "max_tokens": 9, "messages": [{"role": "user", "content": "hi"}]},
+        ),
+    ],
+    ids=["chat", "messages"],
+)
+async def test_a_one_object_answer_is_bounded_and_the_provider_released(
+    api: Api, monkeypatch: pytest.MonkeyPatch, path: str, body: dict[str, object]
+) -> None:
+    """A provider that streams on past max_tokens cannot grow a non-streaming answer without
+    end: past the bound the consumer gets a 502 and the provider a cancel."""
+    from daemon.api import relay
+    from tests.fakes.provider import content_chunk
+
+    monkeypatch.setattr(relay, "MAX_ASSEMBLED_CHARS", 2000)
+    endless = [role_chunk(), *(content_chunk("x" * 100) for _ in range(40)), Stall()]
+    fake = (await api.connect(api.fake(always(endless))))[0]
+
+    with trio.fail_after(BOUND_S):
+        response = await api.client.post(path, json=body, headers=api.auth)
+        await fake.cancel_seen.wait()
+
+    assert response.status_code == 502, response.text
+    assert "exceeds 2000 characters" in response.text
+    assert len(fake.cancels) == 1
+
+
+async def test_a_superseded_sessions_failing_streams_do_not_cool_its_successor(
+    autojump_clock: MockClock, nursery: trio.Nursery
+) -> None:
+    world = World(nursery, DINFER_BREAKER_THRESHOLD="1")
+    old = world.provider(
+        [role_chunk(), Chunk('data: {"choices":[{"delta":{"content":"a"}}]}'), Stall()]
+    )
+    committed = await world.dispatch()
+
+    newer = old.session.entry()  # the same identity, reconnected and proven
+    assert not world.registry.add(newer)
+    assert world.registry.promote(newer) is old.entry
+    old.session.kick(4001, "superseded by a newer connection")
+    drained = await drain(committed)
+
+    assert drained.error is not None  # the old session's stream failed in-band
+    key = (newer.provider_id, "m", "base")
+    assert not world.registry.breaker.in_cooldown(key, trio.current_time())

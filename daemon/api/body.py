@@ -21,6 +21,8 @@ from daemon.api.errors import ApiError
 DEFAULT_MAX_TOKENS: Final = 1024
 # The largest `max_tokens` accepted: above the longest context any model has today.
 MAX_TOKENS_LIMIT: Final = 10_000_000
+# A consumer's value quoted in an error message is cut to this many characters.
+ECHO_CHARS: Final = 48
 # Inclusive ranges of the numeric sampling fields (OpenAI's documented ones where it has them).
 NUMBER_RANGES: Final[dict[str, tuple[int | float, int | float]]] = {
     "temperature": (0, 2),
@@ -36,6 +38,12 @@ NUMBER_RANGES: Final[dict[str, tuple[int | float, int | float]]] = {
 
 _decoder: Final = msgspec.json.Decoder(float_hook=Decimal)
 _encoder: Final = msgspec.json.Encoder(decimal_format="number")
+
+
+def echo(value: Any) -> str:
+    """A consumer's value in an error message, cut short: a huge one is never echoed whole."""
+    text = repr(value)
+    return text if len(text) <= ECHO_CHARS else text[: ECHO_CHARS - 3] + "..."
 
 
 def bad_request(message: str, param: str | None = None) -> ApiError:

@@ -28,8 +28,7 @@ from daemon.api.messages_request import (
     parse_messages_request,
 )
 from daemon.api.messages_response import EventStream, Stop, assembled_message, message_id
-from daemon.api.relay import relay
-from daemon.nursery.attempt import Chunk
+from daemon.api.relay import collect, relay, send_failure
 from daemon.nursery.dispatch import Committed, Finished, InBandError
 from daemon.nursery.supervisor import Supervisor
 
@@ -61,24 +60,21 @@ async def _complete(
 ) -> None:
     assembler = CompletionAssembler(options.model)
     stop = Stop(options.stop_sequences)
-    while True:
-        match await committed.next_event():
-            case Chunk(event=data):
-                assembler.add(data)
-                stop.observe(data)
-            case Finished(usage=usage):
-                completion = assembler.result(usage)
-                ident = message_id(committed.request_id)
-                message = assembled_message(completion, stop, options, ident, usage)
-                await send_json(send, 200, _encoder.encode(message), headers)
-                return
-            case InBandError(kind=kind, message=text):
-                status = 504 if kind == "timeout" else 502
-                error = ApiError(status, kind, f"the provider failed mid-answer: {text}")
-                await send_api_error(send, error, headers, anthropic_error)
-                return
-            case other:
-                assert_never(other)
+
+    def add(data: dict[str, Any] | None) -> None:
+        assembler.add(data)
+        stop.observe(data)
+
+    match await collect(committed, add):
+        case Finished(usage=usage):
+            completion = assembler.result(usage)
+            ident = message_id(committed.request_id)
+            message = assembled_message(completion, stop, options, ident, usage)
+            await send_json(send, 200, _encoder.encode(message), headers)
+        case InBandError() as failure:
+            await send_failure(send, failure, headers, anthropic_error)
+        case end:
+            assert_never(end)
 
 
 class CountTokensRoute:

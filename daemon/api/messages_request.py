@@ -22,7 +22,7 @@ from typing import Any, Final
 
 import msgspec
 
-from daemon.api.body import MAX_TOKENS_LIMIT, bad_request
+from daemon.api.body import MAX_TOKENS_LIMIT, bad_request, echo
 from daemon.api.chat_request import parse_chat_request
 from daemon.api.errors import ApiError
 from daemon.api.handler import Parsed
@@ -39,7 +39,6 @@ _BLOCKS_BY_ROLE: Final = {
 }
 _DROPPED: Final = frozenset({"thinking", "redacted_thinking"})
 _TOOL_CHOICES: Final = {"auto": "auto", "any": "required", "none": "none"}
-_SHOWN_CHARS: Final = 48
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,9 +165,7 @@ def _tool(tool: Any, path: str) -> dict[str, Any]:
     if not isinstance(tool, dict):
         raise _bad(path, "must be an object")
     if tool.get("type") not in (None, "custom"):
-        raise _bad(
-            f"{path}.type", f"{_shown(tool['type'])} is not supported: only custom tools are"
-        )
+        raise _bad(f"{path}.type", f"{echo(tool['type'])} is not supported: only custom tools are")
     function: dict[str, Any] = {"name": _string(tool, "name", f"{path}.name")}
     if tool.get("description") is not None:
         function["description"] = _string(tool, "description", f"{path}.description")
@@ -234,7 +231,7 @@ def _block(block: Any, path: str, role: str) -> tuple[str, dict[str, Any]]:
     if not isinstance(kind, str):
         raise _bad(path, "must be a content block object with a 'type'")
     if kind not in _BLOCKS_BY_ROLE[role]:
-        raise _bad(f"{path}.type", f"{_shown(kind)} blocks are not supported in {role} messages")
+        raise _bad(f"{path}.type", f"{echo(kind)} blocks are not supported in {role} messages")
     return path, block
 
 
@@ -344,12 +341,6 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | Decimal) and not isinstance(value, bool)
-
-
-def _shown(value: Any) -> str:
-    """A consumer's value in an error message, cut short: a huge one is never echoed whole."""
-    text = repr(value)
-    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
 
 
 def _bad(path: str, problem: str) -> ApiError:

@@ -14,7 +14,8 @@ from typing import Any, Final, Protocol, assert_never
 
 import msgspec
 
-from daemon.api.asgi import Send, send_error
+from daemon.api.asgi import Send, send_api_error
+from daemon.api.errors import ApiError, openai_error
 from daemon.nursery.attempt import Chunk
 from daemon.nursery.dispatch import Committed, Finished, InBandError
 from protocol.messages import Usage
@@ -25,6 +26,8 @@ EVENT_STREAM_HEADERS: Final = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
+# The most a one-object (non-streaming) answer may hold, in characters of SSE lines.
+MAX_ASSEMBLED_CHARS: Final = 64 * 1024 * 1024
 _encoder: Final = msgspec.json.Encoder()
 
 # The route's own usage-only chunk, for a usage `inference_complete` reported.
@@ -134,10 +137,24 @@ async def body(send: Send, data: bytes, *, more: bool) -> None:
 async def collect(
     committed: Committed, add: Callable[[dict[str, Any] | None], None]
 ) -> Finished | InBandError:
-    """Feed every chunk to `add`; the stream's end."""
+    """Feed every chunk to `add`; the stream's end.
+
+    A one-object answer is held whole until its end, so it is bounded: past
+    MAX_ASSEMBLED_CHARS the provider is released and the answer fails (a provider that
+    ignores max_tokens must not exhaust the daemon's memory).
+    """
+    size = 0
     while True:
         match await committed.next_event():
-            case Chunk(event=data):
+            case Chunk(event=data, line=line):
+                size += len(line)
+                if size > MAX_ASSEMBLED_CHARS:
+                    committed.close()
+                    limit = MAX_ASSEMBLED_CHARS
+                    too_long = (
+                        f"the answer exceeds {limit} characters: ask for fewer tokens, or stream"
+                    )
+                    return InBandError("provider_error", too_long)
                 add(data)
             case Finished() | InBandError() as end:
                 return end
@@ -145,8 +162,13 @@ async def collect(
                 assert_never(other)
 
 
-async def send_failure(send: Send, failure: InBandError, headers: Headers) -> None:
+async def send_failure(
+    send: Send,
+    failure: InBandError,
+    headers: Headers,
+    render: Callable[[ApiError], bytes] = openai_error,
+) -> None:
     """A one-object answer's failure after the commit: 504 for a timeout, else 502."""
     status = 504 if failure.kind == "timeout" else 502
-    text = f"the provider failed mid-answer: {failure.message}"
-    await send_error(send, status, text, failure.kind, headers=headers)
+    error = ApiError(status, failure.kind, f"the provider failed mid-answer: {failure.message}")
+    await send_api_error(send, error, headers, render)

@@ -15,15 +15,14 @@ from typing import Final, assert_never
 
 import msgspec
 
-from daemon.api.asgi import Send, send_error, send_json
+from daemon.api.asgi import Send, send_json
 from daemon.api.assemble import CompletionAssembler
 from daemon.api.errors import ApiError, openai_error
 from daemon.api.handler import Headers, Parsed
-from daemon.api.relay import relay
+from daemon.api.relay import collect, relay, send_failure
 from daemon.api.responses_output import Frame, from_completion, usage_object
 from daemon.api.responses_request import ResponsesOptions, parse_responses_request
 from daemon.api.responses_stream import ResponseEvents
-from daemon.nursery.attempt import Chunk
 from daemon.nursery.dispatch import Committed, Finished, InBandError
 
 _encoder: Final = msgspec.json.Encoder(decimal_format="number")
@@ -50,19 +49,12 @@ class ResponsesCodec:
 
 async def _complete(send: Send, committed: Committed, headers: Headers, frame: Frame) -> None:
     assembler = CompletionAssembler(frame.options.model)
-    while True:
-        match await committed.next_event():
-            case Chunk(event=data):
-                assembler.add(data)
-            case Finished(usage=usage):
-                completion = assembler.result(usage)
-                response = from_completion(frame, completion, usage_object(assembler.usage, usage))
-                await send_json(send, 200, _encoder.encode(response), headers)
-                return
-            case InBandError(kind=kind, message=message):
-                status = 504 if kind == "timeout" else 502
-                text = f"the provider failed mid-answer: {message}"
-                await send_error(send, status, text, kind, headers=headers)
-                return
-            case other:
-                assert_never(other)
+    match await collect(committed, assembler.add):
+        case Finished(usage=usage):
+            completion = assembler.result(usage)
+            response = from_completion(frame, completion, usage_object(assembler.usage, usage))
+            await send_json(send, 200, _encoder.encode(response), headers)
+        case InBandError() as failure:
+            await send_failure(send, failure, headers)
+        case end:
+            assert_never(end)

@@ -16,7 +16,7 @@ from typing import Any, Final
 
 import msgspec
 
-from daemon.api.body import MAX_TOKENS_LIMIT, bad_request
+from daemon.api.body import MAX_TOKENS_LIMIT, bad_request, echo
 from daemon.api.chat_request import parse_chat_request
 from daemon.api.errors import ApiError
 from daemon.api.handler import Parsed
@@ -152,7 +152,7 @@ def _add_item(messages: list[dict[str, Any]], item: Any, where: str) -> None:
             pass  # a model's earlier thinking is not replayed: chat templates drop it too
         case other:
             raise bad_request(
-                f"'{where}' is a '{other}' item; only message, function_call, "
+                f"'{where}' is a {echo(other)} item; only message, function_call, "
                 "function_call_output and reasoning items are supported",
                 f"{where}.type",
             )
@@ -278,7 +278,7 @@ def _tool(entry: Any, where: str) -> dict[str, Any]:
         raise ApiError(
             400,
             "unsupported_tool",
-            f"'{where}' is the hosted tool '{kind}': this server runs no tools itself, "
+            f"'{where}' is the hosted tool {echo(kind)}: this server runs no tools itself, "
             "only function tools (declared here, run by the caller) are supported",
             param=f"{where}.type",
         )

@@ -222,8 +222,9 @@ async def dispatch(
                 return Committed(
                     content, registry, job.traits, job.timing.inference, phases, attempts
                 )
-            case RequestInvalid(failure, lost):
-                _strike(registry, job.traits, [*failures, *lost])
+            case RequestInvalid(failure, _):
+                # A provider said the request is bad: the others' failures on it are no
+                # proof against them (nobody is struck), as when two versions fail alike.
                 return DispatchFailed(
                     failure.status, failure.message, failure.reason or "invalid_request"
                 )

@@ -268,7 +268,14 @@ class Registry:
             entry.observed_decode_tps = _ewma(entry.observed_decode_tps, decode_tps)
 
     def record_failure(self, entry: ProviderEntry, model: str, shape: Shape, status: int) -> bool:
-        """A failed attempt; True when it put (provider, model, shape) into cooldown."""
+        """A failed attempt; True when it put (provider, model, shape) into cooldown.
+
+        A session that is no longer the provider's (superseded by a reconnect, or gone) is
+        not struck: its streams fail because it ended, and the strike would land on the
+        identity's new session, whose breaker starts clean.
+        """
+        if not self.is_current(entry):
+            return False
         opened = self.breaker.record_failure(
             (entry.provider_id, model, shape), status, trio.current_time()
         )
