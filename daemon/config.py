@@ -35,6 +35,8 @@ DINFER_PREAMBLE_TIMEOUT_S      90             extra wait for content, once, when
 DINFER_INFERENCE_TIMEOUT_S     600            wait for content after `inference_accepted`, and
                                               the longest silence after the first content
 DINFER_MAX_BODY_BYTES          16777216       largest accepted request body (16 MiB)
+DINFER_BODY_READ_TIMEOUT_S     30             time a request body has to arrive after its head;
+                                              late: 408 and the connection is closed
 DINFER_REGISTER_TIMEOUT_S      10             time a new connection has to send `register`
 DINFER_CHALLENGE_ANSWER_S      30             time a provider has to answer a challenge
 DINFER_CHALLENGE_MAX_AGE_S     960            age after which a passed challenge is stale
@@ -83,6 +85,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     preamble_timeout_s: float
     inference_timeout_s: float
     max_body_bytes: int
+    body_read_timeout_s: float
     register_timeout_s: float
     challenge_answer_s: float
     challenge_max_age_s: float
@@ -215,6 +218,12 @@ ENV_VARS: Final[tuple[EnvVar, ...]] = (
         _positive_float,
     ),
     _var("DINFER_MAX_BODY_BYTES", "16777216", "largest request body (16 MiB)", _positive_int),
+    _var(
+        "DINFER_BODY_READ_TIMEOUT_S",
+        "30",
+        "time a request body has to arrive (else 408)",
+        _positive_float,
+    ),
     _var("DINFER_REGISTER_TIMEOUT_S", "10", "time a new provider has to register", _positive_float),
     _var("DINFER_CHALLENGE_ANSWER_S", "30", "time to answer a challenge", _positive_float),
     _var(

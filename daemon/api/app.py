@@ -4,7 +4,7 @@ hot paths (the consumer API and the provider WebSocket).
 The consumer routes bypass quart on purpose: deferred commit means the status line may go out
 only once the first content chunk exists, and the handler must own every byte it sends in one
 task, with the dispatch nursery inside it. The provider route bypasses it for speed: every
-relayed chunk crosses it.
+relayed chunk crosses it. `HttpEdge` (daemon/api/edge.py) wraps them all.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from quart_trio import QuartTrio
 
 from daemon.api.admin import admin, json_error
 from daemon.api.chat import ChatCompletions
+from daemon.api.edge import HttpEdge
 from daemon.api.provider_socket import ProviderSocket
 from daemon.nursery.supervisor import Supervisor
 
@@ -28,7 +29,8 @@ def create_quart_app(sup: Supervisor) -> QuartTrio:
     app.config.update(
         DINFER_SUPERVISOR=sup,
         RESPONSE_TIMEOUT=None,
-        BODY_TIMEOUT=60,
+        # HttpEdge bounds every body read and answers 408 itself (daemon/api/edge.py).
+        BODY_TIMEOUT=None,
         MAX_CONTENT_LENGTH=1024 * 1024,
     )
     app.register_blueprint(admin)
@@ -66,9 +68,10 @@ class Router:
         await handler(scope, receive, send)
 
 
-def create_app(sup: Supervisor) -> Router:
+def create_app(sup: Supervisor) -> HttpEdge:
     routes: dict[tuple[str, str], ASGIApp] = {
         ("http", "/v1/chat/completions"): ChatCompletions(sup),
         ("websocket", "/ws/provider"): ProviderSocket(sup),
     }
-    return Router(cast(ASGIApp, create_quart_app(sup)), routes)
+    router = Router(cast(ASGIApp, create_quart_app(sup)), routes)
+    return HttpEdge(router, body_timeout=sup.settings.body_read_timeout_s)
