@@ -37,6 +37,9 @@ DINFER_INFERENCE_TIMEOUT_S     600            wait for content after `inference_
 DINFER_MAX_BODY_BYTES          16777216       largest accepted request body (16 MiB)
 DINFER_BODY_READ_TIMEOUT_S     30             time a request body has to arrive after its head;
                                               late: 408 and the connection is closed
+DINFER_KEEPALIVE_TIMEOUT_S     5              idle time after which an HTTP connection is
+                                              closed: between requests, and before the first
+                                              request head is complete
 DINFER_REGISTER_TIMEOUT_S      10             time a new connection has to send `register`
 DINFER_CHALLENGE_ANSWER_S      30             time a provider has to answer a challenge
 DINFER_CHALLENGE_MAX_AGE_S     960            age after which a passed challenge is stale
@@ -86,6 +89,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     inference_timeout_s: float
     max_body_bytes: int
     body_read_timeout_s: float
+    keepalive_timeout_s: float
     register_timeout_s: float
     challenge_answer_s: float
     challenge_max_age_s: float
@@ -222,6 +226,12 @@ ENV_VARS: Final[tuple[EnvVar, ...]] = (
         "DINFER_BODY_READ_TIMEOUT_S",
         "30",
         "time a request body has to arrive (else 408)",
+        _positive_float,
+    ),
+    _var(
+        "DINFER_KEEPALIVE_TIMEOUT_S",
+        "5",
+        "idle time that closes an HTTP connection",
         _positive_float,
     ),
     _var("DINFER_REGISTER_TIMEOUT_S", "10", "time a new provider has to register", _positive_float),

@@ -8,8 +8,9 @@ tests run on the autojump MockClock and assert exact virtual times.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import h11
@@ -19,6 +20,7 @@ from trio.testing import MockClock
 
 from daemon.api.serve import RunningDaemon
 from tests.conftest import ADMIN_KEY, StartDaemon
+from tests.consumer_harness import BOUND_S, OpenApi, chat_body
 
 # Virtual-time bound on the MockClock tests: a deadline that never fires fails the test at
 # once instead of hanging it.
@@ -34,11 +36,16 @@ class Client:
         self._h11 = h11.Connection(our_role=h11.CLIENT)
 
     async def send_head(self, method: str, path: str, **headers: str) -> None:
+        if self._h11.our_state is h11.DONE:
+            self._h11.start_next_cycle()  # raises unless both sides left the connection open
         fields = [("host", "dinfer.test"), *((k.replace("_", "-"), v) for k, v in headers.items())]
         await self._send(h11.Request(method=method, target=path, headers=fields))
 
     async def send_data(self, data: bytes) -> None:
         await self._send(h11.Data(data=data))
+
+    async def send_raw(self, data: bytes) -> None:
+        await self._stream.send_all(data)
 
     async def request(self, method: str, path: str, body: bytes = b"", **headers: str) -> None:
         await self.send_head(method, path, content_length=str(len(body)), **headers)
@@ -47,8 +54,6 @@ class Client:
 
     async def read_response(self) -> tuple[int, dict[str, str], bytes]:
         """The next whole response: status, headers, body."""
-        if self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE:
-            self._h11.start_next_cycle()
         status, headers, parts = 0, {}, []
         while True:
             event = await self._next_event()
@@ -88,6 +93,11 @@ async def connect(daemon: RunningDaemon) -> AsyncIterator[Client]:
         yield client
     finally:
         await client.aclose()
+
+
+def open_descriptors() -> int:
+    """This process's open file descriptors: the daemon's and the test's clients'."""
+    return len(os.listdir("/proc/self/fd"))
 
 
 def error_of(body: bytes) -> dict[str, Any]:
@@ -160,3 +170,73 @@ async def test_a_slow_body_that_arrives_in_time_is_read_whole_and_answered(
 
     assert answer[0] == status
     assert error_of(answer[2])["code"] == code
+
+
+# Connections end: after `connection: close`, and after the keep-alive timeout ---------------
+
+
+@pytest.mark.parametrize("route", ["health", "chat completion"])
+async def test_the_server_closes_the_connection_after_answering_a_connection_close_request(
+    open_api: OpenApi, route: str
+) -> None:
+    api = await open_api()
+    await api.connect(api.fake())
+    async with connect(api.daemon) as client:
+        with trio.fail_after(BOUND_S):
+            if route == "health":
+                await client.request("GET", "/health", connection="close")
+            else:
+                body = json.dumps(chat_body()).encode()
+                await client.request(
+                    "POST", "/v1/chat/completions", body, connection="close", **api.auth
+                )
+            status, _, _ = await client.read_response()
+            assert status == 200
+            assert await client.closed_by_server()
+
+
+async def test_an_idle_keep_alive_connection_is_closed_after_the_keepalive_timeout(
+    autojump_clock: MockClock, start_daemon: StartDaemon
+) -> None:
+    daemon = await start_daemon(keepalive_timeout_s="7")
+    async with connect(daemon) as client:
+        for _ in range(2):  # the connection is reused, then left idle
+            await client.request("GET", "/health")
+            with trio.fail_after(VIRTUAL_BOUND_S):
+                status, _, _ = await client.read_response()
+            assert status == 200
+        answered_at = trio.current_time()
+        with trio.fail_after(VIRTUAL_BOUND_S):
+            assert await client.closed_by_server()
+        assert trio.current_time() == answered_at + 7
+
+
+async def test_a_request_head_that_never_ends_is_closed_after_the_keepalive_timeout(
+    autojump_clock: MockClock, start_daemon: StartDaemon
+) -> None:
+    daemon = await start_daemon(keepalive_timeout_s="7")
+    async with connect(daemon) as client:
+        connected_at = trio.current_time()
+        await client.send_raw(b"GET /health HTTP/1.1\r\nHost: dinfer.test\r\nX-Slow: ")
+        with trio.fail_after(VIRTUAL_BOUND_S):
+            assert await client.closed_by_server()
+        assert trio.current_time() == connected_at + 7
+
+
+async def test_two_hundred_idle_clients_are_closed_and_their_descriptors_freed(
+    autojump_clock: MockClock, start_daemon: StartDaemon
+) -> None:
+    daemon = await start_daemon(keepalive_timeout_s="7")
+    before = open_descriptors()
+    async with AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(connect(daemon)) for _ in range(200)]
+        for client in clients:
+            await client.request("GET", "/health")
+            assert (await client.read_response())[0] == 200
+        assert open_descriptors() >= before + 2 * 200  # each socket, at both ends
+        answered_at = trio.current_time()
+        with trio.fail_after(VIRTUAL_BOUND_S):
+            for client in clients:
+                assert await client.closed_by_server()
+        assert trio.current_time() == answered_at + 7
+    assert open_descriptors() == before

@@ -10,6 +10,14 @@ be followed by another anyway.
 
 The deadline covers reading only: a route that answers without reading the body is not
 affected, and once the body is in, the route's own deadlines take over.
+
+It also writes the end of every response shielded from cancellation. That write is where
+Hypercorn, in the route's task, closes the connection (`connection: close`, or a request it
+could not finish reading) or re-arms the keep-alive timer, and on the way it hands the route
+`http.disconnect`. Quart-trio and the chat handler both cancel themselves on that disconnect,
+so unshielded they cancelled the write half way: the connection then stayed open forever,
+with or without `connection: close`, since the keep-alive timer never restarted. The socket
+writes inside are shielded by Hypercorn already, so the shield adds no new way to hang.
 """
 
 from __future__ import annotations
@@ -84,4 +92,8 @@ class Exchange:
     async def send(self, message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
             self.answered = True
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            with trio.CancelScope(shield=True):
+                await self._send(message)
+            return
         await self._send(message)

@@ -33,6 +33,14 @@ def hypercorn_config(settings: Settings) -> Config:
     # reason; beyond it Hypercorn closes with 1009.
     config.websocket_max_message_size = MAX_FRAME_BYTES + 2 * 1024 * 1024
     config.graceful_timeout = 5
+    # Hypercorn's idle timer runs from the connection's start until a request head is complete,
+    # and again after each answer: it bounds both a slow head and an idle keep-alive.
+    config.keep_alive_timeout = settings.keepalive_timeout_s
+    config.h11_max_incomplete_size = 16 * 1024  # a longer request head is refused
+    # No read_timeout: Hypercorn applies it to every read of the connection's life, including
+    # while a streamed answer runs for minutes and the consumer rightly sends nothing, and on
+    # provider WebSockets. The body deadline is HttpEdge's (daemon/api/edge.py).
+    config.read_timeout = None
     config.accesslog = None  # request lines would be noise; errors still go to our logging
     config.errorlog = logging.getLogger("hypercorn.error")
     return config
