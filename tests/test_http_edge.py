@@ -1,4 +1,5 @@
-"""The HTTP edge as a raw socket sees it: body deadlines and how long connections live.
+"""The HTTP edge as a raw socket sees it: body deadlines, how long connections live, and the
+JSON error shape of every error, whichever layer raises it.
 
 Each test drives a real daemon (in this process, on loopback) through a bare trio socket, so
 it sees exactly which bytes come back and whether the server closed the connection. Timing
@@ -16,11 +17,21 @@ from typing import Any
 import h11
 import pytest
 import trio
+from quart import Response
 from trio.testing import MockClock
+from werkzeug.exceptions import (
+    BadRequest,
+    HTTPException,
+    NotFound,
+    RequestEntityTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
 
+from daemon.api.app import create_quart_app
 from daemon.api.serve import RunningDaemon
 from tests.conftest import ADMIN_KEY, StartDaemon
-from tests.consumer_harness import BOUND_S, OpenApi, chat_body
+from tests.consumer_harness import BOUND_S, Api, OpenApi, assert_openai_error, chat_body
 
 # Virtual-time bound on the MockClock tests: a deadline that never fires fails the test at
 # once instead of hanging it.
@@ -240,3 +251,82 @@ async def test_two_hundred_idle_clients_are_closed_and_their_descriptors_freed(
                 assert await client.closed_by_server()
         assert trio.current_time() == answered_at + 7
     assert open_descriptors() == before
+
+
+# Every error is JSON in the OpenAI shape --------------------------------------------------
+
+
+async def test_an_admin_body_over_the_size_limit_answers_413_in_the_json_error_shape(
+    daemon: RunningDaemon,
+) -> None:
+    async with connect(daemon) as client:
+        with trio.fail_after(BOUND_S):
+            await client.send_head(
+                "POST",
+                "/v1/admin/keys",
+                authorization=f"Bearer {ADMIN_KEY}",
+                content_type="application/json",
+                content_length=str(2 * 1024 * 1024),
+            )
+            status, headers, body = await client.read_response()
+            assert await client.closed_by_server()  # the unread body cannot be skipped
+
+    assert status == 413
+    assert headers["content-type"] == "application/json"
+    assert error_of(body)["code"] == "request_too_large"
+
+
+@pytest.mark.parametrize(
+    ("raised", "status", "code"),
+    [
+        (BadRequest(), 400, "invalid_request"),
+        (BadRequest("the body is not valid JSON"), 400, "invalid_request"),
+        (NotFound(), 404, "not_found"),
+        (RequestTimeout(), 408, "request_timeout"),
+        (RequestEntityTooLarge(), 413, "request_too_large"),
+        (UnsupportedMediaType(), 415, "unsupported_media_type"),
+        (RuntimeError("a bug"), 500, "internal_error"),
+    ],
+    ids=["400", "400 with its reason", "404", "408", "413", "415", "500"],
+)
+async def test_every_error_a_quart_route_raises_is_json_with_its_status(
+    daemon: RunningDaemon, raised: Exception, status: int, code: str
+) -> None:
+    app = create_quart_app(daemon.supervisor)
+
+    @app.post("/raise")
+    async def raise_it() -> Response:
+        raise raised
+
+    response = await app.test_client().post("/raise")
+
+    assert response.status_code == status
+    assert response.content_type == "application/json"
+    error = error_of(await response.get_data())
+    assert error["code"] == code
+    if isinstance(raised, HTTPException) and raised.description != type(raised).description:
+        assert error["message"] == raised.description
+
+
+async def test_a_wrong_method_names_the_allowed_ones(daemon: RunningDaemon) -> None:
+    async with connect(daemon) as client:
+        with trio.fail_after(BOUND_S):
+            await client.request("POST", "/health")
+            status, headers, body = await client.read_response()
+
+    assert status == 405
+    assert set(headers["allow"].replace(" ", "").split(",")) >= {"GET"}
+    assert error_of(body)["code"] == "method_not_allowed"
+
+
+async def test_a_consumer_route_that_crashes_answers_500_in_the_json_error_shape(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(_secret: str) -> str | None:
+        raise RuntimeError("the store is broken")
+
+    monkeypatch.setattr(api.daemon.supervisor.store, "find_api_key", broken)
+
+    response = await api.chat()
+
+    assert_openai_error(response, 500, "internal_error")

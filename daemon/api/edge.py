@@ -1,39 +1,44 @@
 """The HTTP edge: what every HTTP exchange gets before any route sees it.
 
-`HttpEdge` wraps the whole ASGI app (WebSocket and lifespan scopes pass straight through) and
-gives each HTTP request a deadline on its body: the body must have arrived
-`DINFER_BODY_READ_TIMEOUT_S` after the request head. A client that trickles or withholds it
-looks to the route like one that disconnected (every route, ours and quart's, already stops
-cleanly on `http.disconnect`); the edge then answers 408 in the JSON error shape with
-`connection: close`, and Hypercorn closes the connection, whose half-read request could not
-be followed by another anyway.
+`HttpEdge` wraps the whole ASGI app (WebSocket and lifespan scopes pass straight through).
 
-The deadline covers reading only: a route that answers without reading the body is not
-affected, and once the body is in, the route's own deadlines take over.
+The body has a deadline: it must have arrived `DINFER_BODY_READ_TIMEOUT_S` after the request
+head. A client that trickles or withholds it looks to the route like one that disconnected
+(every route, ours and quart's, already stops cleanly on `http.disconnect`); the edge then
+answers 408 in the JSON error shape with `connection: close`, and Hypercorn closes the
+connection, whose half-read request could not be followed by another anyway. The deadline
+covers reading only: a route that answers without reading the body is not affected, and once
+the body is in, the route's own deadlines take over.
 
-It also writes the end of every response shielded from cancellation. That write is where
+The end of every response is written shielded from cancellation. That write is where
 Hypercorn, in the route's task, closes the connection (`connection: close`, or a request it
 could not finish reading) or re-arms the keep-alive timer, and on the way it hands the route
 `http.disconnect`. Quart-trio and the chat handler both cancel themselves on that disconnect,
 so unshielded they cancelled the write half way: the connection then stayed open forever,
 with or without `connection: close`, since the keep-alive timer never restarted. The socket
 writes inside are shielded by Hypercorn already, so the shield adds no new way to hang.
+
+A route that raises before answering gets a JSON 500 in its place (Hypercorn's is empty).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Final
 
 import trio
 
 from daemon.api.asgi import Receive, Send, drain, send_error
 
+log = logging.getLogger("dinfer.api")
+
 ASGIApp = Any
 CLOSE: Final = (b"connection", b"close")
+INTERNAL_ERROR: Final = "the daemon failed to answer; the cause is in its log"
 
 
 class HttpEdge:
-    """ASGI middleware: the body deadline of every HTTP request (see the module docstring)."""
+    """ASGI middleware: body deadline, shielded end of response, JSON 500 (module docstring)."""
 
     def __init__(self, app: ASGIApp, *, body_timeout: float) -> None:
         self._app = app
@@ -44,7 +49,14 @@ class HttpEdge:
             await self._app(scope, receive, send)
             return
         exchange = Exchange(receive, send, trio.current_time() + self._body_timeout)
-        await self._app(scope, exchange.receive, exchange.send)
+        try:
+            await self._app(scope, exchange.receive, exchange.send)
+        except Exception:
+            # Not the request's content: the route's bug. Hypercorn would answer an empty 500.
+            log.exception("%s %s failed", scope["method"], scope["path"])
+            if not exchange.answered:
+                await send_error(send, 500, INTERNAL_ERROR, "internal_error")
+            return
         if exchange.body_late and not exchange.answered:
             await self._refuse_late_body(receive, send)
 
