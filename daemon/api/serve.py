@@ -1,4 +1,5 @@
-"""`dinfer serve`: the store, the supervisor nursery and one Hypercorn server on one port."""
+"""`dinfer serve`: the data directory's serve lock, the store, the supervisor nursery and one
+Hypercorn server on one port."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from daemon.api.app import create_app
 from daemon.config import Settings
 from daemon.nursery.supervisor import Supervisor, open_supervisor
+from daemon.serve_lock import hold_serve_lock
 from daemon.store import open_store
 from protocol.messages import MAX_FRAME_BYTES
 
@@ -76,10 +78,15 @@ async def serve(
     seed: int | None = None,
     task_status: trio.TaskStatus[RunningDaemon] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the daemon until `shutdown_trigger` returns; report where it listens."""
+    """Run the daemon until `shutdown_trigger` returns; report where it listens.
+
+    Raises DataDirInUse, before opening anything else, when another daemon serves the same
+    data directory.
+    """
     if settings.admin_key is None:
         log.warning("DINFER_ADMIN_KEY is not set: the admin API refuses every call")
     async with (
+        hold_serve_lock(settings.data_dir, settings.listen) as lock,
         open_store(settings.data_dir) as store,
         open_supervisor(settings, store, seed=seed) as sup,
     ):
@@ -94,6 +101,7 @@ async def serve(
             _serve_http, create_app(sup), hypercorn_config(settings), shut_down, stopped
         )
         binds: list[str] = await sup.nursery.start(server)
+        await trio.to_thread.run_sync(lock.record, "listening on " + ", ".join(binds))
         sup.ready = True
         log.info(
             "dinfer listening on %s (provider auth: %s)", ", ".join(binds), settings.provider_auth
