@@ -14,7 +14,9 @@ measured in this run (for percentiles: the difference of the percentiles).
 Phases: `c1` (one connection, back to back), `c64` (64 connections, back to back: a closed
 loop, so the daemon is saturated and TTFT is mostly queueing, about 64 x CPU per request),
 `open` (64 connections offering half the daemon's c64 rate: TTFT under load, unsaturated),
-`stream` and `parallel` (long streams), `client` (the client check below).
+`badkeys` (c64 with good keys, alone and then while `BAD_KEY_RATE` requests/s with random,
+distinct bad keys arrive on other connections: what a flood of unknown keys costs the real
+consumers), `stream` and `parallel` (long streams), `client` (the client check below).
 
 The client is a minimal raw-socket HTTP/1.1 client (keep-alive, chunked decoding); the
 `client` phase compares it with httpx on the baseline to show what the client itself costs.
@@ -38,6 +40,7 @@ import contextlib
 import functools
 import json
 import os
+import secrets
 import shlex
 import signal
 import socket
@@ -90,7 +93,12 @@ CLIENT_CPU = 0
 WINDOW = 512  # frames a paced fake may run ahead of the consumer (the session drops at 1024)
 BATCH = 64  # frames per socket write of a paced fake
 REQUEST_TIMEOUT_S = 30.0  # bounds every request, so a stuck daemon cannot hang the benchmark
-PHASES = ("c1", "c64", "open", "stream", "parallel", "client")
+PHASES = ("c1", "c64", "open", "badkeys", "stream", "parallel", "client")
+# The bad-key flood: requests/s offered in an open loop, started every FLOOD_TICK_S, each on
+# an idle connection or a new one, with at most FLOOD_MAX_CONNECTIONS in flight.
+BAD_KEY_RATE = 1000.0
+FLOOD_TICK_S = 0.005
+FLOOD_MAX_CONNECTIONS = 4000
 # The open-loop phase offers this fraction of the daemon's closed-loop requests/s (or
 # OPEN_RATE when c64 did not run): TTFT under load without a saturated daemon.
 OPEN_LOAD = 0.5
@@ -449,6 +457,31 @@ class RawConnection:
             raise HTTPError(f"status {status}: no first token in the stream")
         return Response(first_at - started, events, errors, first_at, time.perf_counter())
 
+    async def status_of(self, request: bytes) -> int:
+        """Send `request` and read its whole unstreamed answer (an error); its status."""
+        await self._stream.send_all(request)
+        buf = self._buf
+        while (head_end := buf.find(b"\r\n\r\n")) < 0:
+            await self._more()
+        head = bytes(buf[:head_end]).lower()
+        self.closing = b"\r\nconnection: close" in head
+        pos = head_end + 4
+        if b"transfer-encoding: chunked" in head:
+            size = -1
+            while size != 0:
+                while (line_end := buf.find(b"\r\n", pos)) < 0:
+                    await self._more()
+                size = int(buf[pos:line_end], 16)
+                pos = line_end + 2 + size + 2
+                while len(buf) < pos:
+                    await self._more()
+        else:
+            pos += int(head.split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+            while len(buf) < pos:
+                await self._more()
+        del buf[:pos]
+        return int(head[9:12])
+
     async def _refused(self, head: bytes, pos: int, status: int) -> None:
         length = int(head.split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
         while len(self._buf) < pos + length:
@@ -554,6 +587,83 @@ async def requests_loop(
                 nursery.start_soon(worker, index, conn)
     run.fake_times = sorted(FAKE_TIMES)
     return run
+
+
+@dataclass
+class Flood:
+    """The bad-key requests of one flood: how many were answered 401, and how fast."""
+
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0  # answered anything but 401, or not at all
+    unsent: int = 0  # due while FLOOD_MAX_CONNECTIONS requests were already in flight
+    connections: int = 0  # the most connections the flood had open at once
+    elapsed: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return len(self.latencies) / self.elapsed if self.elapsed else 0.0
+
+
+async def bad_key_flood(target: Target, rate: float, stop: trio.Event) -> Flood:
+    """Requests with random, distinct bad keys, `rate` a second whatever the daemon does (an
+    open loop: a request due while every connection is busy gets a new one, as an attacker's
+    would), until `stop`; each should be refused with 401."""
+    flood = Flood()
+    body = request_body(1)
+    idle: list[RawConnection] = []
+    busy = [0]
+
+    async def one() -> None:
+        conn = idle.pop() if idle else await RawConnection.open(target.port)
+        busy[0] += 1
+        flood.connections = max(flood.connections, busy[0] + len(idle))
+        request = conn.request_bytes(body, "dk_" + secrets.token_urlsafe(32))
+        sent = time.perf_counter()
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT_S):
+                status = await conn.status_of(request)
+        except (HTTPError, OSError, trio.BrokenResourceError, trio.TooSlowError):
+            status, conn.closing = 0, True
+        busy[0] -= 1
+        if status == 401:
+            flood.latencies.append(time.perf_counter() - sent)
+        else:
+            flood.errors += 1
+        if conn.closing:
+            await conn.aclose()
+        else:
+            idle.append(conn)
+
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        due = 0
+        while not stop.is_set():
+            for _ in range(int((time.perf_counter() - start) * rate) - due):
+                due += 1
+                if busy[0] >= FLOOD_MAX_CONNECTIONS:
+                    flood.unsent += 1
+                else:
+                    nursery.start_soon(one)
+            await trio.sleep(FLOOD_TICK_S)
+        flood.elapsed = time.perf_counter() - start
+    for conn in idle:
+        await conn.aclose()
+    return flood
+
+
+async def under_flood(target: Target, seconds: float) -> tuple[Run, Flood]:
+    """Good-key requests at concurrency 64 for `seconds`, while the bad-key flood runs."""
+    stop = trio.Event()
+    floods: list[Flood] = []
+
+    async def flood() -> None:
+        floods.append(await bad_key_flood(target, BAD_KEY_RATE, stop))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flood)
+        run = await requests_loop(target, 64, seconds=seconds)
+        stop.set()
+    return run, floods[0]
 
 
 def _failed(run: Run, target: Target, exc: BaseException) -> None:
@@ -721,6 +831,37 @@ def report_requests(res: Results, name: str, base: Run, dmn: Run) -> None:
         res.notes.append(f"{name}: {base.errors} baseline, {dmn.errors} daemon request(s) failed")
 
 
+def report_flood(res: Results, alone: Run, flooded: Run, flood: Flood) -> None:
+    rate = f"{BAD_KEY_RATE:,.0f}"
+    res.add("requests/s c=64, good keys alone", "", f"{alone.rps:,.0f}", "")
+    res.add(
+        f"requests/s c=64, good keys + {rate} bad keys/s",
+        "",
+        f"{flooded.rps:,.0f}",
+        f"{flooded.rps / alone.rps:.2f}x" if alone.rps else "",
+        "same run, no flood = 1.00x",
+    )
+    res.add(f"TTFT p50 / p99 c=64 + {rate} bad keys/s", "",
+            f"{ms(flooded.pct(0.5))} / {ms(flooded.pct(0.99))}", "")  # fmt: skip
+    answered = sorted(flood.latencies)
+    res.add("bad-key requests/s answered 401", "", f"{flood.rate:,.0f}", "", f"offered {rate}")
+    res.add("  connections the flood needed", "", f"{flood.connections:,}", "")
+    res.add("bad-key 401 p50 / p99", "",
+            f"{ms(percentile(answered, 0.5))} / {ms(percentile(answered, 0.99))}", "")  # fmt: skip
+    per_request = flooded.usage.server_cpu / max(1, len(flooded.ttfts) + len(answered))
+    res.add("server CPU/request, good + bad", "", us(per_request), "")
+    if alone.errors or flooded.errors or flood.errors:
+        res.notes.append(
+            f"badkeys: {alone.errors} + {flooded.errors} good-key request(s) failed, "
+            f"{flood.errors} bad-key request(s) not answered 401"
+        )
+    if flood.unsent:
+        res.notes.append(
+            f"badkeys: {flood.unsent} bad-key request(s) not sent: "
+            f"{FLOOD_MAX_CONNECTIONS} already in flight"
+        )
+
+
 def report_stream(res: Results, name: str, base: StreamRun, dmn: StreamRun) -> None:
     res.add(
         f"chunks/s {name}",
@@ -780,6 +921,14 @@ async def bench(plan: Plan, phases: set[str], daemon: Target, base: Target, res:
         bo = await requests_loop(base, 64, seconds=plan.burst_s, rate=rate)
         do = await requests_loop(daemon, 64, seconds=plan.burst_s, rate=rate)
         report_requests(res, f"c=64 at {rate:g}/s", bo, do)
+    if "badkeys" in phases:
+        phase(
+            f"concurrency 64 with good keys, alone then with {BAD_KEY_RATE:,.0f} bad-key "
+            f"requests/s: {plan.burst_s:g} s each"
+        )
+        alone = await requests_loop(daemon, 64, seconds=plan.burst_s)
+        flooded, flood = await under_flood(daemon, plan.burst_s)
+        report_flood(res, alone, flooded, flood)
     if "stream" in phases:
         phase(f"one stream of {plan.long_chunks:,} chunks")
         bl = await long_streams(base, 1, plan.long_chunks)
