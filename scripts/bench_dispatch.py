@@ -14,9 +14,11 @@ measured in this run (for percentiles: the difference of the percentiles).
 Phases: `c1` (one connection, back to back), `c64` (64 connections, back to back: a closed
 loop, so the daemon is saturated and TTFT is mostly queueing, about 64 x CPU per request),
 `open` (64 connections offering half the daemon's c64 rate: TTFT under load, unsaturated),
-`badkeys` (c64 with good keys, alone and then while `BAD_KEY_RATE` requests/s with random,
-distinct bad keys arrive on other connections: what a flood of unknown keys costs the real
-consumers), `stream` and `parallel` (long streams), `client` (the client check below).
+`badkeys` (random, distinct bad keys alone, for the CPU one costs; then c64 with good keys,
+alone and while `--bad-key-rate` (1,000) bad-key requests/s arrive on other connections:
+what a flood of unknown keys costs the real consumers; beyond the daemon's capacity the
+flood's backlog grows, and the report shows it in its latency and connections), `stream`
+and `parallel` (long streams), `client` (the client check below).
 
 The client is a minimal raw-socket HTTP/1.1 client (keep-alive, chunked decoding); the
 `client` phase compares it with httpx on the baseline to show what the client itself costs.
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -99,6 +102,8 @@ PHASES = ("c1", "c64", "open", "badkeys", "stream", "parallel", "client")
 BAD_KEY_RATE = 1000.0
 FLOOD_TICK_S = 0.005
 FLOOD_MAX_CONNECTIONS = 4000
+# Bad keys alone, back to back on this many connections: the CPU one costs the daemon.
+BAD_KEY_CONCURRENCY = 16
 # The open-loop phase offers this fraction of the daemon's closed-loop requests/s (or
 # OPEN_RATE when c64 did not run): TTFT under load without a saturated daemon.
 OPEN_LOAD = 0.5
@@ -116,6 +121,7 @@ class Plan:
     parallel_streams: int
     parallel_chunks: int  # content chunks in each parallel stream
     httpx_requests: int
+    bad_key_rate: float = BAD_KEY_RATE  # `--bad-key-rate`
 
 
 FULL = Plan(
@@ -651,13 +657,42 @@ async def bad_key_flood(target: Target, rate: float, stop: trio.Event) -> Flood:
     return flood
 
 
-async def under_flood(target: Target, seconds: float) -> tuple[Run, Flood]:
+async def bad_keys_loop(target: Target, concurrency: int, seconds: float) -> Run:
+    """Only bad keys, back to back on `concurrency` connections: what one costs the daemon."""
+    run = Run()
+    body = request_body(1)
+    conns = [await RawConnection.open(target.port) for _ in range(concurrency)]
+    deadline = time.perf_counter() + seconds
+
+    async def worker(conn: RawConnection) -> None:
+        while time.perf_counter() < deadline:
+            request = conn.request_bytes(body, "dk_" + secrets.token_urlsafe(32))
+            sent = time.perf_counter()
+            with trio.fail_after(REQUEST_TIMEOUT_S):
+                status = await conn.status_of(request)
+            if status == 401:
+                run.ttfts.append(time.perf_counter() - sent)
+            else:
+                _failed(run, target, HTTPError(f"a bad key got {status}"))
+            if conn.closing:
+                await conn.aclose()
+                conn = await RawConnection.open(target.port)
+        await conn.aclose()
+
+    with run.usage.measure(target.pid):
+        async with trio.open_nursery() as nursery:
+            for conn in conns:
+                nursery.start_soon(worker, conn)
+    return run
+
+
+async def under_flood(target: Target, seconds: float, rate: float) -> tuple[Run, Flood]:
     """Good-key requests at concurrency 64 for `seconds`, while the bad-key flood runs."""
     stop = trio.Event()
     floods: list[Flood] = []
 
     async def flood() -> None:
-        floods.append(await bad_key_flood(target, BAD_KEY_RATE, stop))
+        floods.append(await bad_key_flood(target, rate, stop))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(flood)
@@ -831,8 +866,14 @@ def report_requests(res: Results, name: str, base: Run, dmn: Run) -> None:
         res.notes.append(f"{name}: {base.errors} baseline, {dmn.errors} daemon request(s) failed")
 
 
-def report_flood(res: Results, alone: Run, flooded: Run, flood: Flood) -> None:
-    rate = f"{BAD_KEY_RATE:,.0f}"
+def report_flood(
+    res: Results, offered: float, bad: Run, alone: Run, flooded: Run, flood: Flood
+) -> None:
+    rate = f"{offered:,.0f}"
+    res.add(f"bad-key requests/s alone c={BAD_KEY_CONCURRENCY}", "", f"{bad.rps:,.0f}", "")
+    res.add(f"server CPU/bad-key request c={BAD_KEY_CONCURRENCY}", "",
+            us(bad.usage.server_cpu / max(1, len(bad.ttfts))), "")  # fmt: skip
+    res.add(f"server busy bad keys c={BAD_KEY_CONCURRENCY}", "", busy(bad.usage), "")
     res.add("requests/s c=64, good keys alone", "", f"{alone.rps:,.0f}", "")
     res.add(
         f"requests/s c=64, good keys + {rate} bad keys/s",
@@ -923,12 +964,14 @@ async def bench(plan: Plan, phases: set[str], daemon: Target, base: Target, res:
         report_requests(res, f"c=64 at {rate:g}/s", bo, do)
     if "badkeys" in phases:
         phase(
-            f"concurrency 64 with good keys, alone then with {BAD_KEY_RATE:,.0f} bad-key "
-            f"requests/s: {plan.burst_s:g} s each"
+            f"bad keys alone at concurrency {BAD_KEY_CONCURRENCY}, then concurrency 64 with good "
+            f"keys, alone and with {plan.bad_key_rate:,.0f} bad-key requests/s: "
+            f"{plan.burst_s:g} s each"
         )
+        bad = await bad_keys_loop(daemon, BAD_KEY_CONCURRENCY, plan.burst_s)
         alone = await requests_loop(daemon, 64, seconds=plan.burst_s)
-        flooded, flood = await under_flood(daemon, plan.burst_s)
-        report_flood(res, alone, flooded, flood)
+        flooded, flood = await under_flood(daemon, plan.burst_s, plan.bad_key_rate)
+        report_flood(res, plan.bad_key_rate, bad, alone, flooded, flood)
     if "stream" in phases:
         phase(f"one stream of {plan.long_chunks:,} chunks")
         bl = await long_streams(base, 1, plan.long_chunks)
@@ -1011,6 +1054,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--daemon-command",
         help="run the daemon with this command line instead of `python -m dinfer serve`",
     )
+    parser.add_argument(
+        "--bad-key-rate",
+        type=float,
+        default=BAD_KEY_RATE,
+        help=f"bad-key requests/s of the badkeys flood (default {BAD_KEY_RATE:g})",
+    )
     parser.add_argument("--serve-baseline", type=int, metavar="PORT", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -1020,7 +1069,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.serve_baseline:
         serve_baseline(args.serve_baseline)
         return 0
-    plan = QUICK if args.quick else FULL
+    plan = dataclasses.replace(QUICK if args.quick else FULL, bad_key_rate=args.bad_key_rate)
     phases = set(args.phases.split(","))
     started, load = time.perf_counter(), os.getloadavg()[0]
     res = Results()
