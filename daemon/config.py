@@ -50,6 +50,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     preamble_timeout_s: float
     inference_timeout_s: float
     max_body_bytes: int
+    body_read_timeout_s: float
+    keepalive_timeout_s: float
     register_timeout_s: float
     challenge_answer_s: float
     challenge_max_age_s: float
@@ -162,7 +164,7 @@ ENV_VARS: Final[tuple[EnvVar, ...]] = (
     _var(
         "DINFER_DATA_DIR",
         ".dinfer",
-        "directory of the SQLite store (relative to the working directory)",
+        "directory of the SQLite store (relative to the working directory); one dinfer serve each",
         Path,
     ),
     _var("DINFER_ADMIN_KEY", "", "bearer key of the admin API; unset disables it", _text),
@@ -235,6 +237,18 @@ ENV_VARS: Final[tuple[EnvVar, ...]] = (
     ),
     _var(
         "DINFER_MAX_BODY_BYTES", "16777216", "largest accepted request body (16 MiB)", _positive_int
+    ),
+    _var(
+        "DINFER_BODY_READ_TIMEOUT_S",
+        "30",
+        "time a request body has to arrive after its head; later: 408, connection closed",
+        _positive_float,
+    ),
+    _var(
+        "DINFER_KEEPALIVE_TIMEOUT_S",
+        "5",
+        "idle time that closes an HTTP connection: between requests, and before a request head",
+        _positive_float,
     ),
     _var(
         "DINFER_REGISTER_TIMEOUT_S",

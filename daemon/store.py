@@ -2,12 +2,29 @@
 
 One connection, owned by the `Store` that `open_store` yields, lives in
 `<DINFER_DATA_DIR>/dinfer.sqlite3` in WAL mode. Every statement runs in a Trio worker thread
-(`trio.to_thread.run_sync`); a `trio.Lock` lets one thread use the connection at a time.
+(`trio.to_thread.run_sync`); a `trio.Lock` lets one thread use the connection at a time. The
+one exception is a second, read-only-in-practice connection that only answers
+`PRAGMA data_version` (below).
 
 Secrets (provider tokens `dpt_...`, API keys `dk_...`) are shown once, when issued; the database
 keeps only their SHA-256 hex digests. The digests of live secrets are also cached in memory
 (loaded at open, updated on create and revoke), so the `lookup_*` methods on the request hot path
 are plain synchronous methods with no thread hop.
+
+Unknown API keys are as cheap as known ones. `dinfer keys create` writes keys from another
+process while the daemon runs, so a key missing from memory may still be in the database;
+but if nothing was committed since the in-memory set was loaded, the set is the database's
+whole truth and a miss is final, with no thread hop and no lock. What tells us is SQLite's
+`PRAGMA data_version`, asked of a second connection (`_watch`) that does nothing else: its
+value changes exactly when another connection (the CLI's, or our own writer) commits. A call
+reads the WAL index in shared memory, a few microseconds with no disk I/O, so it runs on the
+Trio thread; the watch connection never waits (busy timeout 0) and a failed call counts as a
+change. After a change, the first miss reloads the live key set in a worker thread (misses
+meanwhile wait for that one reload) and the set is authoritative again. Files' stat would be
+cheaper still but is not exact: a WAL rewritten in place within one timestamp tick keeps its
+size and mtime. A separate negative cache of unknown digests would add nothing: its entries
+would need the same freshness check, and the live set bounds memory by the real keys however
+many distinct bad ones arrive.
 
 The schema is `MIGRATIONS`, applied in order; the `schema_version` table records which have
 run, so reopening applies only the new ones. Adding a migration is appending a script.
@@ -104,6 +121,14 @@ def _check_name(name: str) -> None:
 # Synchronous database work, run in a worker thread ------------------------------------------
 
 
+def _data_version(conn: sqlite3.Connection) -> int | None:
+    """SQLite's change counter for commits by other connections; None when it cannot tell."""
+    try:
+        return int(conn.execute("PRAGMA data_version").fetchone()[0])
+    except sqlite3.Error:
+        return None
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Autocommit mode: transactions are explicit, so a migration is exactly one transaction.
@@ -165,13 +190,6 @@ def _live_hashes(conn: sqlite3.Connection, kind: _Kind) -> dict[str, str]:
     return dict(rows.fetchall())
 
 
-def _find_live(conn: sqlite3.Connection, kind: _Kind, digest: str) -> str | None:
-    row = conn.execute(
-        f"SELECT id FROM {kind.table} WHERE secret_hash = ? AND revoked_at IS NULL", (digest,)
-    ).fetchone()
-    return None if row is None else str(row[0])
-
-
 def _insert(conn: sqlite3.Connection, kind: _Kind, id_: str, name: str, digest: str) -> None:
     conn.execute(
         f"INSERT INTO {kind.table} (id, name, secret_hash, created_at) VALUES (?, ?, ?, ?)",
@@ -195,11 +213,15 @@ def _mark_revoked(conn: sqlite3.Connection, kind: _Kind, id_: str) -> str | None
 class Store:
     """The daemon's persistent state. Get one from `open_store`."""
 
-    def __init__(self, conn: sqlite3.Connection, live: dict[_Kind, dict[str, str]]) -> None:
-        self._conn = conn
+    def __init__(self, conns: _Connections, live: dict[_Kind, dict[str, str]]) -> None:
+        self._conn = conns.main
+        self._watch = conns.watch
         self._lock = trio.Lock()
         # Per kind: SHA-256 hex digest of a live secret -> its id.
         self._live = live
+        # The watch connection's data_version when the live API keys were read.
+        self._keys_version = conns.version_at_load
+        self._reloading: trio.Event | None = None
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         async with self._lock:
@@ -252,36 +274,73 @@ class Store:
         return self._lookup(_API_KEYS, secret)
 
     async def find_api_key(self, secret: str) -> str | None:
-        """lookup_api_key, falling back to the database on a miss.
+        """lookup_api_key, and on a miss the database, if it changed since the keys were read.
 
-        `dinfer keys create` writes keys from another process while the daemon runs; the
-        fallback finds them (and caches them) without a restart. Hits never leave memory.
+        Finds keys that `dinfer keys create` wrote from another process without a restart;
+        hits, and misses while nothing changed, never leave memory (see the module docstring).
         """
-        found = self._lookup(_API_KEYS, secret)
-        if found is None and secret:
-            digest = hash_secret(secret)
-            found = await self._run(lambda conn: _find_live(conn, _API_KEYS, digest))
-            if found is not None:
-                self._live[_API_KEYS][digest] = found
+        digest = hash_secret(secret)
+        found = self._live[_API_KEYS].get(digest)
+        if found is None and self._keys_may_be_stale():
+            await self._reload_api_keys()
+            found = self._live[_API_KEYS].get(digest)
         return found
 
+    def _keys_may_be_stale(self) -> bool:
+        version = self._keys_version
+        return version is None or _data_version(self._watch) != version
 
-def _open(path: Path) -> tuple[sqlite3.Connection, dict[_Kind, dict[str, str]]]:
+    async def _reload_api_keys(self) -> None:
+        if self._reloading is not None:  # one reload answers every miss that waits for it
+            await self._reloading.wait()
+            return
+        self._reloading = done = trio.Event()
+        try:
+            # Read before the keys: a commit in between shows as a change next time.
+            version = _data_version(self._watch)
+            self._live[_API_KEYS] = await self._run(lambda conn: _live_hashes(conn, _API_KEYS))
+            self._keys_version = version
+        finally:
+            self._reloading = None
+            done.set()
+
+
+@dataclass(frozen=True, slots=True)
+class _Connections:
+    main: sqlite3.Connection  # every statement, in worker threads, one at a time
+    watch: sqlite3.Connection  # PRAGMA data_version only, on the Trio thread
+    version_at_load: int | None
+
+
+def _open(path: Path) -> tuple[_Connections, dict[_Kind, dict[str, str]]]:
     conn = _connect(path)
     try:
-        return conn, {kind: _live_hashes(conn, kind) for kind in _KINDS}
+        watch = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0)
     except BaseException:
         conn.close()
         raise
+    try:
+        version = _data_version(watch)
+        conns = _Connections(conn, watch, version)
+        return conns, {kind: _live_hashes(conn, kind) for kind in _KINDS}
+    except BaseException:
+        watch.close()
+        conn.close()
+        raise
+
+
+def _close(conns: _Connections) -> None:
+    conns.watch.close()
+    conns.main.close()
 
 
 @asynccontextmanager
 async def open_store(data_dir: Path) -> AsyncIterator[Store]:
     """Open (creating if needed) `<data_dir>/dinfer.sqlite3`, migrate it, close it at exit."""
-    conn, live = await trio.to_thread.run_sync(_open, database_path(data_dir))
+    conns, live = await trio.to_thread.run_sync(_open, database_path(data_dir))
     try:
-        yield Store(conn, live)
+        yield Store(conns, live)
     finally:
         # Closing checkpoints the WAL; it must finish even when the owner is being cancelled.
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(conn.close)
+            await trio.to_thread.run_sync(_close, conns)

@@ -45,8 +45,12 @@ def settings_or_exit() -> Settings:
 
 def run_serve(_: argparse.Namespace) -> int:
     from daemon.api.serve import serve
+    from daemon.serve_lock import DataDirInUse
 
-    trio.run(serve, settings_or_exit())
+    try:
+        trio.run(serve, settings_or_exit())
+    except DataDirInUse as exc:
+        sys.exit(f"dinfer: {exc}")
     return 0
 
 

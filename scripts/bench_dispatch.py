@@ -14,7 +14,11 @@ measured in this run (for percentiles: the difference of the percentiles).
 Phases: `c1` (one connection, back to back), `c64` (64 connections, back to back: a closed
 loop, so the daemon is saturated and TTFT is mostly queueing, about 64 x CPU per request),
 `open` (64 connections offering half the daemon's c64 rate: TTFT under load, unsaturated),
-`stream` and `parallel` (long streams), `client` (the client check below).
+`badkeys` (random, distinct bad keys alone, for the CPU one costs; then c64 with good keys,
+alone and while `--bad-key-rate` (1,000) bad-key requests/s arrive on other connections:
+what a flood of unknown keys costs the real consumers; beyond the daemon's capacity the
+flood's backlog grows, and the report shows it in its latency and connections), `stream`
+and `parallel` (long streams), `client` (the client check below).
 
 The client is a minimal raw-socket HTTP/1.1 client (keep-alive, chunked decoding); the
 `client` phase compares it with httpx on the baseline to show what the client itself costs.
@@ -35,9 +39,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import os
+import secrets
 import shlex
 import signal
 import socket
@@ -90,7 +96,14 @@ CLIENT_CPU = 0
 WINDOW = 512  # frames a paced fake may run ahead of the consumer (the session drops at 1024)
 BATCH = 64  # frames per socket write of a paced fake
 REQUEST_TIMEOUT_S = 30.0  # bounds every request, so a stuck daemon cannot hang the benchmark
-PHASES = ("c1", "c64", "open", "stream", "parallel", "client")
+PHASES = ("c1", "c64", "open", "badkeys", "stream", "parallel", "client")
+# The bad-key flood: requests/s offered in an open loop, started every FLOOD_TICK_S, each on
+# an idle connection or a new one, with at most FLOOD_MAX_CONNECTIONS in flight.
+BAD_KEY_RATE = 1000.0
+FLOOD_TICK_S = 0.005
+FLOOD_MAX_CONNECTIONS = 4000
+# Bad keys alone, back to back on this many connections: the CPU one costs the daemon.
+BAD_KEY_CONCURRENCY = 16
 # The open-loop phase offers this fraction of the daemon's closed-loop requests/s (or
 # OPEN_RATE when c64 did not run): TTFT under load without a saturated daemon.
 OPEN_LOAD = 0.5
@@ -108,6 +121,7 @@ class Plan:
     parallel_streams: int
     parallel_chunks: int  # content chunks in each parallel stream
     httpx_requests: int
+    bad_key_rate: float = BAD_KEY_RATE  # `--bad-key-rate`
 
 
 FULL = Plan(
@@ -449,6 +463,31 @@ class RawConnection:
             raise HTTPError(f"status {status}: no first token in the stream")
         return Response(first_at - started, events, errors, first_at, time.perf_counter())
 
+    async def status_of(self, request: bytes) -> int:
+        """Send `request` and read its whole unstreamed answer (an error); its status."""
+        await self._stream.send_all(request)
+        buf = self._buf
+        while (head_end := buf.find(b"\r\n\r\n")) < 0:
+            await self._more()
+        head = bytes(buf[:head_end]).lower()
+        self.closing = b"\r\nconnection: close" in head
+        pos = head_end + 4
+        if b"transfer-encoding: chunked" in head:
+            size = -1
+            while size != 0:
+                while (line_end := buf.find(b"\r\n", pos)) < 0:
+                    await self._more()
+                size = int(buf[pos:line_end], 16)
+                pos = line_end + 2 + size + 2
+                while len(buf) < pos:
+                    await self._more()
+        else:
+            pos += int(head.split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+            while len(buf) < pos:
+                await self._more()
+        del buf[:pos]
+        return int(head[9:12])
+
     async def _refused(self, head: bytes, pos: int, status: int) -> None:
         length = int(head.split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
         while len(self._buf) < pos + length:
@@ -554,6 +593,112 @@ async def requests_loop(
                 nursery.start_soon(worker, index, conn)
     run.fake_times = sorted(FAKE_TIMES)
     return run
+
+
+@dataclass
+class Flood:
+    """The bad-key requests of one flood: how many were answered 401, and how fast."""
+
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0  # answered anything but 401, or not at all
+    unsent: int = 0  # due while FLOOD_MAX_CONNECTIONS requests were already in flight
+    connections: int = 0  # the most connections the flood had open at once
+    elapsed: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return len(self.latencies) / self.elapsed if self.elapsed else 0.0
+
+
+async def bad_key_flood(target: Target, rate: float, stop: trio.Event) -> Flood:
+    """Requests with random, distinct bad keys, `rate` a second whatever the daemon does (an
+    open loop: a request due while every connection is busy gets a new one, as an attacker's
+    would), until `stop`; each should be refused with 401."""
+    flood = Flood()
+    body = request_body(1)
+    idle: list[RawConnection] = []
+    busy = [0]
+
+    async def one() -> None:
+        conn = idle.pop() if idle else await RawConnection.open(target.port)
+        busy[0] += 1
+        flood.connections = max(flood.connections, busy[0] + len(idle))
+        request = conn.request_bytes(body, "dk_" + secrets.token_urlsafe(32))
+        sent = time.perf_counter()
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT_S):
+                status = await conn.status_of(request)
+        except (HTTPError, OSError, trio.BrokenResourceError, trio.TooSlowError):
+            status, conn.closing = 0, True
+        busy[0] -= 1
+        if status == 401:
+            flood.latencies.append(time.perf_counter() - sent)
+        else:
+            flood.errors += 1
+        if conn.closing:
+            await conn.aclose()
+        else:
+            idle.append(conn)
+
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        due = 0
+        while not stop.is_set():
+            for _ in range(int((time.perf_counter() - start) * rate) - due):
+                due += 1
+                if busy[0] >= FLOOD_MAX_CONNECTIONS:
+                    flood.unsent += 1
+                else:
+                    nursery.start_soon(one)
+            await trio.sleep(FLOOD_TICK_S)
+        flood.elapsed = time.perf_counter() - start
+    for conn in idle:
+        await conn.aclose()
+    return flood
+
+
+async def bad_keys_loop(target: Target, concurrency: int, seconds: float) -> Run:
+    """Only bad keys, back to back on `concurrency` connections: what one costs the daemon."""
+    run = Run()
+    body = request_body(1)
+    conns = [await RawConnection.open(target.port) for _ in range(concurrency)]
+    deadline = time.perf_counter() + seconds
+
+    async def worker(conn: RawConnection) -> None:
+        while time.perf_counter() < deadline:
+            request = conn.request_bytes(body, "dk_" + secrets.token_urlsafe(32))
+            sent = time.perf_counter()
+            with trio.fail_after(REQUEST_TIMEOUT_S):
+                status = await conn.status_of(request)
+            if status == 401:
+                run.ttfts.append(time.perf_counter() - sent)
+            else:
+                _failed(run, target, HTTPError(f"a bad key got {status}"))
+            if conn.closing:
+                await conn.aclose()
+                conn = await RawConnection.open(target.port)
+        await conn.aclose()
+
+    with run.usage.measure(target.pid):
+        async with trio.open_nursery() as nursery:
+            for conn in conns:
+                nursery.start_soon(worker, conn)
+    return run
+
+
+async def under_flood(target: Target, seconds: float, rate: float) -> tuple[Run, Flood]:
+    """Good-key requests at concurrency 64 for `seconds`, while the bad-key flood runs."""
+    stop = trio.Event()
+    floods: list[Flood] = []
+
+    async def flood() -> None:
+        floods.append(await bad_key_flood(target, rate, stop))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flood)
+        run = await requests_loop(target, 64, seconds=seconds)
+        stop.set()
+    return run, floods[0]
 
 
 def _failed(run: Run, target: Target, exc: BaseException) -> None:
@@ -721,6 +866,43 @@ def report_requests(res: Results, name: str, base: Run, dmn: Run) -> None:
         res.notes.append(f"{name}: {base.errors} baseline, {dmn.errors} daemon request(s) failed")
 
 
+def report_flood(
+    res: Results, offered: float, bad: Run, alone: Run, flooded: Run, flood: Flood
+) -> None:
+    rate = f"{offered:,.0f}"
+    res.add(f"bad-key requests/s alone c={BAD_KEY_CONCURRENCY}", "", f"{bad.rps:,.0f}", "")
+    res.add(f"server CPU/bad-key request c={BAD_KEY_CONCURRENCY}", "",
+            us(bad.usage.server_cpu / max(1, len(bad.ttfts))), "")  # fmt: skip
+    res.add(f"server busy bad keys c={BAD_KEY_CONCURRENCY}", "", busy(bad.usage), "")
+    res.add("requests/s c=64, good keys alone", "", f"{alone.rps:,.0f}", "")
+    res.add(
+        f"requests/s c=64, good keys + {rate} bad keys/s",
+        "",
+        f"{flooded.rps:,.0f}",
+        f"{flooded.rps / alone.rps:.2f}x" if alone.rps else "",
+        "same run, no flood = 1.00x",
+    )
+    res.add(f"TTFT p50 / p99 c=64 + {rate} bad keys/s", "",
+            f"{ms(flooded.pct(0.5))} / {ms(flooded.pct(0.99))}", "")  # fmt: skip
+    answered = sorted(flood.latencies)
+    res.add("bad-key requests/s answered 401", "", f"{flood.rate:,.0f}", "", f"offered {rate}")
+    res.add("  connections the flood needed", "", f"{flood.connections:,}", "")
+    res.add("bad-key 401 p50 / p99", "",
+            f"{ms(percentile(answered, 0.5))} / {ms(percentile(answered, 0.99))}", "")  # fmt: skip
+    per_request = flooded.usage.server_cpu / max(1, len(flooded.ttfts) + len(answered))
+    res.add("server CPU/request, good + bad", "", us(per_request), "")
+    if alone.errors or flooded.errors or flood.errors:
+        res.notes.append(
+            f"badkeys: {alone.errors} + {flooded.errors} good-key request(s) failed, "
+            f"{flood.errors} bad-key request(s) not answered 401"
+        )
+    if flood.unsent:
+        res.notes.append(
+            f"badkeys: {flood.unsent} bad-key request(s) not sent: "
+            f"{FLOOD_MAX_CONNECTIONS} already in flight"
+        )
+
+
 def report_stream(res: Results, name: str, base: StreamRun, dmn: StreamRun) -> None:
     res.add(
         f"chunks/s {name}",
@@ -780,6 +962,16 @@ async def bench(plan: Plan, phases: set[str], daemon: Target, base: Target, res:
         bo = await requests_loop(base, 64, seconds=plan.burst_s, rate=rate)
         do = await requests_loop(daemon, 64, seconds=plan.burst_s, rate=rate)
         report_requests(res, f"c=64 at {rate:g}/s", bo, do)
+    if "badkeys" in phases:
+        phase(
+            f"bad keys alone at concurrency {BAD_KEY_CONCURRENCY}, then concurrency 64 with good "
+            f"keys, alone and with {plan.bad_key_rate:,.0f} bad-key requests/s: "
+            f"{plan.burst_s:g} s each"
+        )
+        bad = await bad_keys_loop(daemon, BAD_KEY_CONCURRENCY, plan.burst_s)
+        alone = await requests_loop(daemon, 64, seconds=plan.burst_s)
+        flooded, flood = await under_flood(daemon, plan.burst_s, plan.bad_key_rate)
+        report_flood(res, plan.bad_key_rate, bad, alone, flooded, flood)
     if "stream" in phases:
         phase(f"one stream of {plan.long_chunks:,} chunks")
         bl = await long_streams(base, 1, plan.long_chunks)
@@ -862,6 +1054,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--daemon-command",
         help="run the daemon with this command line instead of `python -m dinfer serve`",
     )
+    parser.add_argument(
+        "--bad-key-rate",
+        type=float,
+        default=BAD_KEY_RATE,
+        help=f"bad-key requests/s of the badkeys flood (default {BAD_KEY_RATE:g})",
+    )
     parser.add_argument("--serve-baseline", type=int, metavar="PORT", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -871,7 +1069,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.serve_baseline:
         serve_baseline(args.serve_baseline)
         return 0
-    plan = QUICK if args.quick else FULL
+    plan = dataclasses.replace(QUICK if args.quick else FULL, bad_key_rate=args.bad_key_rate)
     phases = set(args.phases.split(","))
     started, load = time.perf_counter(), os.getloadavg()[0]
     res = Results()

@@ -31,6 +31,8 @@ def test_defaults_match_the_documented_table() -> None:
     assert settings.preamble_timeout_s == 90.0
     assert settings.inference_timeout_s == 600.0
     assert settings.max_body_bytes == 16 * 1024 * 1024
+    assert settings.body_read_timeout_s == 30.0
+    assert settings.keepalive_timeout_s == 5.0
     assert settings.register_timeout_s == 10.0
     assert settings.challenge_answer_s == 30.0
     assert settings.challenge_max_age_s == 960.0

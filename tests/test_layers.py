@@ -4,7 +4,8 @@
     daemon/api/        HTTP routes, the admin API, the server
     daemon/nursery/    the supervisor and the per-request dispatch
     daemon/routing/    registry, eligibility, breaker, admission queue, provider sessions
-    daemon/config.py, daemon/store.py   settings and the store, beside every daemon layer
+    daemon/config.py, daemon/store.py, daemon/serve_lock.py
+                       settings, the store and its directory's lock, beside every daemon layer
     protocol/          the wire protocol, shared by both sides
 
 `provider/` (the reference node) stands on `protocol/` alone. Imports under `TYPE_CHECKING`
@@ -26,6 +27,7 @@ RANK = {
     "protocol": 0,
     "daemon.config": 1,
     "daemon.store": 1,
+    "daemon.serve_lock": 1,
     "daemon.routing": 2,
     "daemon.nursery": 3,
     "daemon.api": 4,

@@ -206,3 +206,81 @@ async def test_concurrent_writers_share_the_one_connection(tmp_path: Path) -> No
                 nursery.start_soon(create, n)
         assert all(store.lookup_api_key(i.secret) == i.id for i in issued)
     assert query(tmp_path, "SELECT count(*) FROM api_keys") == [(20,)]
+
+
+# Unknown API keys: answered from memory while the database is unchanged ----------------------
+
+
+def count_thread_hops(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Every function the store sends to a worker thread from now on (each a database trip)."""
+    hops: list[object] = []
+    real = trio.to_thread.run_sync
+
+    async def counting(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        hops.append(fn)
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counting)
+    return hops
+
+
+async def test_a_flood_of_distinct_unknown_keys_costs_no_database_trip(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with open_store(tmp_path) as store:
+        issued = await store.create_api_key("alice")
+        assert await store.find_api_key("dk_settle") is None  # may reload once after a write
+        hops = count_thread_hops(monkeypatch)
+
+        for n in range(1000):
+            assert await store.find_api_key(f"dk_unknown_{n}") is None
+        assert await store.find_api_key(issued.secret) == issued.id
+
+        assert hops == []
+
+
+async def test_a_key_issued_here_after_misses_works_at_once(tmp_path: Path) -> None:
+    async with open_store(tmp_path) as store:
+        for n in range(10):
+            assert await store.find_api_key(f"dk_unknown_{n}") is None
+        issued = await store.create_api_key("alice")
+        assert await store.find_api_key(issued.secret) == issued.id
+
+
+async def test_a_key_written_by_another_process_works_at_once_then_misses_are_free_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A second store on the same file is what `dinfer keys create` is: another connection.
+    async with open_store(tmp_path) as daemon, open_store(tmp_path) as cli:
+        for n in range(10):
+            assert await daemon.find_api_key(f"dk_unknown_{n}") is None
+        issued = await cli.create_api_key("from the command line")
+        hops = count_thread_hops(monkeypatch)
+
+        assert await daemon.find_api_key(issued.secret) == issued.id
+        reloads = len(hops)
+        for n in range(100):
+            assert await daemon.find_api_key(f"dk_unknown_again_{n}") is None
+
+        assert reloads == 1
+        assert len(hops) == reloads
+
+
+async def test_concurrent_misses_after_a_change_share_one_database_trip(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with open_store(tmp_path) as daemon, open_store(tmp_path) as cli:
+        issued = await cli.create_api_key("from the command line")
+        hops = count_thread_hops(monkeypatch)
+        found: list[str | None] = []
+
+        async def find(secret: str) -> None:
+            found.append(await daemon.find_api_key(secret))
+
+        async with trio.open_nursery() as nursery:
+            for n in range(50):
+                nursery.start_soon(find, f"dk_unknown_{n}")
+            nursery.start_soon(find, issued.secret)
+
+        assert found.count(None) == 50 and issued.id in found
+        assert len(hops) == 1

@@ -4,20 +4,22 @@ hot paths (the consumer API and the provider WebSocket).
 The consumer routes bypass quart on purpose: deferred commit means the status line may go out
 only once the first content chunk exists, and the handler must own every byte it sends in one
 task, with the dispatch nursery inside it. The provider route bypasses it for speed: every
-relayed chunk crosses it.
+relayed chunk crosses it. `HttpEdge` (daemon/api/edge.py) wraps them all.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from quart import Response
 from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from daemon.api.admin import admin, json_error
 from daemon.api.chat import ChatCodec
 from daemon.api.completions import CompletionsCodec
+from daemon.api.edge import INTERNAL_ERROR, HttpEdge
 from daemon.api.handler import InferenceRoute
 from daemon.api.messages import REQUEST_ID_HEADERS, CountTokensRoute, MessagesCodec
 from daemon.api.models import ModelsRoute
@@ -33,7 +35,8 @@ def create_quart_app(sup: Supervisor) -> QuartTrio:
     app.config.update(
         DINFER_SUPERVISOR=sup,
         RESPONSE_TIMEOUT=None,
-        BODY_TIMEOUT=60,
+        # HttpEdge bounds every body read and answers 408 itself (daemon/api/edge.py).
+        BODY_TIMEOUT=None,
         MAX_CONTENT_LENGTH=1024 * 1024,
     )
     app.register_blueprint(admin)
@@ -48,15 +51,36 @@ def create_quart_app(sup: Supervisor) -> QuartTrio:
             return Response('{"status":"ready"}', 200, content_type="application/json")
         return json_error(503, "the daemon is starting", "not_ready")
 
-    @app.errorhandler(404)
-    async def not_found(_: Exception) -> Response:
-        return json_error(404, "no such route", "not_found")
-
-    @app.errorhandler(405)
-    async def wrong_method(_: Exception) -> Response:
-        return json_error(405, "method not allowed on this route", "method_not_allowed")
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        return _json_http_error(exc, app.config["MAX_CONTENT_LENGTH"])
 
     return app
+
+
+# Quart's own error pages are HTML; these are the JSON errors in their place. Quart hands an
+# unhandled exception to the 500 entry (as InternalServerError) after logging it.
+_QUART_ERRORS: Final = {
+    400: ("invalid_request", "the request is malformed"),
+    404: ("not_found", "no such route"),
+    405: ("method_not_allowed", "method not allowed on this route"),
+    408: ("request_timeout", "the request body did not arrive in time"),
+    413: ("request_too_large", "the request body exceeds {limit} bytes"),
+    500: ("internal_error", INTERNAL_ERROR),
+}
+
+
+def _json_http_error(exc: HTTPException, limit: int) -> Response:
+    status = exc.code or 500
+    name = (exc.name or "error").lower().replace(" ", "_")
+    code, message = _QUART_ERRORS.get(status, (name, type(exc).description or name))
+    message = message.format(limit=limit)
+    if exc.description != type(exc).description and status != 500:
+        message = str(exc.description)  # raised with a reason of its own: say it
+    response = json_error(status, message, code)
+    if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+        response.headers["Allow"] = ", ".join(sorted(exc.valid_methods))
+    return response
 
 
 class Router:
@@ -88,7 +112,7 @@ class Router:
         return self._fallback
 
 
-def create_app(sup: Supervisor) -> Router:
+def create_app(sup: Supervisor) -> HttpEdge:
     models = ModelsRoute(sup)
     routes: dict[tuple[str, str], ASGIApp] = {
         ("http", "/v1/chat/completions"): InferenceRoute(sup, ChatCodec()),
@@ -102,4 +126,5 @@ def create_app(sup: Supervisor) -> Router:
         ("websocket", "/ws/provider"): ProviderSocket(sup),
     }
     prefixes: dict[tuple[str, str], ASGIApp] = {("http", "/v1/models/"): models}
-    return Router(cast(ASGIApp, create_quart_app(sup)), routes, prefixes)
+    router = Router(cast(ASGIApp, create_quart_app(sup)), routes, prefixes)
+    return HttpEdge(router, body_timeout=sup.settings.body_read_timeout_s)
