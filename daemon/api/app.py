@@ -115,9 +115,9 @@ class Router:
 def create_app(sup: Supervisor) -> HttpEdge:
     models = ModelsRoute(sup)
     routes: dict[tuple[str, str], ASGIApp] = {
-        ("http", "/v1/chat/completions"): InferenceRoute(sup, ChatCodec()),
+        ("http", "/v1/chat/completions"): InferenceRoute(sup, ChatCodec),
         ("http", "/v1/responses"): InferenceRoute(sup, ResponsesCodec()),
-        ("http", "/v1/completions"): InferenceRoute(sup, CompletionsCodec()),
+        ("http", "/v1/completions"): InferenceRoute(sup, CompletionsCodec),
         ("http", "/v1/models"): models,
         ("http", "/v1/messages"): InferenceRoute(
             sup, MessagesCodec(), id_headers=REQUEST_ID_HEADERS

@@ -9,6 +9,7 @@ always asks providers to stream, with usage.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from decimal import Decimal
 from types import UnionType
 from typing import Any, Final
@@ -38,6 +39,15 @@ NUMBER_RANGES: Final[dict[str, tuple[int | float, int | float]]] = {
 
 _decoder: Final = msgspec.json.Decoder(float_hook=Decimal)
 _encoder: Final = msgspec.json.Encoder(decimal_format="number")
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOptions:
+    """What an OpenAI-shaped codec needs to answer: how, and under which model name."""
+
+    model: str
+    stream: bool
+    include_usage: bool
 
 
 def echo(value: Any) -> str:

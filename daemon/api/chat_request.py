@@ -8,11 +8,11 @@ ranges, the token limits) live in `body.py`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Final
 
 from daemon.api.body import (
     DEFAULT_MAX_TOKENS,
+    StreamOptions,
     asked_max_tokens,
     bad_request,
     check_options,
@@ -31,15 +31,6 @@ MEDIA_PART_TYPES: Final = frozenset(
 )
 TOKENS_PER_MEDIA_PART: Final = 300
 TOKENS_PER_MESSAGE: Final = 4
-
-
-@dataclass(frozen=True, slots=True)
-class ChatOptions:
-    """What the chat codec needs to answer: how, and under which model name."""
-
-    model: str
-    stream: bool
-    include_usage: bool
 
 
 def parse_chat_request(raw: bytes) -> Parsed:
@@ -64,7 +55,7 @@ def parse_chat_request(raw: bytes) -> Parsed:
         context_tokens=prompt_tokens + (asked or 0),
     )
     envelope = provider_envelope(ENDPOINT, body)
-    return Parsed(traits, envelope, ChatOptions(model, stream, include_usage))
+    return Parsed(traits, envelope, StreamOptions(model, stream, include_usage))
 
 
 def _media_parts(message: Any) -> int:

@@ -15,11 +15,11 @@ tools or media.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Final
 
 from daemon.api.body import (
     DEFAULT_MAX_TOKENS,
+    StreamOptions,
     asked_max_tokens,
     bad_request,
     check_number,
@@ -39,15 +39,6 @@ CHARS_PER_TOKEN: Final = 4
 MAX_LOGPROBS: Final = 5
 
 
-@dataclass(frozen=True, slots=True)
-class TextOptions:
-    """What the text-completions codec needs to answer: how, and under which model name."""
-
-    model: str
-    stream: bool
-    include_usage: bool
-
-
 def parse_completion_request(raw: bytes) -> Parsed:
     body = decode_object(raw)
     model = require(body, "model", str, "a string")
@@ -64,7 +55,7 @@ def parse_completion_request(raw: bytes) -> Parsed:
         context_tokens=prompt_tokens + (asked or 0),
     )
     envelope = provider_envelope(ENDPOINT, {**body, "prompt": prompt})
-    options = TextOptions(model, body.get("stream") is True, wants_usage(body))
+    options = StreamOptions(model, body.get("stream") is True, wants_usage(body))
     return Parsed(traits, envelope, options)
 
 

@@ -22,12 +22,11 @@ from typing import Any, Final
 
 import msgspec
 
-from daemon.api.body import MAX_TOKENS_LIMIT, bad_request, echo
+from daemon.api.body import MAX_TOKENS_LIMIT, bad_request, decode_object, echo
 from daemon.api.chat_request import parse_chat_request
 from daemon.api.errors import ApiError
 from daemon.api.handler import Parsed
 
-_decoder: Final = msgspec.json.Decoder(float_hook=Decimal)  # numbers keep their exact digits
 _encoder: Final = msgspec.json.Encoder(decimal_format="number")
 
 # Anthropic's documented ranges, narrower than chat's (temperature there goes up to 2).
@@ -53,7 +52,7 @@ class MessagesOptions:
 
 
 def parse_messages_request(raw: bytes) -> Parsed:
-    body = _decode(raw)
+    body = decode_object(raw)
     parsed = parse_chat_request(_encoder.encode(chat_body(body, max_tokens_required=True)))
     options = MessagesOptions(
         model=body["model"],
@@ -66,7 +65,7 @@ def parse_messages_request(raw: bytes) -> Parsed:
 
 def count_input_tokens(raw: bytes) -> int:
     """`/v1/messages/count_tokens`: the prompt estimate routing uses, not a tokenizer's count."""
-    body = _decode(raw)
+    body = decode_object(raw)
     parsed = parse_chat_request(_encoder.encode(chat_body(body, max_tokens_required=False)))
     return parsed.traits.prompt_tokens
 
@@ -87,16 +86,6 @@ def chat_body(body: dict[str, Any], *, max_tokens_required: bool) -> dict[str, A
 
 
 # The top level ------------------------------------------------------------------------------
-
-
-def _decode(raw: bytes) -> dict[str, Any]:
-    try:
-        body = _decoder.decode(raw)
-    except (msgspec.DecodeError, RecursionError):  # RecursionError: nesting too deep
-        raise bad_request("the request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise bad_request("the request body must be a JSON object")
-    return body
 
 
 def _max_tokens(body: dict[str, Any], required: bool) -> int | None:

@@ -9,13 +9,19 @@ answer's error after the commit.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final, Protocol, assert_never
 
 import msgspec
 
-from daemon.api.asgi import Send, send_api_error
+from daemon.api.asgi import Send, send_api_error, send_json
+from daemon.api.assemble import CompletionAssembler
+from daemon.api.body import StreamOptions
 from daemon.api.errors import ApiError, openai_error
+from daemon.api.handler import Parsed
 from daemon.nursery.attempt import Chunk
 from daemon.nursery.dispatch import Committed, Finished, InBandError
 from protocol.messages import Usage
@@ -172,3 +178,48 @@ async def send_failure(
     status = 504 if failure.kind == "timeout" else 502
     error = ApiError(status, failure.kind, f"the provider failed mid-answer: {failure.message}")
     await send_api_error(send, error, headers, render)
+
+
+@dataclass(frozen=True, slots=True)
+class OpenAICodec:
+    """An OpenAI-shaped route: the provider's chunks relayed as they are (`OpenAIChunks`), or
+    one object assembled from them by `answer(assembler, usage, request_id)`."""
+
+    parse_request: Callable[[bytes], Parsed]
+    chunk_object: str  # the `object` of the usage chunk built from inference_complete
+    id_prefix: str
+    answer: Callable[[CompletionAssembler, Usage, str], dict[str, Any]]
+
+    def parse(self, raw: bytes) -> Parsed:
+        return self.parse_request(raw)
+
+    def render_error(self, error: ApiError) -> bytes:
+        return openai_error(error)
+
+    async def respond(
+        self, send: Send, committed: Committed, headers: Headers, options: StreamOptions
+    ) -> None:
+        if options.stream:
+            usage_chunk = partial(self._usage_chunk, committed.request_id, options.model)
+            await relay(send, committed, headers, OpenAIChunks(options.include_usage, usage_chunk))
+            return
+        assembler = CompletionAssembler(options.model)
+        match await collect(committed, assembler.add):
+            case Finished(usage=usage):
+                answer = self.answer(assembler, usage, committed.request_id)
+                await send_json(send, 200, _encoder.encode(answer), headers)
+            case InBandError() as failure:
+                await send_failure(send, failure, headers)
+            case end:
+                assert_never(end)
+
+    def _usage_chunk(self, request_id: str, model: str, usage: Usage) -> dict[str, Any]:
+        """The usage chunk the consumer asked for, built from `inference_complete`."""
+        return {
+            "id": f"{self.id_prefix}{request_id}",
+            "object": self.chunk_object,
+            "created": int(time.time()),
+            "model": model,
+            "choices": [],
+            "usage": usage_fields(usage),
+        }

@@ -11,12 +11,11 @@ A 400 names the Responses field a consumer sent (`input[2].type`), never a chat 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from decimal import Decimal
 from typing import Any, Final
 
 import msgspec
 
-from daemon.api.body import MAX_TOKENS_LIMIT, bad_request, echo
+from daemon.api.body import MAX_TOKENS_LIMIT, bad_request, decode_object, echo
 from daemon.api.chat_request import parse_chat_request
 from daemon.api.errors import ApiError
 from daemon.api.handler import Parsed
@@ -41,7 +40,6 @@ PASSTHROUGH: Final = (
 # Fields that refer to state a stateful server keeps between requests; this daemon keeps none.
 STATEFUL: Final = ("previous_response_id", "conversation")
 
-_decoder: Final = msgspec.json.Decoder(float_hook=Decimal)
 _encoder: Final = msgspec.json.Encoder(decimal_format="number")
 
 
@@ -56,7 +54,7 @@ class ResponsesOptions:
 
 
 def parse_responses_request(raw: bytes) -> Parsed:
-    body = _decode(raw)
+    body = decode_object(raw)
     _refuse_state(body)
     stream = _stream(body)
     chat = chat_body(body)
@@ -79,16 +77,6 @@ def chat_body(body: dict[str, Any]) -> dict[str, Any]:
     if max_tokens is not None:
         chat["max_tokens"] = max_tokens
     return chat
-
-
-def _decode(raw: bytes) -> dict[str, Any]:
-    try:
-        body = _decoder.decode(raw)
-    except (msgspec.DecodeError, RecursionError):  # RecursionError: nesting too deep
-        raise bad_request("the request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise bad_request("the request body must be a JSON object")
-    return body
 
 
 def _refuse_state(body: dict[str, Any]) -> None:
