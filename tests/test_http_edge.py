@@ -31,7 +31,14 @@ from werkzeug.exceptions import (
 from daemon.api.app import create_quart_app
 from daemon.api.serve import RunningDaemon
 from tests.conftest import ADMIN_KEY, StartDaemon
-from tests.consumer_harness import BOUND_S, Api, OpenApi, assert_openai_error, chat_body
+from tests.consumer_harness import (
+    BOUND_S,
+    Api,
+    OpenApi,
+    assert_openai_error,
+    chat_body,
+    error_of,
+)
 
 # Virtual-time bound on the MockClock tests: a deadline that never fires fails the test at
 # once instead of hanging it.
@@ -109,12 +116,6 @@ async def connect(daemon: RunningDaemon) -> AsyncIterator[Client]:
 def open_descriptors() -> int:
     """This process's open file descriptors: the daemon's and the test's clients'."""
     return len(os.listdir("/proc/self/fd"))
-
-
-def error_of(body: bytes) -> dict[str, Any]:
-    parsed = json.loads(body)
-    assert set(parsed) == {"error"} and set(parsed["error"]) == {"type", "message", "code", "param"}
-    return dict(parsed["error"])
 
 
 # The request body has a deadline -------------------------------------------------------------
