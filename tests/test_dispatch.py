@@ -745,3 +745,23 @@ async def test_timeouts_on_two_versions_are_not_proof_against_the_request(
     assert committed.provider_id == c.id
     assert world.cooling(a) and world.cooling(b)
     await world.assert_nothing_leaked()
+
+
+async def test_a_deadline_missed_because_the_daemon_was_busy_is_no_strike(
+    autojump_clock: MockClock, nursery: trio.Nursery
+) -> None:
+    """A loop too busy to wake the racer on time cannot blame the provider: an overloaded
+    daemon (a flood of bad keys, say) must not cool down every provider."""
+    world = World(nursery, DINFER_BREAKER_THRESHOLD="1")
+    slow = world.provider(stalls_after())
+
+    async def block_the_loop() -> None:
+        await trio.sleep(TIMING.ttft - 0.1)
+        autojump_clock.jump(2.0)  # the loop was stuck: time passed with nobody scheduled
+
+    nursery.start_soon(block_the_loop)
+    failed = await world.fails(max_attempts=1)
+
+    assert failed.status == 503 and "too busy" in failed.message
+    assert not world.cooling(slow)
+    await world.assert_nothing_leaked()

@@ -38,6 +38,10 @@ log = logging.getLogger("dinfer.dispatch")
 
 # Boilerplate chunks held per racer before the next chunk commits regardless.
 MAX_HELD: Final = 8
+# A deadline noticed this much late means the daemon's own loop is overloaded: the provider's
+# answer may be sitting unread, so the miss is ours, not the provider's (503: not a strike).
+LOOP_LAG_S: Final = 0.25
+DAEMON_BUSY: Final = Failure(503, "the daemon was too busy to read the provider in time")
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,6 +317,8 @@ class Race:
                         return Failed(failure)
                     case verdict:
                         assert_never(verdict)
+            if trio.current_time() - deadline > LOOP_LAG_S:
+                return Failed(DAEMON_BUSY)  # our lateness: the provider may have answered
             if held and not preamble_extended:
                 preamble_extended = True
                 deadline += self._timing.preamble
