@@ -4,7 +4,7 @@
     daemon/api/        HTTP routes, the admin API, the server
     daemon/nursery/    the supervisor and the per-request dispatch
     daemon/routing/    registry, eligibility, breaker, admission queue, provider sessions
-    daemon/config.py, daemon/store.py, daemon/serve_lock.py
+    daemon/config.py, daemon/config_file.py, daemon/store.py, daemon/serve_lock.py
                        settings, the store and its directory's lock, beside every daemon layer
     protocol/          the wire protocol, shared by both sides
 
@@ -26,6 +26,7 @@ PACKAGES = ("dinfer", "daemon", "provider", "protocol")
 RANK = {
     "protocol": 0,
     "daemon.config": 1,
+    "daemon.config_file": 1,
     "daemon.store": 1,
     "daemon.serve_lock": 1,
     "daemon.routing": 2,

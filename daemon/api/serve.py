@@ -8,6 +8,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, Final
 
 import trio
@@ -75,6 +76,7 @@ async def serve(
     settings: Settings,
     *,
     shutdown_trigger: ShutdownTrigger = until_signalled,
+    config_path: Path | None = None,
     seed: int | None = None,
     task_status: trio.TaskStatus[RunningDaemon] = trio.TASK_STATUS_IGNORED,
 ) -> None:
