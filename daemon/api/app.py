@@ -47,6 +47,8 @@ def create_quart_app(sup: Supervisor) -> QuartTrio:
 
     @app.get("/readyz")
     async def readyz() -> Response:
+        if sup.draining:  # at once on SIGTERM, so a load balancer stops sending here
+            return json_error(503, "the daemon is shutting down", "shutting_down")
         if sup.ready:
             return Response('{"status":"ready"}', 200, content_type="application/json")
         return json_error(503, "the daemon is starting", "not_ready")
