@@ -1,18 +1,21 @@
-"""The daemon's settings: one frozen `Settings`, read from `DINFER_*` environment variables.
+"""The daemon's settings: one frozen `Settings`, from `DINFER_*` variables over a TOML file.
 
-`load_settings(os.environ)` is the only reader of the environment; everything else takes the
-`Settings` it returns. A bad value raises `ConfigError` naming the variable and what is wrong.
-An unset or empty variable takes its default. Durations are seconds (positive decimals), counts
-positive integers.
+`load_settings(os.environ, path)` is the only reader of the environment and of the config
+file; everything else takes the `Settings` it returns. Each setting comes from its variable
+when that is set and non-empty, else from the file (`[table] key`, see `ENV_VARS`), else its
+default. A bad value raises `ConfigError` naming the variable or the file's key and what is
+wrong. Durations are seconds (positive decimals), counts positive integers.
 
-The variable names are a public contract. `ENV_VARS` below is their one table: it generates
-the end of this docstring, `dinfer serve --help` (`describe_env()`) and the README's table
-(`markdown_table()`; `python -m daemon.config` prints it). `unknown_variables` lists set
-`DINFER_*` names that are not in it, typos most likely.
+The variable names and file keys are a public contract. `ENV_VARS` below is their one table:
+it generates the end of this docstring, `dinfer serve --help` (`describe_env()`), the file's
+key of each setting and the README's table (`markdown_table()`; `python -m daemon.config`
+prints it). `unknown_variables` lists set `DINFER_*` names that are not in it, typos most
+likely. `live` settings may change on a reload (SIGHUP); the others need a restart.
 """
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import math
 import re
@@ -24,9 +27,13 @@ from typing import Any, Final
 
 import msgspec
 
+from daemon.config_file import ConfigFileError, read_config
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
 
 class ConfigError(Exception):
-    """A `DINFER_*` variable has a value the daemon cannot use."""
+    """A `DINFER_*` variable or a config file key has a value the daemon cannot use."""
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -34,6 +41,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     listen_port: int
     data_dir: Path
     admin_key: str | None
+    admin_key_file: Path | None
     provider_auth: str
     challenge_interval_s: float
     heartbeat_timeout_s: float
@@ -52,6 +60,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_body_bytes: int
     body_read_timeout_s: float
     keepalive_timeout_s: float
+    trusted_proxies: tuple[IPNetwork, ...]
+    drain_grace_s: float
     register_timeout_s: float
     challenge_answer_s: float
     challenge_max_age_s: float
@@ -139,19 +149,59 @@ def _text(raw: str) -> str:
     return raw
 
 
+def _optional_path(raw: str) -> Path | None:
+    return Path(raw) if raw else None
+
+
+def _networks(raw: str) -> tuple[IPNetwork, ...]:
+    try:
+        return tuple(
+            ipaddress.ip_network(cidr, strict=False) for cidr in raw.replace(",", " ").split()
+        )
+    except ValueError:
+        raise ValueError("a list of CIDRs such as 127.0.0.1/32 10.0.0.0/8 ::1") from None
+
+
 @dataclass(frozen=True, slots=True)
 class EnvVar:
-    """One `DINFER_*` variable: its name, default (as written) and meaning."""
+    """One setting: its variable's name, default (as written), meaning, and its file key
+    `[table] key`. `live` settings change on a reload; `secret` ones are never printed."""
 
     name: str
     default: str
     meaning: str
     parse: Callable[[str], Any]
     field: str
+    table: str
+    key: str
+    live: bool
+    secret: bool = False
+    many: bool = False  # the file may give a list of strings
+
+    @property
+    def file_key(self) -> str:
+        return f"[{self.table}] {self.key}"
 
 
-def _var(name: str, default: str, meaning: str, parse: Callable[[str], Any]) -> EnvVar:
-    return EnvVar(name, default, meaning, parse, field=name.removeprefix("DINFER_").lower())
+# The file's tables, in the order `dinfer config check` prints them.
+TABLES: Final = ("server", "http", "providers", "breaker", "queue", "dispatch")
+
+
+def _var(
+    name: str,
+    default: str,
+    meaning: str,
+    parse: Callable[[str], Any],
+    *,
+    table: str,
+    key: str | None = None,
+    live: bool = True,
+    secret: bool = False,
+    many: bool = False,
+) -> EnvVar:
+    field = name.removeprefix("DINFER_").lower()
+    key = key or field.removeprefix(table + "_")
+    return EnvVar(name, default, meaning, parse, field, table, key, live, secret, many)
 
 
 ENV_VARS: Final[tuple[EnvVar, ...]] = (
@@ -160,137 +210,322 @@ ENV_VARS: Final[tuple[EnvVar, ...]] = (
         "127.0.0.1:8000",
         "HTTP and WebSocket address, host:port (IPv6 as [::1]:8000; port 0 picks a free port)",
         _listen,
+        table="server",
+        key="listen",
+        live=False,
     ),
     _var(
         "DINFER_DATA_DIR",
         ".dinfer",
         "directory of the SQLite store (relative to the working directory); one dinfer serve each",
         Path,
+        table="server",
+        live=False,
     ),
-    _var("DINFER_ADMIN_KEY", "", "bearer key of the admin API; unset disables it", _text),
+    _var(
+        "DINFER_ADMIN_KEY",
+        "",
+        "bearer key of the admin API; unset disables it",
+        _text,
+        table="server",
+        live=False,
+        secret=True,
+    ),
+    _var(
+        "DINFER_ADMIN_KEY_FILE",
+        "",
+        "file holding the admin key, instead of giving the key itself; unset: "
+        "$CREDENTIALS_DIRECTORY/admin_key when systemd passes one",
+        _optional_path,
+        table="server",
+        live=False,
+    ),
     _var(
         "DINFER_PROVIDER_AUTH",
         "token",
         "token: providers need an admin-issued token; open: anyone may register (development)",
         _choice("token", "open"),
+        table="providers",
+        key="auth",
+        live=False,
     ),
     _var(
         "DINFER_CHALLENGE_INTERVAL_S",
         "300",
         "seconds between attestation challenges",
         _positive_float,
+        table="providers",
     ),
     _var(
         "DINFER_HEARTBEAT_TIMEOUT_S",
         "90",
         "silence after which a provider is dropped",
         _positive_float,
+        table="providers",
     ),
     _var(
         "DINFER_BREAKER_THRESHOLD",
         "2",
         "failures within the window that put (provider, model, shape) in cooldown",
         _positive_int,
+        table="breaker",
     ),
     _var(
-        "DINFER_BREAKER_WINDOW_S", "60", "window in which breaker failures count", _positive_float
+        "DINFER_BREAKER_WINDOW_S",
+        "60",
+        "window in which breaker failures count",
+        _positive_float,
+        table="breaker",
     ),
     _var(
         "DINFER_BREAKER_COOLDOWN_S",
         "300",
         "how long a cooldown keeps a provider out",
         _positive_float,
+        table="breaker",
     ),
-    _var("DINFER_QUEUE_MAX", "10", "queued requests per model before 429", _positive_int),
-    _var("DINFER_QUEUE_TIMEOUT_S", "120", "longest a request waits in the queue", _positive_float),
+    _var(
+        "DINFER_QUEUE_MAX",
+        "10",
+        "queued requests per model before 429",
+        _positive_int,
+        table="queue",
+    ),
+    _var(
+        "DINFER_QUEUE_TIMEOUT_S",
+        "120",
+        "longest a request waits in the queue",
+        _positive_float,
+        table="queue",
+    ),
     _var(
         "DINFER_TOOLS_MIN_VERSION",
         "0.6.3",
         "lowest provider version routed tool requests",
         _version,
+        table="providers",
     ),
-    _var("DINFER_MAX_ATTEMPTS", "3", "providers tried per request (failover)", _positive_int),
-    _var("DINFER_TTFT_BASE_S", "5", "first-token deadline, fixed part", _positive_float),
+    _var(
+        "DINFER_MAX_ATTEMPTS",
+        "3",
+        "providers tried per request (failover)",
+        _positive_int,
+        table="dispatch",
+    ),
+    _var(
+        "DINFER_TTFT_BASE_S",
+        "5",
+        "first-token deadline, fixed part",
+        _positive_float,
+        table="dispatch",
+    ),
     _var(
         "DINFER_TTFT_PER_TOKEN_MS",
         "1",
         "first-token deadline, added per prompt token",
         _positive_float,
+        table="dispatch",
     ),
     _var(
         "DINFER_SPECULATIVE_RATIO",
         "0.5",
         "fraction of the first-token deadline after which a backup provider starts, in (0, 1]",
         _ratio,
+        table="dispatch",
     ),
     _var(
         "DINFER_PREAMBLE_TIMEOUT_S",
         "90",
         "extra wait for content, once, when a provider sent only boilerplate by the deadline",
         _positive_float,
+        table="dispatch",
     ),
     _var(
         "DINFER_INFERENCE_TIMEOUT_S",
         "600",
         "wait for content after inference_accepted, and the longest silence after content",
         _positive_float,
+        table="dispatch",
     ),
     _var(
-        "DINFER_MAX_BODY_BYTES", "16777216", "largest accepted request body (16 MiB)", _positive_int
+        "DINFER_MAX_BODY_BYTES",
+        "16777216",
+        "largest accepted request body (16 MiB)",
+        _positive_int,
+        table="http",
     ),
     _var(
         "DINFER_BODY_READ_TIMEOUT_S",
         "30",
         "time a request body has to arrive after its head; later: 408, connection closed",
         _positive_float,
+        table="http",
+        live=False,
     ),
     _var(
         "DINFER_KEEPALIVE_TIMEOUT_S",
         "5",
         "idle time that closes an HTTP connection: between requests, and before a request head",
         _positive_float,
+        table="http",
+        live=False,
+    ),
+    _var(
+        "DINFER_TRUSTED_PROXIES",
+        "",
+        "CIDRs of reverse proxies whose X-Forwarded-For names the client; from others it is "
+        "ignored",
+        _networks,
+        table="http",
+        live=False,
+        many=True,
+    ),
+    _var(
+        "DINFER_DRAIN_GRACE_S",
+        "30",
+        "on SIGTERM, time requests in flight get to finish before they are cut off",
+        _positive_float,
+        table="server",
     ),
     _var(
         "DINFER_REGISTER_TIMEOUT_S",
         "10",
         "time a new connection has to send register",
         _positive_float,
+        table="providers",
     ),
     _var(
         "DINFER_CHALLENGE_ANSWER_S",
         "30",
         "time a provider has to answer a challenge",
         _positive_float,
+        table="providers",
     ),
     _var(
         "DINFER_CHALLENGE_MAX_AGE_S",
         "960",
         "age after which a passed challenge is stale (not routable)",
         _positive_float,
+        table="providers",
     ),
     _var(
         "DINFER_LOG_LEVEL",
         "info",
         "debug, info, warning, error or critical",
         _choice("debug", "info", "warning", "error", "critical"),
+        table="server",
     ),
 )
 
 
-def _parse(var: EnvVar, environ: Mapping[str, str]) -> Any:
-    raw = environ.get(var.name, "").strip() or var.default
+class Source(enum.StrEnum):
+    """Where a setting's value came from: precedence is env over file over default."""
+
+    DEFAULT = "default"
+    FILE = "file"
+    ENV = "env"
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """One setting's raw value, its source, and how an error about it names it."""
+
+    var: EnvVar
+    raw: str
+    source: Source
+    where: str
+
+
+def resolve(environ: Mapping[str, str], path: Path | None = None) -> list[Resolved]:
+    """Each setting's raw value: its variable if set, else the file's key, else the default."""
+    keys = {(var.table, var.key): var.many for var in ENV_VARS}
     try:
-        return var.parse(raw)
+        in_file = read_config(path, keys) if path is not None else {}
+    except ConfigFileError as exc:
+        raise ConfigError(str(exc)) from None
+    resolved = []
+    for var in ENV_VARS:
+        from_env = environ.get(var.name, "").strip()
+        found = in_file.get((var.table, var.key))
+        if from_env:
+            resolved.append(Resolved(var, from_env, Source.ENV, var.name))
+        elif found is not None and found.raw.strip():
+            line = f"line {found.line}: " if found.line is not None else ""
+            where = f"{path}: {line}{var.file_key}"
+            resolved.append(Resolved(var, found.raw.strip(), Source.FILE, where))
+        else:
+            resolved.append(Resolved(var, var.default, Source.DEFAULT, var.name))
+    return resolved
+
+
+def _parse(item: Resolved) -> Any:
+    try:
+        return item.var.parse(item.raw)
     except ValueError as exc:
-        raise ConfigError(f"{var.name} must be {exc}, got {raw!r}") from None
+        raise ConfigError(f"{item.where} must be {exc}, got {item.raw!r}") from None
 
 
-def load_settings(environ: Mapping[str, str]) -> Settings:
-    """Build the settings from `environ` (normally `os.environ`); raise ConfigError if bad."""
-    values = {var.field: _parse(var, environ) for var in ENV_VARS}
+def load_settings(environ: Mapping[str, str], path: Path | None = None) -> Settings:
+    """Build the settings from `environ` (normally `os.environ`) over the config file at
+    `path`, if any; raise ConfigError naming the variable or key if anything is bad."""
+    values = {item.var.field: _parse(item) for item in resolve(environ, path)}
     values["listen_host"], values["listen_port"] = values.pop("listen")
-    values["admin_key"] = values["admin_key"] or None
+    values["admin_key"] = _admin_key(values["admin_key"], values["admin_key_file"], environ)
     return Settings(**values)
+
+
+def _admin_key(key: str, key_file: Path | None, environ: Mapping[str, str]) -> str | None:
+    """The admin key: given inline, or read from its file, or from systemd's credential
+    (`LoadCredential=admin_key:...`), so it need not sit in the unit or the environment."""
+    if key and key_file is not None:
+        raise ConfigError("set the admin key or the admin key file, not both")
+    if key:
+        return key
+    if key_file is None:
+        credentials = environ.get("CREDENTIALS_DIRECTORY")
+        if not credentials or not (Path(credentials) / "admin_key").is_file():
+            return None
+        key_file = Path(credentials) / "admin_key"
+    try:
+        secret = key_file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the admin key file {key_file}: {exc}") from None
+    if not secret:
+        raise ConfigError(f"the admin key file {key_file} is empty")
+    return secret
+
+
+def value_of(settings: Settings, var: EnvVar) -> Any:
+    return settings.listen if var.field == "listen" else getattr(settings, var.field)
+
+
+@dataclass(frozen=True, slots=True)
+class Reload:
+    """A reload's outcome: the settings to run with (restart-only ones kept as they were),
+    the file keys that changed live, and those that changed but need a restart."""
+
+    settings: Settings
+    changed: tuple[str, ...]
+    needs_restart: tuple[str, ...]
+
+
+def reload(old: Settings, new: Settings) -> Reload:
+    changed = [var for var in ENV_VARS if value_of(old, var) != value_of(new, var)]
+    kept = {
+        field: getattr(old, field)
+        for field in Settings.__struct_fields__
+        if not _live_field(field) and getattr(old, field) != getattr(new, field)
+    }
+    return Reload(
+        msgspec.structs.replace(new, **kept),
+        tuple(var.file_key for var in changed if var.live),
+        tuple(var.file_key for var in changed if not var.live),
+    )
+
+
+def _live_field(field: str) -> bool:
+    name = "listen" if field in ("listen_host", "listen_port") else field
+    return next(var.live for var in ENV_VARS if var.field == name)
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:
@@ -313,10 +548,11 @@ def describe_env() -> str:
 
 def markdown_table() -> str:
     """The variables as the README's Markdown table."""
-    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    rows = ["| variable | file key | default | meaning |", "|---|---|---|---|"]
     for var in ENV_VARS:
         default = f"`{var.default}`" if var.default else "unset"
-        rows.append(f"| `{var.name}` | {default} | {var.meaning} |")
+        reload = "" if var.live else " (restart to change)"
+        rows.append(f"| `{var.name}` | `{var.file_key}` | {default} | {var.meaning}{reload} |")
     return "\n".join(rows)
 
 

@@ -1,4 +1,4 @@
-"""`dinfer serve` and `dinfer keys`: the daemon's subcommands."""
+"""`dinfer serve`, `dinfer keys` and `dinfer config check`: the daemon's subcommands."""
 
 from __future__ import annotations
 
@@ -6,32 +6,64 @@ import argparse
 import logging
 import os
 import sys
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import trio
 
-from daemon.config import ConfigError, Settings, describe_env, load_settings, unknown_variables
+from daemon.config import (
+    TABLES,
+    ConfigError,
+    Settings,
+    Source,
+    describe_env,
+    load_settings,
+    resolve,
+    unknown_variables,
+)
+
+MASK = "********"
 
 
 def add_subcommands(subparsers: Any) -> None:
     serve = subparsers.add_parser(
         "serve",
         help="run the coordinator daemon",
-        description="Run the coordinator daemon. Configured by environment variables:",
+        description=(
+            "Run the coordinator daemon. Configured by a TOML file (--config; each setting's "
+            "[table] key is in the README) and by environment variables, which win over it:"
+        ),
         epilog=describe_env(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _config_option(serve)
     serve.set_defaults(run=run_serve)
     keys = subparsers.add_parser("keys", help="manage consumer API keys")
+    _config_option(keys)
     actions = keys.add_subparsers(dest="action", metavar="ACTION", required=True)
     create = actions.add_parser("create", help="create a consumer API key and print it once")
     create.add_argument("--name", required=True, help="who the key is for")
     create.set_defaults(run=run_keys_create)
+    config = subparsers.add_parser("config", help="inspect the daemon's configuration")
+    checks = config.add_subparsers(dest="action", metavar="ACTION", required=True)
+    check = checks.add_parser(
+        "check",
+        help="print the effective settings and where each came from; exit 1 on any error",
+    )
+    _config_option(check)
+    check.set_defaults(run=run_config_check)
 
 
-def settings_or_exit() -> Settings:
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", type=Path, metavar="PATH", help="TOML config file (variables override it)"
+    )
+
+
+def settings_or_exit(path: Path | None) -> Settings:
     try:
-        settings = load_settings(os.environ)
+        settings = load_settings(os.environ, path)
     except ConfigError as exc:
         sys.exit(f"dinfer: {exc}")
     logging.basicConfig(
@@ -43,12 +75,13 @@ def settings_or_exit() -> Settings:
     return settings
 
 
-def run_serve(_: argparse.Namespace) -> int:
+def run_serve(args: argparse.Namespace) -> int:
     from daemon.api.serve import serve
     from daemon.serve_lock import DataDirInUse
 
+    settings = settings_or_exit(args.config)
     try:
-        trio.run(serve, settings_or_exit())
+        trio.run(partial(serve, settings, config_path=args.config))
     except DataDirInUse as exc:
         sys.exit(f"dinfer: {exc}")
     return 0
@@ -57,7 +90,7 @@ def run_serve(_: argparse.Namespace) -> int:
 def run_keys_create(args: argparse.Namespace) -> int:
     from daemon.store import open_store
 
-    settings = settings_or_exit()
+    settings = settings_or_exit(args.config)
 
     async def create() -> None:
         async with open_store(settings.data_dir) as store:
@@ -68,4 +101,22 @@ def run_keys_create(args: argparse.Namespace) -> int:
         trio.run(create)
     except ValueError as exc:
         sys.exit(f"dinfer: {exc}")
+    return 0
+
+
+def run_config_check(args: argparse.Namespace) -> int:
+    """Every setting with its value and source, secrets masked; then whether it all loads."""
+    try:
+        resolved = resolve(os.environ, args.config)
+        load_settings(os.environ, args.config)  # what resolve cannot see: the key file
+    except ConfigError as exc:
+        print(f"dinfer: {exc}", file=sys.stderr)
+        return 1
+    width = max(len(item.var.file_key) for item in resolved)
+    for item in sorted(resolved, key=lambda item: TABLES.index(item.var.table)):
+        value = MASK if item.var.secret and item.raw else item.raw or "(unset)"
+        source = f"env {item.var.name}" if item.source is Source.ENV else str(item.source)
+        print(f"{item.var.file_key:<{width}}  {value}  ({source})")
+    for name in unknown_variables(os.environ):
+        print(f"warning: ignoring unknown variable {name}", file=sys.stderr)
     return 0

@@ -5,12 +5,15 @@
 each model with a `--chat-template` self-checked once (`provider.selfcheck`); a change
 reaches the daemon as `models_update` through the live session) and the reconnect loop (one
 session at a time, forever, with exponential backoff and full jitter between them). `serve` is
-the process: the HTTP client, the node, and the signal watcher that turns SIGTERM into a drain.
+the process: the HTTP client, the node, the signal watcher that turns SIGTERM into a drain,
+and its reports to systemd (`READY=1` once the first model poll answered, `WATCHDOG=1` from the
+event loop, `STOPPING=1` when the drain starts).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import signal
 from contextlib import aclosing
@@ -20,6 +23,7 @@ import msgspec
 import trio
 from trio_util import periodic
 
+from hosting.sd_notify import Notifier, open_notifier
 from protocol.messages import ModelInfo
 from provider.backend import Backend, open_client
 from provider.backoff import Backoff
@@ -197,15 +201,23 @@ def _log_end(end: SessionEnd) -> None:
 
 async def serve(config: ProviderConfig, keys: NodeKeys) -> None:
     """The whole node process: runs until drained (SIGTERM) or stopped (a second SIGTERM)."""
-    async with open_client(config.backend_timeout) as client:
+    async with open_client(config.backend_timeout) as client, open_notifier(os.environ) as sd:
         node = ProviderNode(config, keys, Backend(client, config.backend))
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_drain_on_sigterm, node, nursery.cancel_scope)
-            await node.run()
-            nursery.cancel_scope.cancel(reason="node drained")
+            nursery.start_soon(_drain_on_sigterm, node, nursery.cancel_scope, sd)
+            await nursery.start(sd.keep_alive)
+            await nursery.start(_run_until_drained, node, nursery.cancel_scope)
+            await sd.ready(f"serving {config.backend} to {config.coordinator}")
 
 
-async def _drain_on_sigterm(node: ProviderNode, scope: trio.CancelScope) -> None:
+async def _run_until_drained(
+    node: ProviderNode, scope: trio.CancelScope, *, task_status: trio.TaskStatus[None]
+) -> None:
+    await node.run(task_status=task_status)
+    scope.cancel(reason="node drained")
+
+
+async def _drain_on_sigterm(node: ProviderNode, scope: trio.CancelScope, sd: Notifier) -> None:
     with trio.open_signal_receiver(signal.SIGTERM) as signals:
         async for _ in signals:
             if node.state.draining.value:
@@ -214,3 +226,4 @@ async def _drain_on_sigterm(node: ProviderNode, scope: trio.CancelScope) -> None
                 return
             log.info("SIGTERM: draining for up to %g s", node.config.drain_grace)
             node.drain()
+            await sd.stopping(f"draining for up to {node.config.drain_grace:g} s")

@@ -174,3 +174,108 @@ def test_the_readme_table_is_the_generated_one() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     block = readme.split("<!-- env-table:begin -->\n")[1].split("\n<!-- env-table:end -->")[0]
     assert block == config.markdown_table(), "run: .venv/bin/python -m daemon.config"
+
+
+# The config file ------------------------------------------------------------------------------
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "dinfer.toml"
+    path.write_text(text)
+    return path
+
+
+def test_every_setting_has_a_file_key_in_a_documented_table() -> None:
+    keys = [var.file_key for var in config.ENV_VARS]
+    assert len(set(keys)) == len(keys)
+    assert {var.table for var in config.ENV_VARS} == set(config.TABLES)
+
+
+def test_the_file_sets_values_and_a_variable_wins_over_it(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[server]\nlisten = "[::1]:9000"\n[queue]\nmax = 4\ntimeout_s = 2.5\n'
+        '[http]\ntrusted_proxies = ["127.0.0.1", "10.0.0.0/8"]\n',
+    )
+    settings = load_settings({"DINFER_QUEUE_MAX": "7"}, path)
+    assert settings.listen == "[::1]:9000"
+    assert (settings.queue_max, settings.queue_timeout_s) == (7, 2.5)
+    assert [str(n) for n in settings.trusted_proxies] == ["127.0.0.1/32", "10.0.0.0/8"]
+    sources = {item.var.name: item.source for item in config.resolve({}, path)}
+    assert sources["DINFER_QUEUE_MAX"] is config.Source.FILE
+    assert sources["DINFER_LOG_LEVEL"] is config.Source.DEFAULT
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[queue]\nmax = 4\n\n[breaker]\nthreshold = 0\n", "line 5: [breaker] threshold must be "
+         "a positive integer, got '0'"),
+        ("[breaker]\nthreshhold = 3\n", "line 2: [breaker] threshhold: unknown key"),
+        ("[brekaer]\nthreshold = 3\n", "line 2: [brekaer] threshold: unknown key"),
+        ("[queue]\nmax = true\n", "line 2: [queue] max: expected a number or a string, got True"),
+        ("[queue]\nmax = [1]\n", "[queue] max: expected a number or a string"),
+        ("[queue\nmax = 1\n", "not valid TOML: Expected ']' at the end of a table declaration "
+         "(at line 1, column 7)"),
+        ("listen = 'x'\n", "'listen' is not a [table]"),
+    ],
+)  # fmt: skip
+def test_a_bad_file_names_the_key_and_its_line(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings({}, path)
+    assert str(caught.value).startswith(f"{path}: ")
+    assert message in str(caught.value)
+
+
+def test_a_missing_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read the config file"):
+        load_settings({}, tmp_path / "absent.toml")
+
+
+def test_the_admin_key_may_come_from_a_file(tmp_path: Path) -> None:
+    (tmp_path / "key").write_text("s3cret\n")
+    settings = load_settings({"DINFER_ADMIN_KEY_FILE": str(tmp_path / "key")})
+    assert settings.admin_key == "s3cret"
+
+
+def test_the_admin_key_may_come_from_a_systemd_credential(tmp_path: Path) -> None:
+    (tmp_path / "admin_key").write_text("from-systemd")
+    assert load_settings({"CREDENTIALS_DIRECTORY": str(tmp_path)}).admin_key == "from-systemd"
+    assert load_settings({"CREDENTIALS_DIRECTORY": str(tmp_path / "none")}).admin_key is None
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"DINFER_ADMIN_KEY": "a", "DINFER_ADMIN_KEY_FILE": "/k"}, "not both"),
+        ({"DINFER_ADMIN_KEY_FILE": "/nonexistent/key"}, "cannot read the admin key file"),
+    ],
+)
+def test_admin_key_file_errors(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(env)
+
+
+def test_an_empty_admin_key_file_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "key").write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_settings({"DINFER_ADMIN_KEY_FILE": str(tmp_path / "key")})
+
+
+def test_bad_trusted_proxies_name_their_variable() -> None:
+    with pytest.raises(ConfigError, match=r"^DINFER_TRUSTED_PROXIES must be a list of CIDRs"):
+        load_settings({"DINFER_TRUSTED_PROXIES": "10.0.0.0/8, nonsense"})
+
+
+def test_a_reload_applies_live_changes_and_keeps_restart_only_ones() -> None:
+    old = load_settings({})
+    new = load_settings(
+        {"DINFER_QUEUE_MAX": "3", "DINFER_LISTEN": "127.0.0.1:9", "DINFER_LOG_LEVEL": "debug"}
+    )
+    outcome = config.reload(old, new)
+    assert outcome.changed == ("[queue] max", "[server] log_level")
+    assert outcome.needs_restart == ("[server] listen",)
+    assert outcome.settings.queue_max == 3
+    assert outcome.settings.listen == old.listen
+    assert config.reload(old, old) == config.Reload(old, (), ())

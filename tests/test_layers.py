@@ -7,9 +7,12 @@
     daemon/config.py, daemon/store.py, daemon/serve_lock.py
                        settings, the store and its directory's lock, beside every daemon layer
     protocol/          the wire protocol, shared by both sides
+    hosting/           what the host gives a process (systemd's notify socket), shared too
+    daemon/config_file.py
+                       the TOML reader the settings use, knowing nothing of them
 
-`provider/` (the reference node) stands on `protocol/` alone. Imports under `TYPE_CHECKING`
-count: a cycle hidden from the interpreter is still a cycle for the reader.
+`provider/` (the reference node) stands on `protocol/` and `hosting/` alone. Imports under
+`TYPE_CHECKING` count: a cycle hidden from the interpreter is still a cycle for the reader.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("dinfer", "daemon", "provider", "protocol")
+PACKAGES = ("dinfer", "daemon", "provider", "protocol", "hosting")
 
 # Higher rank = higher layer. A module may import modules of its own layer or a lower rank.
 RANK = {
     "protocol": 0,
+    "hosting": 0,
     "daemon.config": 1,
+    "daemon.config_file": 0,  # the TOML reader below the settings, knowing nothing of them
     "daemon.store": 1,
     "daemon.serve_lock": 1,
     "daemon.routing": 2,

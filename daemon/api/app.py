@@ -4,7 +4,8 @@ hot paths (the consumer API and the provider WebSocket).
 The consumer routes bypass quart on purpose: deferred commit means the status line may go out
 only once the first content chunk exists, and the handler must own every byte it sends in one
 task, with the dispatch nursery inside it. The provider route bypasses it for speed: every
-relayed chunk crosses it. `HttpEdge` (daemon/api/edge.py) wraps them all.
+relayed chunk crosses it. `HttpEdge` (daemon/api/edge.py) wraps them all, and `ForwardedFor`
+(daemon/api/forwarded.py) wraps that: the client's address behind a trusted proxy.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from daemon.api.admin import admin, json_error
 from daemon.api.chat import ChatCodec
 from daemon.api.completions import CompletionsCodec
 from daemon.api.edge import INTERNAL_ERROR, HttpEdge
+from daemon.api.forwarded import ForwardedFor
 from daemon.api.handler import InferenceRoute
 from daemon.api.messages import REQUEST_ID_HEADERS, CountTokensRoute, MessagesCodec
 from daemon.api.models import ModelsRoute
@@ -47,6 +49,8 @@ def create_quart_app(sup: Supervisor) -> QuartTrio:
 
     @app.get("/readyz")
     async def readyz() -> Response:
+        if sup.draining:  # at once on SIGTERM, so a load balancer stops sending here
+            return json_error(503, "the daemon is shutting down", "shutting_down")
         if sup.ready:
             return Response('{"status":"ready"}', 200, content_type="application/json")
         return json_error(503, "the daemon is starting", "not_ready")
@@ -112,7 +116,7 @@ class Router:
         return self._fallback
 
 
-def create_app(sup: Supervisor) -> HttpEdge:
+def create_app(sup: Supervisor) -> ForwardedFor:
     models = ModelsRoute(sup)
     routes: dict[tuple[str, str], ASGIApp] = {
         ("http", "/v1/chat/completions"): InferenceRoute(sup, ChatCodec),
@@ -127,4 +131,5 @@ def create_app(sup: Supervisor) -> HttpEdge:
     }
     prefixes: dict[tuple[str, str], ASGIApp] = {("http", "/v1/models/"): models}
     router = Router(cast(ASGIApp, create_quart_app(sup)), routes, prefixes)
-    return HttpEdge(router, body_timeout=sup.settings.body_read_timeout_s)
+    edge = HttpEdge(router, body_timeout=sup.settings.body_read_timeout_s)
+    return ForwardedFor(edge, sup.settings.trusted_proxies)

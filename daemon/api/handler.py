@@ -8,6 +8,10 @@ Nothing, not even the status line, is sent before the dispatch commits on a cont
 
 Every check before the commit raises `ApiError`; `__call__` is the one place that answers it,
 in the codec's error shape.
+
+An admitted request counts in `supervisor.requests` until it is answered, so a drain can wait
+for them; when the drain's grace is over, `_EndAtShutdown` ends it: 503 while it is still
+being dispatched, the codec's in-band `server_shutting_down` error once it streams.
 """
 
 from __future__ import annotations
@@ -35,7 +39,14 @@ from daemon.api.asgi import (
 )
 from daemon.api.errors import ApiError
 from daemon.config import Settings
-from daemon.nursery.dispatch import Committed, DispatchFailed, Job, Phases, dispatch
+from daemon.nursery.dispatch import (
+    SHUTTING_DOWN,
+    Committed,
+    DispatchFailed,
+    Job,
+    Phases,
+    dispatch,
+)
 from daemon.nursery.race import Timing
 from daemon.nursery.supervisor import Supervisor
 from daemon.routing.types import RequestTraits
@@ -124,7 +135,6 @@ class InferenceRoute:
         self, supervisor: Supervisor, codec: Codec, *, id_headers: Sequence[bytes] = ID_HEADERS
     ) -> None:
         self._sup = supervisor
-        self._settings = supervisor.settings
         self._codec = codec
         self._id_headers = tuple(id_headers)
 
@@ -137,10 +147,20 @@ class InferenceRoute:
         except ApiError as error:
             await send_api_error(send, error, ident, self._codec.render_error)
             return
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch_disconnect, receive, nursery.cancel_scope)
-            await self._serve(request, ident, send, nursery)
-            nursery.cancel_scope.cancel(reason="the answer is complete")
+        self._sup.requests.value += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                ender = _EndAtShutdown()
+                nursery.start_soon(watch_disconnect, receive, nursery.cancel_scope)
+                nursery.start_soon(ender.run, self._sup.grace_over)
+                await self._serve(request, ident, send, nursery, ender)
+                nursery.cancel_scope.cancel(reason="the answer is complete")
+        finally:
+            self._sup.requests.value -= 1
+
+    @property
+    def _settings(self) -> Settings:
+        return self._sup.settings  # read per request: a reload may have replaced them
 
     async def _admit(self, scope: dict[str, Any], receive: Receive) -> Parsed:
         """Every check before dispatch, in the order a client can act on them."""
@@ -158,7 +178,12 @@ class InferenceRoute:
         return request
 
     async def _serve(
-        self, request: Parsed, ident: Headers, send: Send, nursery: trio.Nursery
+        self,
+        request: Parsed,
+        ident: Headers,
+        send: Send,
+        nursery: trio.Nursery,
+        ender: _EndAtShutdown,
     ) -> None:
         job = Job(
             traits=request.traits,
@@ -166,11 +191,20 @@ class InferenceRoute:
             timing=timing_for(self._settings, request.traits.prompt_tokens),
             max_attempts=self._settings.max_attempts,
         )
-        match await dispatch(job, self._sup.registry, self._sup.queue):
+        with trio.CancelScope() as dispatching:
+            ender.dispatching = dispatching
+            outcome = await dispatch(job, self._sup.registry, self._sup.queue)
+        ender.dispatching = None
+        if dispatching.cancelled_caught:
+            error = ApiError(503, "shutting_down", "the daemon is shutting down", retry_after=5)
+            await send_api_error(send, error, ident, self._codec.render_error)
+            return
+        match outcome:
             case DispatchFailed(status, message, code, retry_after):
                 error = ApiError(status, code, message, retry_after=retry_after)
                 await send_api_error(send, error, ident, self._codec.render_error)
             case Committed() as committed:
+                ender.committed = committed
                 await self._relay(
                     request, committed, [*ident, *_commit_headers(committed)], send, nursery
                 )
@@ -192,6 +226,21 @@ class InferenceRoute:
             await self._codec.respond(relay, committed, headers, request.options)
         finally:
             committed.close()
+
+
+class _EndAtShutdown:
+    """Ends one request when the drain grace is over, whichever phase it is in."""
+
+    def __init__(self) -> None:
+        self.dispatching: trio.CancelScope | None = None
+        self.committed: Committed | None = None
+
+    async def run(self, grace_over: trio.Event) -> None:
+        await grace_over.wait()
+        if self.dispatching is not None:
+            self.dispatching.cancel(reason="the daemon's drain grace is over")
+        elif self.committed is not None:
+            self.committed.close(SHUTTING_DOWN)
 
 
 class TimedSend:

@@ -32,7 +32,10 @@ STOP_REASONS: Final = {
     "content_filter": "refusal",
 }
 # A stalled provider is most often an overloaded one; anything else is the server's fault.
-IN_BAND_ERROR_TYPES: Final = {"timeout": "overloaded_error"}
+IN_BAND_ERROR_TYPES: Final = {
+    "timeout": "overloaded_error",
+    "server_shutting_down": "overloaded_error",  # retryable, as Anthropic's SDK reads it
+}
 
 _encoder: Final = msgspec.json.Encoder()
 _decoder: Final = msgspec.json.Decoder()

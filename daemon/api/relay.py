@@ -35,6 +35,7 @@ EVENT_STREAM_HEADERS: Final = [
 # The most a one-object (non-streaming) answer may hold, in characters of SSE lines.
 MAX_ASSEMBLED_CHARS: Final = 64 * 1024 * 1024
 _encoder: Final = msgspec.json.Encoder()
+_FAILURE_STATUS: Final = {"timeout": 504, "server_shutting_down": 503}
 
 # The route's own usage-only chunk, for a usage `inference_complete` reported.
 UsageChunk = Callable[[Usage], dict[str, Any]]
@@ -174,9 +175,11 @@ async def send_failure(
     headers: Headers,
     render: Callable[[ApiError], bytes] = openai_error,
 ) -> None:
-    """A one-object answer's failure after the commit: 504 for a timeout, else 502."""
-    status = 504 if failure.kind == "timeout" else 502
-    error = ApiError(status, failure.kind, f"the provider failed mid-answer: {failure.message}")
+    """A one-object answer's failure after the commit: 504 for a timeout, 503 for the daemon's
+    own shutdown, else 502."""
+    status = _FAILURE_STATUS.get(failure.kind, 502)
+    prefix = "" if status == 503 else "the provider failed mid-answer: "
+    error = ApiError(status, failure.kind, prefix + failure.message)
     await send_api_error(send, error, headers, render)
 
 

@@ -1,31 +1,43 @@
 """`dinfer serve`: the data directory's serve lock, the store, the supervisor nursery and one
-Hypercorn server on one port."""
+Hypercorn server on one port; the process's signals and its reports to systemd.
+
+Signals: SIGTERM or SIGINT drains (`/readyz` 503 at once, new requests 503, requests in flight
+get `drain_grace_s`, then end in band; providers close with 1001); a second one stops at once.
+SIGHUP reloads the config file and the environment (`Supervisor.retune`). systemd hears
+`READY=1` once the listener is bound and the supervisor is up, `STATUS=` as providers and
+requests come and go, `WATCHDOG=1` from the event loop, and `STOPPING=1` when the drain starts.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, Final
 
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
+from trio_util import wait_any
 
 from daemon.api.app import create_app
-from daemon.config import Settings
+from daemon.config import ConfigError, Settings, load_settings, reload
 from daemon.nursery.supervisor import Supervisor, open_supervisor
 from daemon.serve_lock import hold_serve_lock
 from daemon.store import open_store
+from hosting.sd_notify import Notifier, open_notifier
 from protocol.messages import MAX_FRAME_BYTES
 
 log = logging.getLogger("dinfer")
 
 ShutdownTrigger = Callable[[], Awaitable[None]]
-# On shutdown, requests in flight get this long to finish before providers are closed.
-SHUTDOWN_GRACE_S: Final = 10.0
+# The least time between two STATUS= updates: under load, requests change the count far more
+# often than anyone reads `systemctl status`, and each update is a syscall.
+STATUS_EVERY_S: Final = 1.0
 
 
 def hypercorn_config(settings: Settings) -> Config:
@@ -48,11 +60,69 @@ def hypercorn_config(settings: Settings) -> Config:
     return config
 
 
-async def until_signalled() -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("received %s: shutting down", signal.Signals(signum).name)
-            return
+class Signals:
+    """The process's signals: the first SIGTERM or SIGINT asks for a drain (`stop`), a second
+    one cancels `abort` (stop now); SIGHUP calls `reload`."""
+
+    def __init__(self, abort: trio.CancelScope, reload: Callable[[], None]) -> None:
+        self.stop = trio.Event()
+        self._abort = abort
+        self._reload = reload
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            task_status.started()
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if signum == signal.SIGHUP:
+                    self._reload()
+                elif self.stop.is_set():
+                    log.warning("second %s: stopping now", name)
+                    self._abort.cancel(reason=f"second {name}")
+                else:
+                    log.info("received %s: shutting down", name)
+                    self.stop.set()
+
+
+def reload_settings(sup: Supervisor, config_path: Path | None) -> None:
+    """SIGHUP: read the file and the environment again; keep running as before on an error."""
+    try:
+        fresh = load_settings(os.environ, config_path)
+    except ConfigError as exc:
+        log.error("reload failed, keeping the running settings: %s", exc)
+        return
+    outcome = reload(sup.settings, fresh)
+    if outcome.needs_restart:
+        log.warning("changed but only a restart applies them: %s", ", ".join(outcome.needs_restart))
+    sup.retune(outcome.settings)
+    log.info("reloaded settings; changed: %s", ", ".join(outcome.changed) or "nothing")
+
+
+def status_line(sup: Supervisor, binds: list[str]) -> str:
+    state = "draining" if sup.draining else "serving"
+    return (
+        f"{state} on {', '.join(binds)}: {sup.sessions.value} provider(s), "
+        f"{sup.requests.value} request(s) in flight"
+    )
+
+
+async def report_status(
+    sup: Supervisor,
+    notifier: Notifier,
+    binds: list[str],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """READY=1 now (the caller starts this once it is), then STATUS= on each change."""
+    sent = status_line(sup, binds)
+    await notifier.ready(sent)
+    task_status.started()
+    while True:
+        await wait_any(sup.sessions.wait_transition, sup.requests.wait_transition)
+        await trio.sleep(STATUS_EVERY_S)  # a rate limit, not a poll: see STATUS_EVERY_S
+        if (line := status_line(sup, binds)) != sent:
+            await notifier.status(line)
+            sent = line
 
 
 @dataclass(frozen=True)
@@ -74,40 +144,69 @@ class RunningDaemon:
 async def serve(
     settings: Settings,
     *,
-    shutdown_trigger: ShutdownTrigger = until_signalled,
+    shutdown_trigger: ShutdownTrigger | None = None,
+    config_path: Path | None = None,
     seed: int | None = None,
     task_status: trio.TaskStatus[RunningDaemon] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the daemon until `shutdown_trigger` returns; report where it listens.
+    """Run the daemon until drained; report where it listens.
 
-    Raises DataDirInUse, before opening anything else, when another daemon serves the same
-    data directory.
+    Without `shutdown_trigger` the process's signals drive it (`Signals`); a test passes its
+    own trigger instead, and the drain follows it the same way. Raises DataDirInUse, before
+    opening anything else, when another daemon serves the same data directory.
     """
     if settings.admin_key is None:
-        log.warning("DINFER_ADMIN_KEY is not set: the admin API refuses every call")
+        log.warning("no admin key is set: the admin API refuses every call")
     async with (
         hold_serve_lock(settings.data_dir, settings.listen) as lock,
         open_store(settings.data_dir) as store,
-        open_supervisor(settings, store, seed=seed) as sup,
+        open_notifier(os.environ) as notifier,
     ):
-        stopped = trio.Event()
+        # Inside the store and the lock: even a stop "at once" closes those properly.
+        with trio.CancelScope() as abort:
+            async with open_supervisor(settings, store, seed=seed) as sup:
+                await _run(sup, lock, notifier, abort, shutdown_trigger, config_path, task_status)
 
-        async def shut_down() -> None:
-            await shutdown_trigger()
-            log.info("shutting down: finishing requests in flight, then closing providers")
-            await sup.drain(SHUTDOWN_GRACE_S)
 
-        server = partial(
-            _serve_http, create_app(sup), hypercorn_config(settings), shut_down, stopped
-        )
-        binds: list[str] = await sup.nursery.start(server)
-        await trio.to_thread.run_sync(lock.record, "listening on " + ", ".join(binds))
-        sup.ready = True
-        log.info(
-            "dinfer listening on %s (provider auth: %s)", ", ".join(binds), settings.provider_auth
-        )
-        task_status.started(RunningDaemon(binds, sup))
-        await stopped.wait()
+async def _run(
+    sup: Supervisor,
+    lock: Any,
+    notifier: Notifier,
+    abort: trio.CancelScope,
+    shutdown_trigger: ShutdownTrigger | None,
+    config_path: Path | None,
+    task_status: trio.TaskStatus[RunningDaemon],
+) -> None:
+    settings = sup.settings
+    stopped = trio.Event()
+    binds: list[str] = []  # filled once bound; shut_down may run (and read it) before that
+    trigger = shutdown_trigger
+    if trigger is None:
+        signals = Signals(abort, partial(reload_settings, sup, config_path))
+        await sup.nursery.start(signals.run)
+        trigger = signals.stop.wait
+
+    async def shut_down() -> None:
+        await trigger()
+        grace = sup.settings.drain_grace_s
+        log.info("draining: requests in flight get up to %g s, then providers close", grace)
+        sup.draining = True
+        await notifier.stopping(status_line(sup, binds))
+        await sup.drain(grace)
+
+    server = partial(_serve_http, create_app(sup), hypercorn_config(settings), shut_down, stopped)
+    binds[:] = await sup.nursery.start(server)
+    await trio.to_thread.run_sync(lock.record, "listening on " + ", ".join(binds))
+    sup.ready = True
+    await sup.nursery.start(report_status, sup, notifier, binds)
+    await sup.nursery.start(notifier.keep_alive)
+    log.info(
+        "dinfer listening on %s (provider auth: %s)",
+        ", ".join(binds),
+        settings.provider_auth,
+    )
+    task_status.started(RunningDaemon(binds, sup))
+    await stopped.wait()
 
 
 async def _serve_http(

@@ -75,13 +75,17 @@ class Phases:
 class InBandError:
     """The committed stream failed: the route reports it in its own in-band form."""
 
-    kind: str  # "provider_error" or "timeout"
+    kind: str  # "provider_error", "timeout" or "server_shutting_down"
     message: str
 
 
 # The end of a stream this request let go of itself (the consumer stopped reading and the
 # watchdog released the provider): nobody is reading, and the provider is not to blame.
 RELEASED: Final = InBandError("timeout", "the consumer stopped reading; the provider was released")
+# The end of a stream still open when the daemon's drain grace ran out.
+SHUTTING_DOWN: Final = InBandError(
+    "server_shutting_down", "the daemon is shutting down: the answer was cut short; retry"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +109,7 @@ class Committed:
     phases: Phases
     attempts: int
     _pending: list[Chunk | Completed] = field(default_factory=list)
+    _ending: InBandError = RELEASED  # what the relay reports once this side closed the stream
 
     def __post_init__(self) -> None:
         c = self.content
@@ -124,10 +129,12 @@ class Committed:
         """The next chunk to relay; then exactly one `Finished` or `InBandError`."""
         while not self.content.stream.closed:
             event = self._pending.pop() if self._pending else await self._receive()
+            if self.content.stream.closed:
+                break  # closed here while waiting: the end of frames is ours, not a failure
             relayable = self._relayable(event)
             if relayable is not None:
                 return relayable
-        return RELEASED
+        return self._ending
 
     def poll(self) -> RelayEvent | None:
         """next_event without waiting: None when no frame is waiting right now.
@@ -142,7 +149,7 @@ class Committed:
             relayable = self._relayable(event)
             if relayable is not None:
                 return relayable
-        return RELEASED
+        return self._ending
 
     def _relayable(self, event: object) -> RelayEvent | None:
         match event:
@@ -193,7 +200,10 @@ class Committed:
         kind = "timeout" if failure.kind == "timeout" else "provider_error"
         return InBandError(kind, failure.message)
 
-    def close(self) -> None:
+    def close(self, ending: InBandError = RELEASED) -> None:
+        """Let the provider go; a relay still reading then ends with `ending`."""
+        if not self.content.stream.closed:
+            self._ending = ending
         self.content.stream.close()
 
 

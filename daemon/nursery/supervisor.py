@@ -4,6 +4,10 @@
 admission queue's pump and the cooldown timer; provider sessions are adopted into the same
 nursery by `host_session`. It is the only owner of background tasks: when it closes, every
 session closes with 1001 and nothing keeps running.
+
+It also holds the live `Settings`: a reload (`retune`) swaps them and pushes the new knobs into
+the breaker, the eligibility gates and the queue; each request and each new provider session
+reads `supervisor.settings` when it starts, so none of them holds a stale copy for long.
 """
 
 from __future__ import annotations
@@ -46,6 +50,10 @@ class Supervisor:
     ready: bool = False
     draining: bool = False
     sessions: AsyncValue[int] = field(default_factory=lambda: AsyncValue(0))
+    # Consumer requests admitted and not yet answered (queued, dispatching or streaming).
+    requests: AsyncValue[int] = field(default_factory=lambda: AsyncValue(0))
+    # Set when the drain grace is over: every open request ends with `server_shutting_down`.
+    grace_over: trio.Event = field(default_factory=trio.Event)
 
     async def host_session(self, transport: Transport) -> None:
         """Run a provider session in the service nursery until it ends or the caller is cancelled.
@@ -69,14 +77,31 @@ class Supervisor:
 
     async def drain(self, grace: float) -> None:
         """Shutting down: refuse new requests, let those in flight finish for up to `grace`
-        seconds, then close every provider session with 1001 while the sockets still work."""
+        seconds, end the rest in band, then close every provider session with 1001 while the
+        sockets still work."""
         self.draining = True
         with trio.move_on_after(grace):
-            await self.registry.generation.wait_value(lambda _: not self.registry.busy())
+            await self.requests.wait_value(0)
+        if self.requests.value:
+            log.warning("drain grace over: ending %d request(s) in flight", self.requests.value)
+        self.grace_over.set()
+        with trio.move_on_after(CLOSE_GRACE_S):  # for them to write their error and end
+            await self.requests.wait_value(0)
         for entry in self.registry.connected():
             entry.session.kick(CloseCode.GOING_AWAY, "daemon shutting down")
         with trio.move_on_after(CLOSE_GRACE_S):
             await self.sessions.wait_value(0)
+
+    def retune(self, settings: Settings) -> None:
+        """Run with reloaded settings (restart-only ones already kept as they were)."""
+        self.settings = settings
+        self.registry.breaker.retune(
+            settings.breaker_threshold, settings.breaker_window_s, settings.breaker_cooldown_s
+        )
+        self.registry.gates = _gates(settings, self.registry.breaker)
+        self.queue.retune(max_per_model=settings.queue_max, timeout=settings.queue_timeout_s)
+        self.registry.cooldown_expired()  # wake whoever waits on a knob that just changed
+        logging.getLogger().setLevel(settings.log_level.upper())
 
     def kick_token(self, token_id: str) -> int:
         """Disconnect every provider that registered with a revoked token (live or still
@@ -121,8 +146,11 @@ def build_registry(settings: Settings, *, seed: int | None = None) -> Registry:
     breaker = CircuitBreaker(
         settings.breaker_threshold, settings.breaker_window_s, settings.breaker_cooldown_s
     )
-    gates = Gates(settings.tools_min_version, settings.challenge_max_age_s, breaker)
-    return Registry(gates, seed=seed)
+    return Registry(_gates(settings, breaker), seed=seed)
+
+
+def _gates(settings: Settings, breaker: CircuitBreaker) -> Gates:
+    return Gates(settings.tools_min_version, settings.challenge_max_age_s, breaker)
 
 
 @asynccontextmanager

@@ -84,6 +84,10 @@ class AdmissionQueue:
         self._timeout = timeout
         self._waiting: dict[str, deque[_Waiter]] = {}
 
+    def retune(self, *, max_per_model: int, timeout: float) -> None:
+        """New knobs from a reload; requests already waiting keep the deadline they got."""
+        self._max, self._timeout = max_per_model, timeout
+
     def waiting(self, model: str) -> int:
         return len(self._waiting.get(model, ()))
 

@@ -59,6 +59,14 @@ class CircuitBreaker:
         self._until: dict[BreakerKey, float] = {}
         self._calls_until_sweep = SWEEP_EVERY
 
+    def retune(self, threshold: int, window: float, cooldown: float) -> None:
+        """New knobs from a reload: cooldowns in progress keep their end; strikes count
+        against the new threshold and window from the next failure on."""
+        if threshold < 1 or window <= 0 or cooldown <= 0:
+            raise ValueError("threshold, window and cooldown must be positive")
+        self._threshold, self._window, self._cooldown = threshold, window, cooldown
+        self._strikes = {k: deque(s, maxlen=threshold) for k, s in self._strikes.items()}
+
     def record_failure(self, key: BreakerKey, status: int, now: float) -> bool:
         """Count a failed attempt; True exactly when this call put `key` into cooldown."""
         self._tick(now)

@@ -9,6 +9,7 @@ request bodies, the cancels, the trust verdicts, how the daemon closed the conne
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -158,6 +159,7 @@ class FakeProvider:
     behaviour: Behaviour = field(default_factory=lambda: always(answer("Hello", " world")))
     models: list[ModelInfo] = field(default_factory=lambda: [ModelInfo(id="m")])
     version: str = "0.7.0"
+    ssl_context: ssl.SSLContext | None = None  # for a wss:// URL (a daemon behind a proxy)
     backend: str = "fake"
     auth_token: str | None = None
     max_concurrency: int = 4
@@ -200,7 +202,7 @@ class FakeProvider:
     ) -> None:
         """Connect and serve; `started` once the first verdict arrives (or the socket closes)."""
         try:
-            async with open_provider_socket(self.url) as ws:
+            async with open_provider_socket(self.url, ssl_context=self.ssl_context) as ws:
                 await ws.send_message(encode(self.register_frame()))
                 async with trio.open_nursery() as nursery:
                     self._ws, self._nursery = ws, nursery
@@ -334,7 +336,7 @@ def _first_leaf(group: BaseExceptionGroup[Any]) -> Any:
 
 @asynccontextmanager
 async def open_provider_socket(
-    url: str, *, max_message_size: int = 1024 * 1024
+    url: str, *, max_message_size: int = 1024 * 1024, ssl_context: ssl.SSLContext | None = None
 ) -> AsyncIterator[trio_websocket.WebSocketConnection]:
     """`open_websocket_url`, but the TCP stream is always closed on exit.
 
@@ -344,16 +346,29 @@ async def open_provider_socket(
     `filterwarnings = error`. Owning the stream here closes it.
     """
     parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    async with await trio.open_tcp_stream(host, port) as stream, trio.open_nursery() as nursery:
-        ws = await trio_websocket.wrap_client_stream(
-            nursery, stream, host, parts.path, max_message_size=max_message_size
-        )
-        try:
-            yield ws
-        finally:
-            with trio.move_on_after(5):
-                await ws.aclose()
+    secure = parts.scheme == "wss"
+    host, port = parts.hostname or "127.0.0.1", parts.port or (443 if secure else 80)
+    async with await _open_stream(host, port, ssl_context if secure else None) as stream:
+        async with trio.open_nursery() as nursery:
+            ws = await trio_websocket.wrap_client_stream(
+                nursery, stream, host, parts.path, max_message_size=max_message_size
+            )
+            try:
+                yield ws
+            finally:
+                with trio.move_on_after(5):
+                    await ws.aclose()
+
+
+async def _open_stream(
+    host: str, port: int, context: ssl.SSLContext | None
+) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
+    tcp = await trio.open_tcp_stream(host, port)
+    if context is None:
+        return tcp
+    tls = trio.SSLStream(tcp, context, server_hostname=host)
+    await tls.do_handshake()
+    return tls
 
 
 async def start_fakes(nursery: trio.Nursery, fakes: Sequence[FakeProvider]) -> list[FakeProvider]:
