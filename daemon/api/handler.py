@@ -150,7 +150,7 @@ class InferenceRoute:
             timing=timing_for(self._settings, request.traits.prompt_tokens),
             max_attempts=self._settings.max_attempts,
         )
-        match await dispatch(job, self._sup.registry, self._sup.queue):
+        match await dispatch(job, self._sup.registry, self._sup.queue, self._sup.hedger):
             case DispatchFailed(status, message, code, retry_after):
                 error = ApiError(status, code, message, retry_after=retry_after)
                 await send_api_error(send, error, ident, self._codec.render_error)

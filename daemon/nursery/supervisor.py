@@ -3,7 +3,8 @@
 `open_supervisor` opens the service nursery and starts, each with `nursery.start()`, the
 admission queue's pump and the cooldown timer; provider sessions are adopted into the same
 nursery by `host_session`. It is the only owner of background tasks: when it closes, every
-session closes with 1001 and nothing keeps running.
+session closes with 1001 and nothing keeps running. It also holds the one `Hedger`, whose
+budget and counters every request's races share.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import trio
 from trio_util import AsyncValue
 
 from daemon.config import Settings
+from daemon.nursery.hedging import HedgePolicy, Hedger
 from daemon.routing.admission import AdmissionQueue
 from daemon.routing.breaker import CircuitBreaker
 from daemon.routing.eligibility import Gates
@@ -41,6 +43,7 @@ class Supervisor:
     store: Store
     registry: Registry
     queue: AdmissionQueue
+    hedger: Hedger
     nursery: trio.Nursery
     ready: bool = False
     draining: bool = False
@@ -131,8 +134,9 @@ async def open_supervisor(
     queue = AdmissionQueue(
         registry, max_per_model=settings.queue_max, timeout=settings.queue_timeout_s
     )
+    hedger = Hedger(HedgePolicy.from_settings(settings), registry, queue)
     async with trio.open_nursery() as nursery:
         await nursery.start(queue.run)
         await nursery.start(_wake_on_cooldown_expiry, registry)
-        yield Supervisor(settings, store, registry, queue, nursery)
+        yield Supervisor(settings, store, registry, queue, hedger, nursery)
         nursery.cancel_scope.cancel(reason="daemon shutting down")
