@@ -343,14 +343,15 @@ class Report:
 
     def tail_table(self) -> str:
         rows = [
-            "| mode | settings | requests | p50 | p99 | p99.9 | extra dispatches "
+            "| mode | settings | answered / failed | p50 | p99 | p99.9 | extra dispatches "
             "| backups started / won | skipped: budget / overload |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for name, r in self.modes.items():
             c = r.counters
             rows.append(
-                f"| {name} | {SETTINGS_SHOWN[name]} | {len(r.ttfts):,} | {ms(r.pct(0.5))} "
+                f"| {name} | {SETTINGS_SHOWN[name]} | {len(r.ttfts):,} / {r.errors} "
+                f"| {ms(r.pct(0.5))} "
                 f"| {ms(r.pct(0.99))} | {ms(r.pct(0.999))} | {r.extra:.2%} "
                 f"| {c['started']} / {c['won']} | {c['skipped_budget']} / "
                 f"{c['skipped_overload']} |"
@@ -385,10 +386,12 @@ class Report:
 
     def context(self) -> str:
         kind = "`--quick`" if self.quick else "full"
+        end = os.getloadavg()[0]
         context = (
             f"A {kind} run of {time.strftime('%Y-%m-%d %H:%M')}: {os.cpu_count()} cores, load "
-            f"average {self.load_average:.2f} at start, {self.took_s:.0f} s; daemon pinned to "
-            f"CPU {DAEMON_CPU}, fakes and client to CPU {CLIENT_CPU}; seed {SEED}."
+            f"average {self.load_average:.2f} at start ({end:.2f} at the end, this benchmark "
+            f"included), {self.took_s:.0f} s; daemon pinned to CPU {DAEMON_CPU}, fakes and "
+            f"client to CPU {CLIENT_CPU}; seed {SEED}."
         )
         if self.load_average > 0.5:
             context += (
