@@ -23,13 +23,14 @@ import textwrap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import msgspec
 
 from daemon.config_file import ConfigFileError, read_config
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+HedgeMode = Literal["learned", "fixed", "off"]
 
 
 class ConfigError(Exception):
@@ -55,6 +56,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     ttft_base_s: float
     ttft_per_token_ms: float
     speculative_ratio: float
+    hedge_mode: HedgeMode
+    hedge_percentile: float
+    hedge_min_ms: float
+    hedge_budget: float
+    hedge_window_s: float
     preamble_timeout_s: float
     inference_timeout_s: float
     max_body_bytes: int
@@ -107,6 +113,13 @@ def _ratio(raw: str) -> float:
     value = _number(raw)
     if not 0 < value <= 1:
         raise ValueError("a number in (0, 1]")
+    return value
+
+
+def _percentile(raw: str) -> float:
+    value = _number(raw)
+    if not 50 <= value <= 99.5:
+        raise ValueError("a percentile from 50 to 99.5")
     return value
 
 
@@ -329,8 +342,46 @@ ENV_VARS: Final[tuple[EnvVar, ...]] = (
     _var(
         "DINFER_SPECULATIVE_RATIO",
         "0.5",
-        "fraction of the first-token deadline after which a backup provider starts, in (0, 1]",
+        "fraction of the first-token deadline by which a backup provider starts at the latest"
+        " (always at it with DINFER_HEDGE_MODE=fixed), in (0, 1]",
         _ratio,
+        table="dispatch",
+    ),
+    _var(
+        "DINFER_HEDGE_MODE",
+        "learned",
+        "learned: a backup starts at the percentile of recent first-token times; fixed: at the"
+        " speculative ratio of the deadline; off: never (failover at the deadline only)",
+        _choice("learned", "fixed", "off"),
+        table="dispatch",
+    ),
+    _var(
+        "DINFER_HEDGE_PERCENTILE",
+        "95",
+        "percentile of recent first-token times (per model and prompt size; the primary's own"
+        " once it has enough, 20 at p95) after which a backup starts, 50 to 99.5",
+        _percentile,
+        table="dispatch",
+    ),
+    _var(
+        "DINFER_HEDGE_MIN_MS",
+        "50",
+        "earliest a backup starts, in milliseconds after its primary",
+        _positive_float,
+        table="dispatch",
+    ),
+    _var(
+        "DINFER_HEDGE_BUDGET",
+        "0.05",
+        "most backups per dispatch over the hedge window, in (0, 1]; 1 lifts the bound",
+        _ratio,
+        table="dispatch",
+    ),
+    _var(
+        "DINFER_HEDGE_WINDOW_S",
+        "60",
+        "sliding window of the hedge budget",
+        _positive_float,
         table="dispatch",
     ),
     _var(

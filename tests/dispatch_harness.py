@@ -2,6 +2,9 @@
 
 `World` registers `MemorySession` providers and runs `dispatch()`; `drain` reads a committed
 answer to its end. The `world` fixture is re-exported by conftest.
+
+A World lifts the hedge budget (`DINFER_HEDGE_BUDGET=1`) unless told otherwise: most tests
+dispatch one request, and at the default 5% a lone request may never have a backup.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import trio.testing
 from daemon.config import load_settings
 from daemon.nursery.attempt import Chunk as RelayedChunk
 from daemon.nursery.dispatch import Committed, DispatchFailed, Finished, InBandError, Job, dispatch
+from daemon.nursery.hedging import HedgePolicy, Hedger
 from daemon.nursery.race import Timing
 from daemon.nursery.supervisor import build_registry
 from daemon.routing.admission import AdmissionQueue
@@ -71,9 +75,11 @@ class World:
     """A registry, an admission queue and the providers of one test."""
 
     def __init__(self, nursery: trio.Nursery, **env: str) -> None:
-        settings = load_settings({"DINFER_CHALLENGE_MAX_AGE_S": "100000", **env})
+        defaults = {"DINFER_CHALLENGE_MAX_AGE_S": "100000", "DINFER_HEDGE_BUDGET": "1"}
+        settings = load_settings({**defaults, **env})
         self.registry = build_registry(settings, seed=7)
         self.queue = AdmissionQueue(self.registry, max_per_model=10, timeout=120)
+        self.hedger = Hedger(HedgePolicy.from_settings(settings), self.registry, self.queue)
         self.nursery = nursery
         self.fakes: list[Fake] = []
 
@@ -90,14 +96,16 @@ class World:
         return fake
 
     async def outcome(
-        self, *, max_attempts: int = 3, timing: Timing = TIMING
+        self, *, max_attempts: int = 3, timing: Timing = TIMING, traits: RequestTraits = TRAITS
     ) -> Committed | DispatchFailed:
         plaintext = json.dumps(ENVELOPE).encode()
-        job = Job(TRAITS, plaintext, timing, max_attempts)
-        return await dispatch(job, self.registry, self.queue)
+        job = Job(traits, plaintext, timing, max_attempts)
+        return await dispatch(job, self.registry, self.queue, self.hedger)
 
-    async def dispatch(self, *, max_attempts: int = 3, timing: Timing = TIMING) -> Committed:
-        outcome = await self.outcome(max_attempts=max_attempts, timing=timing)
+    async def dispatch(
+        self, *, max_attempts: int = 3, timing: Timing = TIMING, traits: RequestTraits = TRAITS
+    ) -> Committed:
+        outcome = await self.outcome(max_attempts=max_attempts, timing=timing, traits=traits)
         assert isinstance(outcome, Committed), outcome
         return outcome
 

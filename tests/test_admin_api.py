@@ -30,6 +30,7 @@ ADMIN_CALLS: list[tuple[str, str, dict[str, Any] | None]] = [
     ("POST", "/v1/admin/keys", {"name": "app"}),
     ("DELETE", "/v1/admin/keys/key_000000000000", None),
     ("GET", "/v1/admin/providers", None),
+    ("GET", "/v1/admin/hedging", None),
 ]
 ADMIN_CALL_IDS = [f"{method} {path}" for method, path, _ in ADMIN_CALLS]
 
@@ -296,6 +297,9 @@ async def test_the_provider_view_describes_each_provider(
     assert entry is not None
     lease = registry.reserve(RequestTraits(model="m"))
     assert lease is not None and lease.entry is entry
+    registry.record_ttft(entry, RequestTraits(model="m"), 0.25)
+    registry.record_ttft(entry, RequestTraits(model="m", prompt_tokens=5000), 1.5)
+    registry.record_success(entry, "m", "base", decode_tps=40.0)
     registry.record_failure(entry, "m", "base", 500)
     registry.record_failure(entry, "m", "base", 500)
     reply = await client.get("/v1/admin/providers", headers=AUTH)
@@ -331,6 +335,16 @@ async def test_the_provider_view_describes_each_provider(
         "max_concurrency": 3,
         "trusted": True,
         "draining": False,
+        "speed": [
+            {"model": "m", "prompt": "<1k", "samples": 1, "ttft_p50_ms": 250.0, "decode_tps": 40.0},
+            {
+                "model": "m",
+                "prompt": "4k-16k",
+                "samples": 1,
+                "ttft_p50_ms": 1500.0,
+                "decode_tps": 40.0,
+            },
+        ],
     }
 
 
@@ -345,3 +359,45 @@ async def test_the_provider_view_shows_an_untrusted_provider(
     assert view["last_challenge_at"] is not None
     assert view["cooldowns"] == []
     assert view["in_flight"] == 0
+
+
+async def test_the_hedging_view_shows_the_policy_budget_counters_and_learned_points(
+    client: httpx.AsyncClient, daemon: RunningDaemon, nursery: trio.Nursery
+) -> None:
+    fake = await started(nursery, FakeProvider(daemon.provider_url))
+    registry = daemon.supervisor.registry
+    entry = registry.get(fake.provider_id)
+    assert entry is not None
+    short, long = RequestTraits(model="m"), RequestTraits(model="m", prompt_tokens=2000)
+    for ms in range(1, 41):  # 40 samples, 1 to 40 ms: a smooth body, no cliff
+        registry.record_ttft(entry, short, ms / 1000)
+    for _ in range(3):  # too few to learn from
+        registry.record_ttft(entry, long, 0.5)
+    daemon.supervisor.hedger.counters.started = 2
+
+    reply = await client.get("/v1/admin/hedging", headers=AUTH)
+
+    assert reply.status_code == 200
+    view = reply.json()
+    assert view["budget"].pop("dispatches") == view["budget"].pop("backups") == 0
+    assert view == {
+        "mode": "learned",
+        "percentile": 95.0,
+        "floor_ms": 50.0,
+        "budget": {"share": 0.05, "window_s": 60.0, "available": False},
+        "counters": {
+            "started": 2,
+            "won": 0,
+            "skipped_overload": 0,
+            "skipped_budget": 0,
+            "skipped_no_provider": 0,
+        },
+        "models": [
+            # p95 of 1..40 ms is 38 ms, under the 50 ms floor.
+            {"model": "m", "prompt": "<1k", "samples": 40, "ttft_p50_ms": 20.0,
+             "hedge_at_ms": 50.0, "source": "fleet"},
+            # Too few samples: half the deadline of a 1,024-token prompt (5 s + 1.024 s).
+            {"model": "m", "prompt": "1k-4k", "samples": 3, "ttft_p50_ms": 500.0,
+             "hedge_at_ms": 3012.0, "source": "ratio"},
+        ],
+    }  # fmt: skip

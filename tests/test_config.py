@@ -28,6 +28,11 @@ def test_defaults_match_the_documented_table() -> None:
     assert settings.ttft_base_s == 5.0
     assert settings.ttft_per_token_ms == 1.0
     assert settings.speculative_ratio == 0.5
+    assert settings.hedge_mode == "learned"
+    assert settings.hedge_percentile == 95.0
+    assert settings.hedge_min_ms == 50.0
+    assert settings.hedge_budget == 0.05
+    assert settings.hedge_window_s == 60.0
     assert settings.preamble_timeout_s == 90.0
     assert settings.inference_timeout_s == 600.0
     assert settings.max_body_bytes == 16 * 1024 * 1024
@@ -58,6 +63,9 @@ def test_values_are_read_and_converted() -> None:
             "DINFER_QUEUE_MAX": "25",
             "DINFER_INFERENCE_TIMEOUT_S": "12.5",
             "DINFER_SPECULATIVE_RATIO": "1",
+            "DINFER_HEDGE_MODE": "Fixed",
+            "DINFER_HEDGE_PERCENTILE": "99.5",
+            "DINFER_HEDGE_BUDGET": "1",
             "DINFER_TOOLS_MIN_VERSION": "1.10",
             "DINFER_LOG_LEVEL": "DEBUG",
         }
@@ -68,6 +76,8 @@ def test_values_are_read_and_converted() -> None:
     assert settings.queue_max == 25
     assert settings.inference_timeout_s == 12.5
     assert settings.speculative_ratio == 1.0
+    assert (settings.hedge_mode, settings.hedge_percentile) == ("fixed", 99.5)
+    assert settings.hedge_budget == 1.0
     assert settings.tools_min_version == (1, 10)
     assert settings.log_level == "debug"
 
@@ -120,6 +130,14 @@ def test_unknown_provider_auth_is_an_error() -> None:
         ("DINFER_SPECULATIVE_RATIO", "0", "a number in (0, 1]"),
         ("DINFER_SPECULATIVE_RATIO", "1.01", "a number in (0, 1]"),
         ("DINFER_SPECULATIVE_RATIO", "half", "a number in (0, 1]"),
+        ("DINFER_HEDGE_MODE", "always", "one of learned, fixed, off"),
+        ("DINFER_HEDGE_PERCENTILE", "49", "a percentile from 50 to 99.5"),
+        ("DINFER_HEDGE_PERCENTILE", "99.9", "a percentile from 50 to 99.5"),
+        ("DINFER_HEDGE_PERCENTILE", "p95", "a percentile from 50 to 99.5"),
+        ("DINFER_HEDGE_MIN_MS", "0", "a positive number"),
+        ("DINFER_HEDGE_BUDGET", "0", "a number in (0, 1]"),
+        ("DINFER_HEDGE_BUDGET", "5%", "a number in (0, 1]"),
+        ("DINFER_HEDGE_WINDOW_S", "-60", "a positive number"),
         ("DINFER_TOOLS_MIN_VERSION", "0.6.x", "a dot-separated version of integers"),
         ("DINFER_TOOLS_MIN_VERSION", "v1", "a dot-separated version of integers"),
         ("DINFER_LOG_LEVEL", "loud", "one of debug, info, warning, error, critical"),

@@ -608,7 +608,7 @@ async def test_inference_complete_records_a_success(
 
     assert drained.error is None
     assert drained.usage == Usage(prompt_tokens=3, completion_tokens=2)
-    assert alone.entry.observed_ttft_s == 2.0
+    assert alone.entry.ttft[TRAITS.latency_key].quantile(0.5, trio.current_time()) == 2.0
     # The success cleared the earlier strike: one more failure is not two in a row.
     world.registry.record_failure(alone.entry, MODEL, TRAITS.shape, 500)
     assert not world.cooling(alone)

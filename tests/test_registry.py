@@ -67,8 +67,86 @@ async def test_observed_speed_replaces_the_advertised_one(
     reg.add(boaster)
     reg.add(make_entry("honest", advertised_decode_tps=50.0))
     assert chosen(reg) == "boaster"
-    reg.record_success(boaster, "m", "base", ttft_s=4.0, decode_tps=10.0)
+    reg.record_success(boaster, "m", "base", decode_tps=10.0)
     assert chosen(reg) == "honest"
+
+
+async def test_observed_first_token_times_replace_the_advertised_prefill(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    reg = registry()
+    quick = make_entry("quick-prefill", advertised_prefill_tps=4000.0, advertised_decode_tps=50.0)
+    steady = make_entry("steady", advertised_prefill_tps=1000.0, advertised_decode_tps=50.0)
+    reg.add(quick)
+    reg.add(steady)
+    long_prompt = RequestTraits(model="m", prompt_tokens=8000, max_tokens=64)
+    assert chosen(reg, long_prompt) == "quick-prefill"  # 2 s of prefill against 8 s
+    reg.record_ttft(quick, long_prompt, 12.0)  # it was not so quick after all
+    assert chosen(reg, long_prompt) == "steady"
+
+
+async def test_a_median_of_first_token_times_shrugs_off_a_straggler(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    reg = registry()
+    usually_fast, steady = make_entry("usually-fast"), make_entry("steady")
+    reg.add(usually_fast)
+    reg.add(steady)
+    for seconds in [0.1] * 4 + [60.0]:
+        reg.record_ttft(usually_fast, BASE, seconds)
+    for _ in range(5):
+        reg.record_ttft(steady, BASE, 4.0)
+    assert chosen(reg) == "usually-fast"  # a mean would be 12 s
+
+
+async def test_speed_is_observed_per_model_and_per_prompt_band(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    reg = registry()
+    a, b = make_entry("a", ["m", "n"]), make_entry("b", ["m", "n"])
+    reg.add(a)
+    reg.add(b)
+    reg.record_ttft(a, BASE, 0.1)
+    reg.record_ttft(b, BASE, 3.0)
+    reg.record_ttft(a, RequestTraits(model="n"), 3.0)
+    reg.record_ttft(b, RequestTraits(model="n"), 0.1)
+    reg.record_success(a, "n", "base", decode_tps=5.0)
+    assert chosen(reg, BASE) == "a"
+    assert chosen(reg, RequestTraits(model="n")) == "b"
+    # Nothing observed for long prompts: the advertised (default) figures decide, and a's
+    # decode speed on n does not leak into m.
+    long_prompt = RequestTraits(model="m", prompt_tokens=8000, max_tokens=64)
+    assert a.decode_tps == {"n": 5.0}
+    assert {chosen(reg, long_prompt) for _ in range(20)} == {"a", "b"}  # a near tie
+
+
+async def test_every_twentieth_first_choice_re_measures_a_provider_stale_for_ten_seconds(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    reg = registry()
+    slow_once, fast = make_entry("slow-once"), make_entry("fast")
+    reg.add(slow_once)
+    reg.add(fast)
+    reg.record_ttft(slow_once, BASE, 30.0)  # at 0 s
+
+    def first_choices(n: int) -> list[str]:
+        picks = []
+        for _ in range(n):
+            lease = reg.reserve(BASE, explore=True)
+            assert lease is not None
+            reg.release(lease)
+            picks.append(lease.entry.provider_id)
+        return picks
+
+    await trio.sleep(9.5)
+    reg.record_ttft(fast, BASE, 0.1)
+    assert first_choices(20) == ["fast"] * 20  # the 20th explores, but nothing is stale yet
+    await trio.sleep(0.5)
+    assert first_choices(20) == ["fast"] * 19 + ["slow-once"]  # last measured 10 s ago
+    reg.record_ttft(slow_once, BASE, 20.0)  # measured again: fresh, and still slow
+    assert first_choices(20) == ["fast"] * 20
+    # Backups and retries never explore.
+    assert [chosen(reg) for _ in range(40)] == ["fast"] * 40
 
 
 async def test_in_flight_load_penalises_a_busy_provider(

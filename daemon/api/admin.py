@@ -1,4 +1,4 @@
-"""The admin API (`/v1/admin/...`): provider tokens, consumer keys, the provider view.
+"""The admin API (`/v1/admin/...`): provider tokens, consumer keys, the provider and hedging views.
 
 Every route takes `Authorization: Bearer $DINFER_ADMIN_KEY`, compared in constant time;
 without an admin key configured, every call is refused.
@@ -17,7 +17,10 @@ import trio
 from quart import Blueprint, Response, current_app, request
 
 from daemon.api.errors import error_body
+from daemon.api.handler import timing_for
+from daemon.nursery.hedging import Hedger
 from daemon.nursery.supervisor import Supervisor
+from daemon.routing.latency import BAND_LABELS, BAND_LIMITS, LatencyKey, TtftWindow
 from daemon.routing.registry import Registry
 from daemon.routing.types import ProviderEntry
 from protocol.messages import ModelInfo
@@ -132,6 +135,68 @@ def _describe(entry: ProviderEntry, registry: Registry, now: float) -> dict[str,
             {"model": model, "shape": shape, "until": until + wall_offset}
             for model, shape, until in registry.breaker.cooldowns(entry.provider_id, now)
         ],
+        "speed": [
+            {**_observed(key, window, now), "decode_tps": entry.decode_tps.get(key[0])}
+            for key, window in sorted(entry.ttft.items())
+            if window.count(now)
+        ],
+    }
+
+
+def _observed(key: LatencyKey, window: TtftWindow, now: float) -> dict[str, Any]:
+    model, band = key
+    return {
+        "model": model,
+        "prompt": BAND_LABELS[band],
+        "samples": window.count(now),
+        "ttft_p50_ms": _ms(window.quantile(0.5, now)),
+    }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+@admin.get("/hedging")
+@requires_admin
+async def hedging() -> Response:
+    sup = supervisor()
+    hedger = sup.hedger
+    policy, budget = hedger.policy, hedger.budget
+    now = trio.current_time()
+    return _json(
+        {
+            "mode": policy.mode,
+            "percentile": policy.percentile,
+            "floor_ms": _ms(policy.floor_s),
+            "budget": {
+                "share": budget.share,
+                "window_s": budget.window_s,
+                "dispatches": budget.dispatches,
+                "backups": budget.backups,
+                "available": budget.allows(now),
+            },
+            "counters": hedger.counters.snapshot(),
+            "models": [
+                _hedge_point(hedger, sup, key, window, now)
+                for key, window in sorted(sup.registry.ttft.items())
+                if window.count(now)
+            ],
+        }
+    )
+
+
+def _hedge_point(
+    hedger: Hedger, sup: Supervisor, key: LatencyKey, window: TtftWindow, now: float
+) -> dict[str, Any]:
+    """The fleet's point for (model, band), for the band's shortest prompt (the deadline-ratio
+    point grows with the prompt); a provider with enough samples of its own uses its own."""
+    timing = timing_for(sup.settings, (0, *BAND_LIMITS)[key[1]])
+    point = hedger.point(key, timing.ttft * timing.speculative_ratio)
+    return {
+        **_observed(key, window, now),
+        "hedge_at_ms": None if point is None else _ms(point.delay),
+        "source": None if point is None else point.source,
     }
 
 

@@ -193,7 +193,7 @@ class InferenceRoute:
         )
         with trio.CancelScope() as dispatching:
             ender.dispatching = dispatching
-            outcome = await dispatch(job, self._sup.registry, self._sup.queue)
+            outcome = await dispatch(job, self._sup.registry, self._sup.queue, self._sup.hedger)
         ender.dispatching = None
         if dispatching.cancelled_caught:
             error = ApiError(503, "shutting_down", "the daemon is shutting down", retry_after=5)

@@ -25,6 +25,7 @@ from typing import Final, assert_never
 import trio
 
 from daemon.nursery.attempt import Chunk, Completed, Failure, error_message
+from daemon.nursery.hedging import Hedger
 from daemon.nursery.race import (
     AllFailed,
     Content,
@@ -179,11 +180,7 @@ class Committed:
             usage.completion_tokens / elapsed if elapsed > 0 and usage.completion_tokens else None
         )
         self.registry.record_success(
-            self.content.stream.entry,
-            self.traits.model,
-            self.traits.shape,
-            ttft_s=self.phases.ttft,
-            decode_tps=decode_tps,
+            self.content.stream.entry, self.traits.model, self.traits.shape, decode_tps=decode_tps
         )
 
     def _fail(self, failure: Failure) -> InBandError:
@@ -208,7 +205,7 @@ class Committed:
 
 
 async def dispatch(
-    job: Job, registry: Registry, queue: AdmissionQueue
+    job: Job, registry: Registry, queue: AdmissionQueue, hedger: Hedger
 ) -> Committed | DispatchFailed:
     """Run attempts until one commits, or say why none could."""
     started = trio.current_time()
@@ -224,7 +221,7 @@ async def dispatch(
     while lease is not None:
         attempts += 1
         routed = trio.current_time() - started - queued
-        race = Race(registry, job.traits, job.plaintext, job.timing, _tried(failures))
+        race = Race(registry, hedger, job.traits, job.plaintext, job.timing, _tried(failures))
         match await race.run(lease):
             case Won(content, lost):
                 _strike(registry, job.traits, [*failures, *lost])

@@ -11,6 +11,10 @@ connection attempts the same way: one task each, the winner cancels the rest.)
 `judge()` is the per-event rule, a pure function; `Race.run()` returns one closed outcome:
 `Won`, `RequestInvalid` or `AllFailed`, each carrying the failures seen on the way, which
 dispatch turns into breaker strikes once it knows whose fault they were.
+
+When the backup starts, and whether it may, is the `Hedger`'s call (`hedging.py`). The race
+feeds what it learns back: the claimer's first-token time, and for each racer cancelled by the
+claim after running past the hedge point, the time it had run, a lower bound of its own.
 """
 
 from __future__ import annotations
@@ -29,6 +33,14 @@ from daemon.nursery.attempt import (
     Failure,
     ProviderStream,
     error_message,
+)
+from daemon.nursery.hedging import (
+    Backup,
+    HedgePoint,
+    Hedger,
+    NoProvider,
+    OverBudget,
+    Overloaded,
 )
 from daemon.routing.registry import Registry
 from daemon.routing.types import Lease, ProviderEntry, RequestTraits
@@ -169,6 +181,7 @@ class _Racer:
     stream: ProviderStream
     started_at: float
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    finished: bool = False
 
 
 class Race:
@@ -177,12 +190,14 @@ class Race:
     def __init__(
         self,
         registry: Registry,
+        hedger: Hedger,
         traits: RequestTraits,
         plaintext: bytes,
         timing: Timing,
         exclude: frozenset[str],
     ) -> None:
         self._registry = registry
+        self._hedger = hedger
         self._traits = traits
         self._plaintext = plaintext
         self._timing = timing
@@ -192,9 +207,11 @@ class Race:
         self._winner: _Racer | None = None
         self._fatal: Failure | None = None
         self._hedge_scope = trio.CancelScope()
+        self._point: HedgePoint | None = None
 
     async def run(self, primary: Lease) -> RaceOutcome:
         """Race until a racer commits or every racer failed."""
+        self._hedger.dispatched()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -226,16 +243,26 @@ class Race:
         self._nursery.start_soon(self._race, racer)
 
     async def _hedge(self) -> None:
-        """At the speculative point, with no winner yet, send the request to a second provider."""
+        """At the hedge point, with no winner yet, send the request to a second provider."""
         with self._hedge_scope:
-            await trio.sleep_until(
-                self._racers[0].started_at + self._timing.ttft * self._timing.speculative_ratio
-            )
+            primary = self._racers[0]
+            ratio = self._timing.ttft * self._timing.speculative_ratio
+            key = self._traits.latency_key
+            self._point = self._hedger.point(key, ratio, primary.stream.entry)
+            if self._point is None:
+                return
+            await trio.sleep_until(primary.started_at + self._point.delay)
             busy = frozenset(r.stream.provider_id for r in self._racers)
-            lease = self._registry.reserve(self._traits, exclude=self._exclude | busy)
-            if lease is not None:
-                log.debug("first token late: hedging on %s", lease.entry.provider_id)
-                self._launch(lease)
+            match self._hedger.decide(self._traits, self._exclude | busy):
+                case Backup(lease):
+                    log.debug("first token late: hedging on %s", lease.entry.provider_id)
+                    self._launch(lease)
+                case Overloaded(reason):
+                    log.debug("first token late, no backup: %s", reason)
+                case OverBudget() | NoProvider():
+                    pass
+                case decision:
+                    assert_never(decision)
 
     async def _race(self, racer: _Racer) -> None:
         result: RacerResult = Lost()
@@ -246,10 +273,12 @@ class Race:
             self._settle(racer, result)
 
     def _settle(self, racer: _Racer, result: RacerResult) -> None:
+        racer.finished = True
         self._results.append((racer, result))
         match result:
             case Content():
-                pass  # the relay owns its stream now
+                if racer is not self._racers[0]:
+                    self._hedger.backup_won()
             case Failed(failure):
                 racer.stream.close()
                 self._failed(racer, failure)
@@ -279,10 +308,21 @@ class Race:
             return self._winner is racer
         self._winner = racer
         self._hedge_scope.cancel(reason="a racer claimed the race")
+        now = trio.current_time()
         for other in self._racers:
-            if other is not racer:
+            if other is not racer and not other.finished:
                 other.scope.cancel(reason="another provider won the race")
+                self._record_loser(other, now - other.started_at)
         return True
+
+    def _record_loser(self, racer: _Racer, ran: float) -> None:
+        """A lower bound of the loser's first-token time, if it ran past the hedge point.
+
+        Without it the window would hold only winners and the hedge point would creep down.
+        A racer that ran less than the point says nothing about that point: it is left out.
+        """
+        if self._point is not None and ran >= self._point.delay:
+            self._registry.record_ttft(racer.stream.entry, self._traits, ran)
 
     async def _until_commit(self, racer: _Racer) -> RacerResult:
         """Read until content or a failure; the deadlines are cancel scopes."""
@@ -310,6 +350,10 @@ class Race:
                         if not self._claim(racer):
                             return Lost()
                         now = trio.current_time()
+                        if not accepted:  # a model load is no first-token time to learn
+                            self._registry.record_ttft(
+                                racer.stream.entry, self._traits, now - racer.started_at
+                            )
                         return Content(
                             racer.stream, tuple(held), first, completed, racer.started_at, now
                         )

@@ -7,7 +7,8 @@ session closes with 1001 and nothing keeps running.
 
 It also holds the live `Settings`: a reload (`retune`) swaps them and pushes the new knobs into
 the breaker, the eligibility gates and the queue; each request and each new provider session
-reads `supervisor.settings` when it starts, so none of them holds a stale copy for long.
+reads `supervisor.settings` when it starts, so none of them holds a stale copy for long. And
+it holds the one `Hedger`, whose budget and counters every request's races share.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import trio
 from trio_util import AsyncValue
 
 from daemon.config import Settings
+from daemon.nursery.hedging import HedgePolicy, Hedger
 from daemon.routing.admission import AdmissionQueue
 from daemon.routing.breaker import CircuitBreaker
 from daemon.routing.eligibility import Gates
@@ -46,6 +48,7 @@ class Supervisor:
     store: Store
     registry: Registry
     queue: AdmissionQueue
+    hedger: Hedger
     nursery: trio.Nursery
     ready: bool = False
     draining: bool = False
@@ -100,6 +103,7 @@ class Supervisor:
         )
         self.registry.gates = _gates(settings, self.registry.breaker)
         self.queue.retune(max_per_model=settings.queue_max, timeout=settings.queue_timeout_s)
+        self.hedger.retune(HedgePolicy.from_settings(settings))
         self.registry.cooldown_expired()  # wake whoever waits on a knob that just changed
         logging.getLogger().setLevel(settings.log_level.upper())
 
@@ -161,8 +165,9 @@ async def open_supervisor(
     queue = AdmissionQueue(
         registry, max_per_model=settings.queue_max, timeout=settings.queue_timeout_s
     )
+    hedger = Hedger(HedgePolicy.from_settings(settings), registry, queue)
     async with trio.open_nursery() as nursery:
         await nursery.start(queue.run)
         await nursery.start(_wake_on_cooldown_expiry, registry)
-        yield Supervisor(settings, store, registry, queue, nursery)
+        yield Supervisor(settings, store, registry, queue, hedger, nursery)
         nursery.cancel_scope.cancel(reason="daemon shutting down")

@@ -98,7 +98,7 @@ class AdmissionQueue:
         self._pump()
         preflight = self._registry.preflight(traits)
         if preflight.verdict == "ready":
-            lease = self._registry.reserve(traits)
+            lease = self._registry.reserve(traits, explore=True)
             if lease is not None:
                 return lease
         return self._refusal(preflight) or await self._wait(traits)
@@ -177,7 +177,7 @@ class AdmissionQueue:
     def _offer(self, queue: deque[_Waiter], waiter: _Waiter) -> None:
         if waiter.done.is_set():
             return
-        lease = self._registry.reserve(waiter.traits)
+        lease = self._registry.reserve(waiter.traits, explore=True)
         if lease is not None:
             waiter.lease = lease
         else:

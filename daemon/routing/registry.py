@@ -11,11 +11,15 @@ sequence of them has to await in between either: a session joins, is promoted ov
 or leaves in one call, and a slot is chosen and taken in one. A change that needed an await
 in the middle would take a `trio.Lock` then; none does. Every change that could make a
 waiting request routable bumps `generation`, an AsyncValue the admission queue parks on.
+
+Speed is observed here: each first token's time goes into the provider's window and the
+fleet's for the request's (model, prompt band) (`record_ttft`), each completion's decode speed
+into the provider's EWMA for the model. Selection (`selection.py`) reads the medians, hedging
+the high percentiles.
 """
 
 from __future__ import annotations
 
-import random
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -28,6 +32,8 @@ from trio_util import AsyncValue
 
 from daemon.routing.breaker import CircuitBreaker, Shape
 from daemon.routing.eligibility import AWAITING_ATTESTATION, Gates, refusal, too_short
+from daemon.routing.latency import LatencyKey, TtftWindow
+from daemon.routing.selection import Selector
 from daemon.routing.types import Lease, ProviderEntry, RequestTraits
 from protocol.messages import ModelInfo
 
@@ -39,12 +45,11 @@ MODEL_MEMORY_S: Final = 600.0
 MAX_REMEMBERED_MODELS: Final = 16_384
 # Three consecutive failed challenges make a provider untrusted (PROTOCOL.md §4).
 CHALLENGE_FAILURES_TO_UNTRUST: Final = 3
-# Costs within this fraction of the best are a near tie, broken at random to spread load.
-NEAR_TIE: Final = 0.10
-# Speeds assumed for a provider that advertised none and has not been observed yet.
-DEFAULT_PREFILL_TPS: Final = 500.0
-DEFAULT_DECODE_TPS: Final = 20.0
 EWMA_WEIGHT: Final = 0.3
+# First-token samples kept per (provider, model, band) and per (model, band) for the fleet:
+# a 99.5th percentile needs 200 (hedging.learned), and each window costs a few KB.
+PROVIDER_WINDOW: Final = 256
+FLEET_WINDOW: Final = 1024
 # A model name quoted in a refusal is cut to this many characters: it is consumer input.
 MAX_SHOWN_MODEL_CHARS: Final = 80
 
@@ -64,7 +69,8 @@ class Registry:
         self._providers: dict[str, ProviderEntry] = {}
         self._candidates: set[ProviderEntry] = set()
         self._model_seen: dict[str, float] = {}
-        self._rng = random.Random(seed)
+        self._selector = Selector(seed)
+        self.ttft: dict[LatencyKey, TtftWindow] = {}  # the fleet's, per (model, prompt band)
 
     @property
     def breaker(self) -> CircuitBreaker:
@@ -220,8 +226,13 @@ class Registry:
         *,
         exclude: frozenset[str] = frozenset(),
         avoid_version: str | None = None,
+        explore: bool = False,
     ) -> Lease | None:
-        """Choose the provider expected to finish first and take a slot on it, atomically."""
+        """Choose the provider expected to finish first and take a slot on it, atomically.
+
+        `explore`: a request's first choice, which may re-measure a stale provider; backups
+        and retries want the fastest.
+        """
         now = trio.current_time()
         candidates = [
             e
@@ -235,15 +246,18 @@ class Registry:
             candidates = other or candidates
         if not candidates:
             return None
-        entry = self._pick(candidates, traits)
+        entry = self._selector.pick(candidates, traits, now, explore=explore)
         entry.in_flight += 1
         return Lease(entry, traits.model)
 
-    def _pick(self, candidates: list[ProviderEntry], traits: RequestTraits) -> ProviderEntry:
-        costs = [(expected_seconds(e, traits), e) for e in candidates]
-        best = min(cost for cost, _ in costs)
-        near = [e for cost, e in costs if cost <= best * (1 + NEAR_TIE)]
-        return near[0] if len(near) == 1 else self._rng.choice(near)
+    def slots(self, traits: RequestTraits) -> tuple[int, int]:
+        """(free, all) slots of the providers that could serve `traits` now."""
+        now = trio.current_time()
+        capable = [
+            e for e in self._providers.values() if refusal(e, traits, self.gates, now) is None
+        ]
+        free = sum(max(0, e.max_concurrency - e.in_flight) for e in capable)
+        return free, sum(e.max_concurrency for e in capable)
 
     def release(self, lease: Lease) -> None:
         if not lease.released:
@@ -253,19 +267,19 @@ class Registry:
 
     # Outcomes -------------------------------------------------------------------------------
 
+    def record_ttft(self, entry: ProviderEntry, traits: RequestTraits, seconds: float) -> None:
+        """A first-token time on `entry`, from its own dispatch (or a lower bound of one)."""
+        now = trio.current_time()
+        key = traits.latency_key
+        entry.ttft.setdefault(key, TtftWindow(PROVIDER_WINDOW)).add(seconds, now)
+        self.ttft.setdefault(key, TtftWindow(FLEET_WINDOW)).add(seconds, now)
+
     def record_success(
-        self,
-        entry: ProviderEntry,
-        model: str,
-        shape: Shape,
-        *,
-        ttft_s: float,
-        decode_tps: float | None,
+        self, entry: ProviderEntry, model: str, shape: Shape, *, decode_tps: float | None
     ) -> None:
         self.breaker.record_success((entry.provider_id, model, shape), trio.current_time())
-        entry.observed_ttft_s = _ewma(entry.observed_ttft_s, ttft_s)
         if decode_tps is not None:
-            entry.observed_decode_tps = _ewma(entry.observed_decode_tps, decode_tps)
+            entry.decode_tps[model] = _ewma(entry.decode_tps.get(model), decode_tps)
 
     def record_failure(self, entry: ProviderEntry, model: str, shape: Shape, status: int) -> bool:
         """A failed attempt; True when it put (provider, model, shape) into cooldown.
@@ -290,19 +304,6 @@ class Registry:
 
     def _bump(self) -> None:
         self.generation.value += 1
-
-
-def expected_seconds(entry: ProviderEntry, traits: RequestTraits) -> float:
-    """Expected completion time: prefill + decode, stretched by the provider's current load."""
-    prefill_tps = entry.advertised_prefill_tps or DEFAULT_PREFILL_TPS
-    ttft = (
-        entry.observed_ttft_s
-        if entry.observed_ttft_s is not None
-        else traits.prompt_tokens / prefill_tps
-    )
-    decode_tps = entry.observed_decode_tps or entry.advertised_decode_tps or DEFAULT_DECODE_TPS
-    alone = ttft + traits.max_tokens / decode_tps
-    return alone * (1 + entry.in_flight / entry.max_concurrency)
 
 
 def _ewma(old: float | None, sample: float) -> float:

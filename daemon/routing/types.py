@@ -16,6 +16,7 @@ from nacl.public import PublicKey
 from nacl.signing import VerifyKey
 
 from daemon.routing.breaker import Shape, shape_of
+from daemon.routing.latency import LatencyKey, TtftWindow, band_of
 from protocol.messages import EncryptedPayload, ModelInfo, ProviderMessage
 
 
@@ -65,6 +66,11 @@ class RequestTraits:
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", shape_of(self.has_tools, self.has_media))
 
+    @property
+    def latency_key(self) -> LatencyKey:
+        """Whose first-token times predict this request's: its model's, in its prompt band."""
+        return (self.model, band_of(self.prompt_tokens))
+
 
 @dataclass(eq=False)
 class ProviderEntry:
@@ -88,8 +94,10 @@ class ProviderEntry:
     last_challenge_pass: float | None = None
     last_challenge_at: float | None = None  # wall clock, for the admin view
     draining: bool = False
-    observed_ttft_s: float | None = None
-    observed_decode_tps: float | None = None
+    # Observed on this session: first-token times per (model, prompt band), decode speed per
+    # model (an EWMA, tokens/s). They die with the session, as its load does.
+    ttft: dict[LatencyKey, TtftWindow] = field(default_factory=dict)
+    decode_tps: dict[str, float] = field(default_factory=dict)
 
     @property
     def has_free_slot(self) -> bool:
