@@ -9,34 +9,27 @@ inner generators unclosed, which Trio reports as a ResourceWarning).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-import httpx
 import openai
 import pytest
 import trio
 from openai.types.responses import ResponseFunctionToolCall, ResponseInputParam, ToolParam
 
-from daemon.api.serve import RunningDaemon
 from tests.conftest import StartDaemon
-from tests.consumer_harness import BOUND_S, DISPATCH_ENV, TOOL_SCRIPT, create_key, in_turn
+from tests.consumer_harness import BOUND_S, TOOL_SCRIPT, in_turn
 from tests.fakes.provider import (
-    Behaviour,
     Chunk,
     Complete,
     Fail,
-    FakeProvider,
     always,
     answer,
     content_chunk,
     finish_chunk,
     role_chunk,
-    start_fakes,
 )
+from tests.sdk_harness import Sdk, open_sdk
 
-T = TypeVar("T")
 TOOLS: list[ToolParam] = [
     {
         "type": "function",
@@ -48,52 +41,9 @@ TOOLS: list[ToolParam] = [
 ]
 
 
-@dataclass
-class Sdk:
-    daemon: RunningDaemon
-    key: str
-    nursery: trio.Nursery
-
-    @property
-    def base_url(self) -> str:
-        return self.daemon.base_url + "/v1"
-
-    async def connect(self, *behaviours: Behaviour) -> list[FakeProvider]:
-        fakes = [FakeProvider(self.daemon.provider_url, behaviour=b) for b in behaviours]
-        return await start_fakes(self.nursery, fakes)
-
-    def async_client(self) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(
-            base_url=self.base_url,
-            api_key=self.key,
-            max_retries=0,
-            timeout=BOUND_S,
-            _strict_response_validation=True,
-        )
-
-    async def in_thread(self, call: Callable[[openai.OpenAI], T]) -> T:
-        """Run `call` with a synchronous client in a worker thread."""
-
-        def run() -> T:
-            with openai.OpenAI(
-                base_url=self.base_url,
-                api_key=self.key,
-                max_retries=0,
-                timeout=BOUND_S,
-                _strict_response_validation=True,
-            ) as client:
-                return call(client)
-
-        with trio.fail_after(BOUND_S):
-            return await trio.to_thread.run_sync(run)
-
-
 @pytest.fixture
 async def sdk(start_daemon: StartDaemon, nursery: trio.Nursery) -> Sdk:
-    daemon = await start_daemon(**DISPATCH_ENV)
-    async with httpx.AsyncClient(base_url=daemon.base_url, timeout=BOUND_S) as client:
-        _, key = await create_key(client, "sdk")
-    return Sdk(daemon, key, nursery)
+    return await open_sdk(start_daemon, nursery, strict=True)
 
 
 async def test_create_returns_a_response_with_output_text(sdk: Sdk) -> None:
