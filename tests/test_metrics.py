@@ -10,11 +10,12 @@ from __future__ import annotations
 import uuid
 
 import httpx
+import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.api.metrics_server import MAX_HEAD_BYTES
-from daemon.metrics import MAX_MODEL_LABELS, Metrics
+from daemon.api.metrics_server import MAX_HEAD_BYTES, serve_metrics
+from daemon.metrics import MAX_MODEL_LABELS, Metrics, Sampled
 from tests.conftest import StartDaemon
 from tests.consumer_harness import BOUND_S, Api, OpenApi, assert_openai_error, in_turn, poll_until
 from tests.fakes.provider import Fail, Stall, always, answer, content_chunk, role_chunk
@@ -194,3 +195,23 @@ async def _read_all(stream: trio.SocketStream) -> bytes:
 async def test_metrics_off_starts_no_listener(start_daemon: StartDaemon) -> None:
     daemon = await start_daemon(metrics_listen="off")
     assert daemon.metrics_url is None
+
+
+async def test_a_failing_scrape_closes_its_connection_and_the_listener_goes_on(
+    nursery: trio.Nursery,
+) -> None:
+    metrics = Metrics()
+    broken = True
+
+    def sample() -> Sampled:
+        if broken:
+            raise RuntimeError("a bug in the sampler")
+        return Sampled()
+
+    metrics.watch(sample)
+    url = await nursery.start(serve_metrics, metrics, "127.0.0.1", 0)
+    async with httpx.AsyncClient(base_url=url, timeout=BOUND_S) as http:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await http.get("/metrics")
+        broken = False
+        assert (await http.get("/metrics")).status_code == 200

@@ -59,6 +59,9 @@ async def _connection(
             await _answer(metrics, stream)
         except trio.BrokenResourceError:
             pass  # the scraper hung up
+        except Exception:
+            # A scrape must never take the daemon down: the listener's nursery is its own.
+            log.exception("answering a metrics scrape failed")
         finally:
             slots.release()
 
