@@ -1,4 +1,5 @@
-"""`dinfer serve`, `dinfer keys` and `dinfer config check`: the daemon's subcommands."""
+"""`dinfer serve`, `dinfer keys` and `dinfer config check`: the daemon's subcommands (and
+`dinfer providers`, from its own module)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from daemon.config import (
     resolve,
     unknown_variables,
 )
+from daemon.log_format import configure_logging
+from dinfer.providers_command import add_providers_command
 
 MASK = "********"
 
@@ -53,6 +56,7 @@ def add_subcommands(subparsers: Any) -> None:
     )
     _config_option(check)
     check.set_defaults(run=run_config_check)
+    add_providers_command(subparsers)
 
 
 def _config_option(parser: argparse.ArgumentParser) -> None:
@@ -66,10 +70,7 @@ def settings_or_exit(path: Path | None) -> Settings:
         settings = load_settings(os.environ, path)
     except ConfigError as exc:
         sys.exit(f"dinfer: {exc}")
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level, settings.log_format)
     for name in unknown_variables(os.environ):
         logging.getLogger("dinfer").warning("ignoring unknown variable %s", name)
     return settings

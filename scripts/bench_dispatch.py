@@ -357,6 +357,7 @@ def daemon_env(port: int, data_dir: Path) -> dict[str, str]:
         **{k: v for k, v in os.environ.items() if not k.startswith("DINFER_")},
         "PYTHONPATH": str(REPO),
         "DINFER_LISTEN": f"127.0.0.1:{port}",
+        "DINFER_METRICS_LISTEN": "127.0.0.1:0",  # on, as in production, on a free port
         "DINFER_PROVIDER_AUTH": "open",
         "DINFER_ADMIN_KEY": ADMIN_KEY,
         "DINFER_DATA_DIR": str(data_dir),

@@ -33,6 +33,8 @@ RANK = {
     "daemon.config_file": 0,  # the TOML reader below the settings, knowing nothing of them
     "daemon.store": 1,
     "daemon.serve_lock": 1,
+    "daemon.metrics": 1,
+    "daemon.log_format": 1,
     "daemon.routing": 2,
     "daemon.nursery": 3,
     "daemon.api": 4,

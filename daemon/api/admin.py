@@ -1,4 +1,5 @@
-"""The admin API (`/v1/admin/...`): provider tokens, consumer keys, the provider and hedging views.
+"""The admin API (`/v1/admin/...`): provider tokens, consumer keys, the provider and hedging views,
+and an operator's hands on a provider: clear its breaker cooldowns, drain it and undrain it.
 
 Every route takes `Authorization: Bearer $DINFER_ADMIN_KEY`, compared in constant time;
 without an admin key configured, every call is refused.
@@ -119,6 +120,47 @@ async def list_providers() -> Response:
     return _json({"providers": [_describe(entry, registry, now) for entry in registry.providers()]})
 
 
+def _provider(provider_id: str) -> ProviderEntry | Response:
+    entry = supervisor().registry.get(provider_id)
+    if entry is None:
+        return json_error(404, f"no connected provider {provider_id!r}", "provider_not_found")
+    return entry
+
+
+@admin.delete("/providers/<provider_id>/cooldowns")
+@requires_admin
+async def clear_cooldowns(provider_id: str) -> Response:
+    """Forget the provider's strikes and cooldowns: it serves every shape again at once."""
+    entry = _provider(provider_id)
+    if isinstance(entry, Response):
+        return entry
+    registry = supervisor().registry
+    cleared = len(registry.breaker.cooldowns(provider_id, trio.current_time()))
+    registry.clear_cooldowns(entry)
+    return _json({"provider_id": provider_id, "cleared": cleared})
+
+
+@admin.post("/providers/<provider_id>/drain")
+@requires_admin
+async def drain_provider(provider_id: str) -> Response:
+    """No new requests for the provider; those in flight finish. A reconnect undrains it."""
+    return _set_held(provider_id, True)
+
+
+@admin.delete("/providers/<provider_id>/drain")
+@requires_admin
+async def undrain_provider(provider_id: str) -> Response:
+    return _set_held(provider_id, False)
+
+
+def _set_held(provider_id: str, held: bool) -> Response:
+    entry = _provider(provider_id)
+    if isinstance(entry, Response):
+        return entry
+    supervisor().registry.set_held(entry, held)
+    return _json({"provider_id": provider_id, "drained": held, "in_flight": entry.in_flight})
+
+
 def _describe(entry: ProviderEntry, registry: Registry, now: float) -> dict[str, Any]:
     wall_offset = time.time() - now
     return {
@@ -127,16 +169,32 @@ def _describe(entry: ProviderEntry, registry: Registry, now: float) -> dict[str,
         "backend": entry.backend,
         "models": [_describe_model(info) for info in entry.models.values()],
         "in_flight": entry.in_flight,
+        "in_flight_by_model": dict(sorted(entry.in_flight_by_model.items())),
         "max_concurrency": entry.max_concurrency,
         "trusted": entry.trusted,
         "draining": entry.draining,
+        "drained": entry.held,
         "last_challenge_at": entry.last_challenge_at,
+        "strikes": [
+            {"model": model, "shape": shape, "strikes": count}
+            for model, shape, count in registry.breaker.strikes(entry.provider_id, now)
+        ],
         "cooldowns": [
-            {"model": model, "shape": shape, "until": until + wall_offset}
+            {
+                "model": model,
+                "shape": shape,
+                "until": until + wall_offset,
+                "seconds_left": round(until - now, 1),
+            }
             for model, shape, until in registry.breaker.cooldowns(entry.provider_id, now)
         ],
+        "decode_tps": {model: round(tps, 1) for model, tps in sorted(entry.decode_tps.items())},
         "speed": [
-            {**_observed(key, window, now), "decode_tps": entry.decode_tps.get(key[0])}
+            {
+                **_observed(key, window, now),
+                "ttft_p95_ms": _ms(window.quantile(0.95, now)),
+                "decode_tps": entry.decode_tps.get(key[0]),
+            }
             for key, window in sorted(entry.ttft.items())
             if window.count(now)
         ],

@@ -12,6 +12,9 @@ in the codec's error shape.
 An admitted request counts in `supervisor.requests` until it is answered, so a drain can wait
 for them; when the drain's grace is over, `_EndAtShutdown` ends it: 503 while it is still
 being dispatched, the codec's in-band `server_shutting_down` error once it streams.
+
+Each request's end is counted once in the metrics (`Tally`: its model, outcome, status,
+first-token time and tokens, filled in as the request goes), whichever way it ends.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import logging
 import uuid
 from collections.abc import Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, assert_never
 
 import trio
@@ -43,6 +46,8 @@ from daemon.nursery.dispatch import (
     SHUTTING_DOWN,
     Committed,
     DispatchFailed,
+    Finished,
+    InBandError,
     Job,
     Phases,
     dispatch,
@@ -66,6 +71,41 @@ class Parsed:
     traits: RequestTraits
     envelope: bytes  # {"endpoint": ..., "body": ...}: the plaintext sealed for each provider
     options: Any
+
+
+@dataclass(slots=True)
+class Tally:
+    """One request's end as the metrics count it; until something else is known, the client
+    went away (status 499, nginx's "client closed request")."""
+
+    model: str = ""
+    outcome: str = "client_gone"
+    status: int = 499
+    ttft_s: float | None = None
+    tokens: tuple[int, int, int] = field(default=(0, 0, 0))  # prompt, completion, reasoning
+
+    def fields(self, route: str, duration_s: float) -> tuple[Any, ...]:
+        """`Metrics.observe_request`'s arguments, in its order."""
+        ttft, tokens = self.ttft_s, self.tokens
+        return (route, self.model, self.outcome, self.status, ttft, duration_s, *tokens)
+
+    def answered(self, outcome: str, status: int) -> None:
+        self.outcome, self.status = outcome, status
+
+    def relayed(self, committed: Committed, status: int | None) -> None:
+        """A committed answer's end, from what its relay got."""
+        self.ttft_s = committed.phases.ttft
+        match committed.ended:
+            case Finished(usage=usage):
+                self.answered("completed", status or 200)
+                reasoning = usage.reasoning_tokens or 0
+                self.tokens = (usage.prompt_tokens, usage.completion_tokens, reasoning)
+            case InBandError():
+                self.answered("in_band_error", status or 200)
+            case None:
+                pass  # the relay never got to the end: the client went away
+            case ended:
+                assert_never(ended)
 
 
 class Codec(Protocol):
@@ -139,12 +179,25 @@ class InferenceRoute:
         self._id_headers = tuple(id_headers)
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        started = trio.current_time()
+        tally = Tally()
+        try:
+            await self._handle(scope, receive, send, tally)
+        finally:
+            self._sup.metrics.observe_request(
+                *tally.fields(scope["path"], trio.current_time() - started)
+            )
+
+    async def _handle(
+        self, scope: dict[str, Any], receive: Receive, send: Send, tally: Tally
+    ) -> None:
         ident = request_id_headers(self._id_headers)
         try:
-            request = await self._admit(scope, receive)
+            request = await self._admit(scope, receive, tally)
         except ClientGone:
             return
         except ApiError as error:
+            tally.answered("rejected", error.status)
             await send_api_error(send, error, ident, self._codec.render_error)
             return
         self._sup.requests.value += 1
@@ -153,7 +206,7 @@ class InferenceRoute:
                 ender = _EndAtShutdown()
                 nursery.start_soon(watch_disconnect, receive, nursery.cancel_scope)
                 nursery.start_soon(ender.run, self._sup.grace_over)
-                await self._serve(request, ident, send, nursery, ender)
+                await self._serve(request, ident, send, nursery, ender, tally)
                 nursery.cancel_scope.cancel(reason="the answer is complete")
         finally:
             self._sup.requests.value -= 1
@@ -162,12 +215,13 @@ class InferenceRoute:
     def _settings(self) -> Settings:
         return self._sup.settings  # read per request: a reload may have replaced them
 
-    async def _admit(self, scope: dict[str, Any], receive: Receive) -> Parsed:
+    async def _admit(self, scope: dict[str, Any], receive: Receive, tally: Tally) -> Parsed:
         """Every check before dispatch, in the order a client can act on them."""
         raw = await read_consumer_body(self._sup, scope, receive)
         if self._sup.draining:
             raise ApiError(503, "shutting_down", "the daemon is shutting down", retry_after=5)
         request = self._codec.parse(raw)
+        tally.model = request.traits.model
         if sealed_request_frame_bytes(len(request.envelope)) > MAX_FRAME_BYTES:
             raise ApiError(
                 413,
@@ -184,6 +238,7 @@ class InferenceRoute:
         send: Send,
         nursery: trio.Nursery,
         ender: _EndAtShutdown,
+        tally: Tally,
     ) -> None:
         job = Job(
             traits=request.traits,
@@ -196,17 +251,19 @@ class InferenceRoute:
             outcome = await dispatch(job, self._sup.registry, self._sup.queue, self._sup.hedger)
         ender.dispatching = None
         if dispatching.cancelled_caught:
+            tally.answered("failed", 503)
             error = ApiError(503, "shutting_down", "the daemon is shutting down", retry_after=5)
             await send_api_error(send, error, ident, self._codec.render_error)
             return
         match outcome:
             case DispatchFailed(status, message, code, retry_after):
+                tally.answered("rejected" if status < 500 else "failed", status)
                 error = ApiError(status, code, message, retry_after=retry_after)
                 await send_api_error(send, error, ident, self._codec.render_error)
             case Committed() as committed:
                 ender.committed = committed
                 await self._relay(
-                    request, committed, [*ident, *_commit_headers(committed)], send, nursery
+                    request, committed, [*ident, *_commit_headers(committed)], send, nursery, tally
                 )
             case outcome:
                 assert_never(outcome)
@@ -218,6 +275,7 @@ class InferenceRoute:
         headers: Headers,
         send: Send,
         nursery: trio.Nursery,
+        tally: Tally,
     ) -> None:
         relay = TimedSend(send)
         limit = self._settings.inference_timeout_s
@@ -226,6 +284,8 @@ class InferenceRoute:
             await self._codec.respond(relay, committed, headers, request.options)
         finally:
             committed.close()
+            self._sup.metrics.chunks.inc(committed.chunks)
+            tally.relayed(committed, relay.status)
 
 
 class _EndAtShutdown:
@@ -249,8 +309,11 @@ class TimedSend:
     def __init__(self, send: Send) -> None:
         self._send = send
         self.waiting_since: float | None = None
+        self.status: int | None = None  # of the response's start, once sent
 
     async def __call__(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
         self.waiting_since = trio.current_time()
         try:
             await self._send(message)

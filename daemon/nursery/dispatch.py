@@ -109,6 +109,9 @@ class Committed:
     inference_timeout: float
     phases: Phases
     attempts: int
+    # What the relay got, for the request's metrics: the chunks, and the event that ended it.
+    chunks: int = 0
+    ended: Finished | InBandError | None = None
     _pending: list[Chunk | Completed] = field(default_factory=list)
     _ending: InBandError = RELEASED  # what the relay reports once this side closed the stream
 
@@ -135,7 +138,7 @@ class Committed:
             relayable = self._relayable(event)
             if relayable is not None:
                 return relayable
-        return self._ending
+        return self._end(self._ending)
 
     def poll(self) -> RelayEvent | None:
         """next_event without waiting: None when no frame is waiting right now.
@@ -150,21 +153,22 @@ class Committed:
             relayable = self._relayable(event)
             if relayable is not None:
                 return relayable
-        return self._ending
+        return self._end(self._ending)
 
     def _relayable(self, event: object) -> RelayEvent | None:
         match event:
             case Chunk(kind=ChunkKind.DONE):
                 return None
             case Chunk(kind=ChunkKind.ERROR):
-                return self._fail(Failure(502, error_message(event.event)))
+                return self._end(self._fail(Failure(502, error_message(event.event))))
             case Chunk():
+                self.chunks += 1
                 return event
             case Completed(usage=usage):
                 self._succeed(usage)
-                return Finished(usage)
+                return self._end(Finished(usage))
             case Failure():
-                return self._fail(event)
+                return self._end(self._fail(event))
         return None  # Accepted after the commit carries nothing
 
     async def _receive(self) -> object:
@@ -173,6 +177,13 @@ class Committed:
         return Failure(
             504, f"no data from the provider for {self.inference_timeout:g} s", "timeout"
         )
+
+    def _end(self, event: Finished | InBandError) -> Finished | InBandError:
+        if self.ended is None:
+            self.ended = event
+            if isinstance(event, InBandError):
+                self.registry.metrics.in_band_error(event.kind)
+        return event
 
     def _succeed(self, usage: Usage) -> None:
         elapsed = trio.current_time() - self.content.first_token_at
@@ -210,6 +221,8 @@ async def dispatch(
     """Run attempts until one commits, or say why none could."""
     started = trio.current_time()
     admitted = await queue.admit(job.traits)
+    metrics = registry.metrics
+    metrics.queue_wait.observe(trio.current_time() - started)
     if not isinstance(admitted, Lease):
         return DispatchFailed(
             admitted.status, admitted.message, admitted.code, admitted.retry_after
@@ -224,12 +237,14 @@ async def dispatch(
         race = Race(registry, hedger, job.traits, job.plaintext, job.timing, _tried(failures))
         match await race.run(lease):
             case Won(content, lost):
+                metrics.attempt("success")
                 _strike(registry, job.traits, [*failures, *lost])
                 phases = Phases(queued, routed, content.first_token_at - started)
                 return Committed(
                     content, registry, job.traits, job.timing.inference, phases, attempts
                 )
             case RequestInvalid(failure, _):
+                metrics.attempt("failure")
                 # A provider said the request is bad: the others' failures on it are no
                 # proof against them (nobody is struck), as when two versions fail alike.
                 return DispatchFailed(
@@ -240,14 +255,22 @@ async def dispatch(
             case outcome:
                 assert_never(outcome)
         if _request_at_fault(failures):
+            metrics.attempt(_last_result(lost))
             return _failed_alike(failures, attempts)
-        if attempts >= job.max_attempts:
-            break
-        lease = registry.reserve(
-            job.traits, exclude=_tried(failures), avoid_version=failures[-1].entry.version
-        )
+        lease = None
+        if attempts < job.max_attempts:
+            lease = registry.reserve(
+                job.traits, exclude=_tried(failures), avoid_version=failures[-1].entry.version
+            )
+        metrics.attempt("retry" if lease is not None else _last_result(lost))
     _strike(registry, job.traits, failures)
     return _exhausted(failures, attempts)
+
+
+def _last_result(lost: Sequence[RacerFailure]) -> str:
+    """The metrics' result of a request's last attempt, which failed before content."""
+    timed_out = lost and all(f.failure.kind == "timeout" for f in lost)
+    return "timeout" if timed_out else "failure"
 
 
 def _tried(failures: Sequence[RacerFailure]) -> frozenset[str]:

@@ -18,12 +18,14 @@ import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Final
 
 import trio
 from trio_util import AsyncValue
 
 from daemon.config import Settings
+from daemon.metrics import Metrics, ProviderSample, Sampled
 from daemon.nursery.hedging import HedgePolicy, Hedger
 from daemon.routing.admission import AdmissionQueue
 from daemon.routing.breaker import CircuitBreaker
@@ -57,6 +59,10 @@ class Supervisor:
     requests: AsyncValue[int] = field(default_factory=lambda: AsyncValue(0))
     # Set when the drain grace is over: every open request ends with `server_shutting_down`.
     grace_over: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.registry.metrics
 
     async def host_session(self, transport: Transport) -> None:
         """Run a provider session in the service nursery until it ends or the caller is cancelled.
@@ -146,6 +152,19 @@ async def _wake_on_cooldown_expiry(
         registry.cooldown_expired()
 
 
+def sample(registry: Registry, queue: AdmissionQueue, hedger: Hedger) -> Sampled:
+    """The state the metrics read at scrape time."""
+    return Sampled(
+        providers=[
+            ProviderSample(e.provider_id, e.version, e.trusted, e.in_flight)
+            for e in registry.providers()
+        ],
+        queued=queue.depths(),
+        backups_started=hedger.counters.started,
+        backups_won=hedger.counters.won,
+    )
+
+
 def build_registry(settings: Settings, *, seed: int | None = None) -> Registry:
     breaker = CircuitBreaker(
         settings.breaker_threshold, settings.breaker_window_s, settings.breaker_cooldown_s
@@ -166,6 +185,7 @@ async def open_supervisor(
         registry, max_per_model=settings.queue_max, timeout=settings.queue_timeout_s
     )
     hedger = Hedger(HedgePolicy.from_settings(settings), registry, queue)
+    registry.metrics.watch(partial(sample, registry, queue, hedger))
     async with trio.open_nursery() as nursery:
         await nursery.start(queue.run)
         await nursery.start(_wake_on_cooldown_expiry, registry)
