@@ -97,6 +97,10 @@ class Usage(_Part, frozen=True):
     prompt_tokens: NonNegative
     completion_tokens: NonNegative
     reasoning_tokens: NonNegative | None = None
+    # An extension (docs/protocol-extensions.md): true when the prompt count is the node's
+    # estimate, not the backend's. Absent otherwise; old daemons ignore it (unknown fields are
+    # ignored by msgspec), and old nodes never send it.
+    estimated: bool | None = None
 
 
 # Provider -> daemon -------------------------------------------------------------------------

@@ -11,7 +11,9 @@ Two kinds of line are never relayed:
   for a stream that is about to fail (llama-cpp-python ends interrupted streams that way).
 
 A stream that breaks off before any content may be a prompt too long for the model, said the
-only way some backends can say it (`provider.fit`).
+only way some backends can say it (`provider.fit`). A stream that succeeded without the
+backend's prompt count gets it from the backend's tokenizer before the terminal frame
+(`provider.tokenizer.counted`).
 
 Cancelling the caller's scope aborts everything, closes the backend stream and sends nothing
 more, which is what `cancel` asks for.
@@ -38,6 +40,7 @@ from provider.backend import Backend
 from provider.failures import RequestFailure, from_error_event
 from provider.repair import PreparedRequest, prepare
 from provider.stream import StreamAccount
+from provider.tokenizer import Tokenizer, counted
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +61,19 @@ async def serve_request(
     backend: Backend,
     send: Send,
     context_length: ContextLength = _unknown,
+    tokenizer: Tokenizer | None = None,
 ) -> None:
-    """Serve `request` and send its chunks and exactly one terminal frame."""
+    """Serve `request` and send its chunks and exactly one terminal frame.
+
+    `tokenizer` is the backend's, shared across requests so what it learnt about the backend's
+    routes is kept; without one, a fresh one is used for this request.
+    """
     request_id = request.request_id
+    tokens = tokenizer or Tokenizer(backend)
     try:
         plaintext, sealer = _open(request, box)
         prepared = prepare(plaintext)
-        usage = await _serve(request_id, prepared, sealer, backend, send, context_length)
+        usage = await _serve(request_id, prepared, sealer, tokens, send, context_length)
     except RequestFailure as failure:
         # The message may quote the backend; only the status and reason are logged.
         log.info("request %s failed: %d %s", request_id, failure.status_code, failure.reason)
@@ -78,11 +87,12 @@ async def _serve(
     request_id: str,
     prepared: PreparedRequest,
     sealer: crypto.ChunkSealer,
-    backend: Backend,
+    tokenizer: Tokenizer,
     send: Send,
     context_length: ContextLength,
 ) -> Usage:
     account = StreamAccount(prepared.prompt_chars)
+    backend = tokenizer.backend
 
     async def emit(line: str) -> None:
         payload = sealer.seal(line.encode("utf-8"))
@@ -91,14 +101,16 @@ async def _serve(
     try:
         async with backend.stream(prepared.endpoint, prepared.body) as lines:
             await relay(lines, account, emit)
-        return account.outcome()
+        usage = account.outcome()
     except RequestFailure as failure:
         if account.produced_output:
             raise  # the prompt fit: the backend answered it before it failed
-        explained = await fit.explain(failure, prepared, backend, context_length(prepared.model))
+        context = context_length(prepared.model)
+        explained = await fit.explain(failure, prepared, tokenizer, context)
         if explained is failure:
             raise
         raise explained from failure
+    return await counted(tokenizer, usage, prepared)
 
 
 def _open(request: InferenceRequest, box: PrivateKey) -> tuple[bytes, crypto.ChunkSealer]:

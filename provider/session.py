@@ -215,6 +215,7 @@ class _Session:
                     backend=self._state.backend,
                     send=self._send_for_request,
                     context_length=self._state.context_length,
+                    tokenizer=self._state.tokenizer,
                 )
         finally:
             self._slots.release(request.request_id)

@@ -290,6 +290,63 @@ async def test_full_session_registers_passes_the_challenge_and_relays_a_request(
     assert backend.completions[0].json == BODY
 
 
+# 5 words (5 tokens by the fake's tokenizer) in 24 characters (6 by the estimate).
+SAY_HI = {**BODY, "messages": [{"role": "user", "content": "Say hi to everyone here."}]}
+
+
+async def completed(link: Link, register: Register, request_id: str) -> InferenceComplete:
+    """Send one request and read it to its terminal, which must be a completion."""
+    request, _ = sealed(register, request_id, SAY_HI)
+    await link.send(request)
+    while isinstance(frame := await link.receive(), InferenceResponseChunk):
+        pass
+    assert isinstance(frame, InferenceComplete), frame
+    return frame
+
+
+async def test_a_backend_that_streams_no_usage_has_its_prompt_counted_by_its_tokenizer(
+    backend, daemon, run_node
+) -> None:
+    backend.tokenizer = "/extras/tokenize"  # llama-cpp-python: no usage in its streams
+    await run_node()
+    link, register = await daemon.connection()
+    await link.trust(register)
+    frame = await completed(link, register, "r1")
+    assert frame == InferenceComplete("r1", Usage(prompt_tokens=5, completion_tokens=2))
+
+
+async def test_a_backend_without_a_tokenizer_is_asked_once_per_route_across_requests(
+    backend, daemon, run_node
+) -> None:
+    await run_node()
+    link, register = await daemon.connection()
+    await link.trust(register)
+    for n in range(4):
+        frame = await completed(link, register, f"r{n}")
+        assert frame.usage == Usage(prompt_tokens=6, completion_tokens=2, estimated=True)
+    assert [s.path for s in backend.tokenized] == ["/extras/tokenize", "/tokenize"]
+
+
+async def test_with_the_models_template_the_prompt_is_counted_as_the_backend_renders_it(
+    backend, daemon, run_node, tmp_path
+) -> None:
+    # Not on the virtual clock: the self-check renders in child processes under a real bound.
+    template = tmp_path / "chat_template.jinja"
+    template.write_text(
+        "{% for m in messages %}<turn> {{ m['role'] }} {{ m['content'] }} </turn>\n{% endfor %}"
+        "<turn> model"
+    )
+    backend.tokenizer = "/extras/tokenize"
+    await run_node(chat_templates=((MODEL, template),))
+    link, register = await daemon.connection()
+    await link.trust(register)
+    frame = await completed(link, register, "r1")
+    # "<turn> user" + 5 words + "</turn>", then "<turn> model": 10 tokens where the text is 5.
+    assert frame == InferenceComplete("r1", Usage(prompt_tokens=10, completion_tokens=2))
+    (count,) = backend.tokenized
+    assert count.json["input"] == "<turn> user Say hi to everyone here. </turn>\n<turn> model"
+
+
 async def test_heartbeats_every_five_seconds_with_active_requests(
     daemon, run_node, autojump_clock
 ) -> None:
