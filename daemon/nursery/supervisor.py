@@ -8,7 +8,9 @@ session closes with 1001 and nothing keeps running.
 It also holds the live `Settings`: a reload (`retune`) swaps them and pushes the new knobs into
 the breaker, the eligibility gates and the queue; each request and each new provider session
 reads `supervisor.settings` when it starts, so none of them holds a stale copy for long. And
-it holds the one `Hedger`, whose budget and counters every request's races share.
+it holds the one `Hedger`, whose budget and counters every request's races share. With
+DINFER_REDIS_URL it starts this instance's `Cluster` (daemon/cluster/node.py) in the same
+nursery, before the first request: remote providers then join the registry.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import trio
 from trio_util import AsyncValue
@@ -35,6 +37,9 @@ from daemon.routing.session import ProviderSession
 from daemon.routing.transport import Transport
 from daemon.store import Store
 from protocol.messages import CloseCode
+
+if TYPE_CHECKING:
+    from daemon.cluster.node import Cluster
 
 log = logging.getLogger("dinfer.supervisor")
 
@@ -59,6 +64,8 @@ class Supervisor:
     requests: AsyncValue[int] = field(default_factory=lambda: AsyncValue(0))
     # Set when the drain grace is over: every open request ends with `server_shutting_down`.
     grace_over: trio.Event = field(default_factory=trio.Event)
+    # This instance's part of a cluster (DINFER_REDIS_URL), None when it runs alone.
+    cluster: Cluster | None = None
 
     @property
     def metrics(self) -> Metrics:
@@ -189,5 +196,10 @@ async def open_supervisor(
     async with trio.open_nursery() as nursery:
         await nursery.start(queue.run)
         await nursery.start(_wake_on_cooldown_expiry, registry)
-        yield Supervisor(settings, store, registry, queue, hedger, nursery)
+        cluster = None
+        if settings.redis_url is not None:
+            from daemon.cluster.node import Cluster  # only a cluster pays for importing Redis
+
+            cluster = await nursery.start(Cluster(settings.redis_url, registry).run)
+        yield Supervisor(settings, store, registry, queue, hedger, nursery, cluster=cluster)
         nursery.cancel_scope.cancel(reason="daemon shutting down")
