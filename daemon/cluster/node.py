@@ -67,9 +67,9 @@ HEARTBEAT_S: Final = 0.4
 RECORD_TTL_MS: Final = 3000
 REFRESH_S: Final = 1.0
 PUBLISH_COALESCE_S: Final = 0.01
-PING_AFTER_S: Final = 0.5
-DEAD_AFTER_S: Final = 1.5
-WATCH_EVERY_S: Final = 0.25
+PING_AFTER_S: Final = 0.3
+DEAD_AFTER_S: Final = 1.0
+WATCH_EVERY_S: Final = 0.1
 READ_BLOCK_MS: Final = 1000
 RECONNECT_S: Final = 0.5
 # Messages queued for the writer before a post fails (SessionGone) rather than wait.
@@ -105,7 +105,6 @@ class Cluster:
         self._published: dict[str, bytes] = {}
         self._cooldowns_loaded: set[ProviderEntry] = set()
         self._outbox_send, self._outbox = trio.open_memory_channel[tuple[str, Fields]](OUTBOX)
-        self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         registry.remote_report = self._report
 
@@ -144,8 +143,12 @@ class Cluster:
         if not self.up:
             self.up = True
             log.info("cluster instance %s joined", self.instance)
+            for peer in self.peers.values():
+                if peer.dead == REDIS_DOWN:
+                    peer.dead = None
+            await self._rebuild()
         self._published.clear()  # Redis may have lost them: publish everything again
-        self._changed.set()
+        self.registry.touch()  # wakes the publisher
         return True
 
     def _lost(self, exc: BaseException) -> None:
@@ -440,7 +443,10 @@ class Cluster:
     def _directory_event(self, fields: Any) -> None:
         kind = fields[b"k"].decode()
         if kind == "rec":
-            self._apply(wire.decode_record(fields[b"d"]))
+            record = wire.decode_record(fields[b"d"])
+            if record.owner != self.instance:
+                self._peer(record.owner).heard()  # it just spoke: it is alive
+            self._apply(record)
         elif kind == "del":
             entry = self.registry.get(fields[b"p"].decode())
             if entry is not None and entry.owner == fields[b"f"].decode():
@@ -530,7 +536,7 @@ class Cluster:
                     peer.pinged_at = now
                     self._answer(peer.instance, wire.Kind.PING, "")
             turn += 1
-            if turn % 2 == 0:
+            if turn % 5 == 0:
                 try:
                     await self._check_instances()
                 except REDIS_ERRORS as exc:
