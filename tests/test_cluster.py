@@ -7,7 +7,9 @@ providers connect to one daemon each; consumers ask another. Every wait has a bo
 
 from __future__ import annotations
 
+import gc
 import shutil
+import warnings
 import socket
 import subprocess
 from collections.abc import AsyncIterator
@@ -42,11 +44,7 @@ from tests.fakes.provider import (
 REDIS = shutil.which("redis-server")
 pytestmark = [
     pytest.mark.skipif(REDIS is None, reason="needs redis-server"),
-    # coredis leaves anyio's memory streams of a connection that Redis dropped to the
-    # garbage collector: a warning about its internals, not a leak of ours.
-    pytest.mark.filterwarnings(
-        "ignore:Exception ignored in.*MemoryObject:pytest.PytestUnraisableExceptionWarning"
-    ),
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),  # see the `world` fixture
 ]
 BOUND_S = 10.0
 ENV = {
@@ -105,6 +103,7 @@ class Node:
     daemon: RunningDaemon
     scope: trio.CancelScope
     client: httpx.AsyncClient
+    done: trio.Event
     key: str = ""
 
     @property
@@ -139,9 +138,10 @@ class World:
         env = {**ENV, "DINFER_DATA_DIR": str(self.tmp / f"d{len(self.nodes)}")}
         env["DINFER_REDIS_URL"] = self.redis.url
         settings = load_settings(env)
-        daemon, scope = await self.nursery.start(_host, settings)
+        done = trio.Event()
+        daemon, scope = await self.nursery.start(_host, settings, done)
         client = httpx.AsyncClient(base_url=daemon.base_url, timeout=BOUND_S)
-        node = Node(daemon, scope, client)
+        node = Node(daemon, scope, client, done)
         _, node.key = await create_key(client)
         self.nodes.append(node)
         return node
@@ -151,12 +151,15 @@ class World:
         assert all(fake.trusted.is_set() for fake in started)
 
 
-async def _host(settings: Any, *, task_status: trio.TaskStatus[Any]) -> None:
-    async with trio.open_nursery() as nursery:
-        daemon = await nursery.start(
-            partial(serve, settings, shutdown_trigger=trio.sleep_forever, seed=7)
-        )
-        task_status.started((daemon, nursery.cancel_scope))
+async def _host(settings: Any, done: trio.Event, *, task_status: trio.TaskStatus[Any]) -> None:
+    try:
+        async with trio.open_nursery() as nursery:
+            daemon = await nursery.start(
+                partial(serve, settings, shutdown_trigger=trio.sleep_forever, seed=7)
+            )
+            task_status.started((daemon, nursery.cancel_scope))
+    finally:
+        done.set()
 
 
 @pytest.fixture
@@ -169,7 +172,17 @@ async def world(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[World]:
     finally:
         for node in w.nodes:
             await node.client.aclose()
+            node.kill()
+        with trio.fail_after(BOUND_S):
+            for node in w.nodes:
+                await node.done.wait()
         redis.kill()
+        w.nodes.clear()
+        # coredis leaves the anyio streams of a connection that never opened (Redis was down)
+        # to the garbage collector, which warns: its internals, not a leak of ours.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
 
 
 def remote_of(node: Node, provider_id: str) -> bool:

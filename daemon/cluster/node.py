@@ -156,7 +156,8 @@ class Cluster:
         if not self.up and not self.peers and not self.relays:
             return
         if self.up:
-            log.warning("cluster: Redis is unreachable (%s): serving local providers only", exc)
+            # The text only: a record holding the exception would keep its frames alive.
+            log.warning("cluster: Redis is unreachable (%s): serving local providers only", str(exc))
         self.up = False
         for peer in self.peers.values():
             peer.died(REDIS_DOWN)
@@ -473,10 +474,8 @@ class Cluster:
         peer = self._peer(record.owner)
         if current is None:
             current = _entry(record, RemoteLink(peer, record.provider_id, record.epoch))
-            self._refresh(current, record)
-            self.registry.add_remote(current)
-        else:
-            self._refresh(current, record)
+            self.registry.add_remote(current)  # clears the identity's breaker: refresh after
+        self._refresh(current, record)
         self.registry.touch()
 
     def _refresh(self, entry: ProviderEntry, record: wire.Record) -> None:
