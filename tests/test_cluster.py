@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import gc
 import shutil
-import warnings
 import socket
 import subprocess
+import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -25,17 +25,15 @@ import trio
 from daemon.api.serve import RunningDaemon, serve
 from daemon.cluster.node import Cluster
 from daemon.config import load_settings
-from tests.conftest import FAST_ENV
-from tests.consumer_harness import ADMIN, chat_body, create_key, poll_until
 from protocol.messages import ModelInfo
+from tests.conftest import FAST_ENV
+from tests.consumer_harness import chat_body, create_key, poll_until
 from tests.fakes.provider import (
-    Chunk,
-    Complete,
-    FakeProvider,
     Fail,
+    FakeProvider,
     Stall,
-    answer,
     always,
+    answer,
     content_chunk,
     role_chunk,
     start_fakes,
@@ -76,9 +74,20 @@ class Redis:
 
     async def start(self) -> None:
         assert REDIS is not None
-        self.process = subprocess.Popen(
-            [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.directory)],
+        self.process = subprocess.Popen(  # noqa: ASYNC220 - starts at once, never waits
+            [
+                REDIS,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -206,9 +215,11 @@ async def test_a_remote_stream_is_byte_identical_to_a_local_one(world: World) ->
     remote = await a.chat(stream=True)
     assert local.status_code == remote.status_code == 200
     assert remote.content == local.content
-    assert remote.headers["x-dinfer-provider"] == fake.provider_id if (
-        "x-dinfer-provider" in remote.headers
-    ) else True
+    assert (
+        remote.headers["x-dinfer-provider"] == fake.provider_id
+        if ("x-dinfer-provider" in remote.headers)
+        else True
+    )
     assert len(fake.received) == 2
 
 
@@ -325,7 +336,9 @@ async def test_a_breaker_entered_via_one_instance_holds_on_another_and_after_a_m
     for _ in range(2):  # DINFER_BREAKER_THRESHOLD
         assert (await a.chat()).status_code == 502
     struck_at = trio.current_time()
-    await poll_until(lambda: c.daemon.supervisor.registry.breaker.in_cooldown(key, trio.current_time()))
+    await poll_until(
+        lambda: c.daemon.supervisor.registry.breaker.in_cooldown(key, trio.current_time())
+    )
     assert trio.current_time() - struck_at < 0.1
     assert b.daemon.supervisor.registry.breaker.in_cooldown(key, trio.current_time())
     assert (await c.chat()).status_code == 503
@@ -345,7 +358,7 @@ async def test_a_breaker_entered_via_one_instance_holds_on_another_and_after_a_m
 
 
 async def broken_closed(fake: FakeProvider) -> None:
-    fake._nursery.cancel_scope.cancel(reason="the provider leaves")  # noqa: SLF001
+    fake._nursery.cancel_scope.cancel(reason="the provider leaves")
     with trio.fail_after(BOUND_S):
         await fake.closed.wait()
 

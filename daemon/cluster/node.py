@@ -110,7 +110,9 @@ class Cluster:
 
     # Lifecycle ------------------------------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[Cluster] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: trio.TaskStatus[Cluster] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         # Two clients: the reader's blocking XREAD holds its connection for up to a second.
         timeouts: dict[str, Any] = {"connect_timeout": 0.5, "stream_timeout": 2.0}
         commands = coredis.Redis.from_url(self.url, **timeouts)
@@ -157,7 +159,9 @@ class Cluster:
             return
         if self.up:
             # The text only: a record holding the exception would keep its frames alive.
-            log.warning("cluster: Redis is unreachable (%s): serving local providers only", str(exc))
+            log.warning(
+                "cluster: Redis is unreachable (%s): serving local providers only", str(exc)
+            )
         self.up = False
         for peer in self.peers.values():
             peer.died(REDIS_DOWN)
@@ -263,7 +267,9 @@ class Cluster:
                     peer.streams.finish(request_id)
             case wire.Kind.DISPATCH:
                 assert self._nursery is not None
-                self._nursery.start_soon(self._relay, sender, request_id, wire.decode_dispatch(data))
+                self._nursery.start_soon(
+                    self._relay, sender, request_id, wire.decode_dispatch(data)
+                )
             case wire.Kind.CANCEL:
                 relay = self.relays.get(request_id)
                 if relay is not None and relay.ingress == sender:
@@ -380,8 +386,11 @@ class Cluster:
             if entry not in self._cooldowns_loaded:
                 await self._load_cooldowns(entry)
         self._cooldowns_loaded &= set(local)
-        records = {e.provider_id: _record(e, self, now) for e in local}
-        records = {pid: r for pid, r in records.items() if r is not None}
+        records: dict[str, wire.Record] = {}
+        for entry in local:
+            record = _record(entry, self, now)
+            if record is not None:
+                records[entry.provider_id] = record
         encoded = {pid: wire.encode(r) for pid, r in records.items()}
         gone = [pid for pid in self._published if pid not in encoded]
         changed = {pid: d for pid, d in encoded.items() if self._published.get(pid) != d}
@@ -624,4 +633,3 @@ def _shown(url: str) -> str:
     """The URL without a password."""
     scheme, _, rest = url.partition("://")
     return f"{scheme}://{rest.rpartition('@')[2]}"
-
