@@ -30,7 +30,9 @@ API keys may carry limits (`KeyLimits`: rate, tokens, concurrency, models, expir
 keys' limits are cached beside their digests (id -> limits, only for keys that have any), loaded
 and reloaded with them, so the request path reads a key's limits with one dict probe. Because
 a hit must see a change too (`dinfer keys set` or `rotate` from another process), every lookup
-on the request path asks `data_version` first, not only a miss.
+on the request path asks `data_version` first, not only a miss. Commits to other tables (the
+usage ledger's) move `data_version` too: a trigger-kept counter, `api_keys_epoch`, tells the
+reload whether `api_keys` itself changed, and when it did not the reload reads one row.
 
 The schema is `MIGRATIONS`, applied in order; the `schema_version` table records which have
 run, so reopening applies only the new ones. Adding a migration is appending a script.
@@ -81,6 +83,14 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     ALTER TABLE api_keys ADD COLUMN max_concurrency INTEGER;
     ALTER TABLE api_keys ADD COLUMN allowed_models TEXT;
     ALTER TABLE api_keys ADD COLUMN expires_at REAL;
+    CREATE TABLE api_keys_epoch (id INTEGER PRIMARY KEY CHECK (id = 1), n INTEGER NOT NULL);
+    INSERT INTO api_keys_epoch VALUES (1, 0);
+    CREATE TRIGGER api_keys_inserted AFTER INSERT ON api_keys
+        BEGIN UPDATE api_keys_epoch SET n = n + 1; END;
+    CREATE TRIGGER api_keys_updated AFTER UPDATE ON api_keys
+        BEGIN UPDATE api_keys_epoch SET n = n + 1; END;
+    CREATE TRIGGER api_keys_deleted AFTER DELETE ON api_keys
+        BEGIN UPDATE api_keys_epoch SET n = n + 1; END;
     """,
 )
 
@@ -147,6 +157,7 @@ class LiveKeys:
 
     ids: dict[str, str]  # SHA-256 hex digest of the secret -> key id
     limits: dict[str, KeyLimits]  # key id -> limits, only for keys that have any
+    epoch: int  # api_keys_epoch when read: bumped by a trigger on every change to api_keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,12 +309,31 @@ def _insert_key(
 
 
 def _live_keys(conn: sqlite3.Connection) -> LiveKeys:
+    conn.execute("BEGIN")  # the epoch and the rows from one snapshot
+    try:
+        return _read_live_keys(conn)
+    finally:
+        conn.execute("COMMIT")
+
+
+def _keys_epoch(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT n FROM api_keys_epoch").fetchone()[0])
+
+
+def _live_keys_since(conn: sqlite3.Connection, epoch: int) -> LiveKeys | None:
+    """The live keys, or None when nothing in api_keys changed since `epoch` (another table's
+    commit, such as usage rows, moves data_version too)."""
+    return None if _keys_epoch(conn) == epoch else _live_keys(conn)
+
+
+def _read_live_keys(conn: sqlite3.Connection) -> LiveKeys:
+    epoch = _keys_epoch(conn)
     rows = conn.execute(
         f"SELECT secret_hash, id, {', '.join(LIMIT_FIELDS)} FROM api_keys WHERE revoked_at IS NULL"
     ).fetchall()
     ids = {digest: id_ for digest, id_, *_ in rows}
     limits = {id_: _limits_of(tuple(rest)) for _, id_, *rest in rows}
-    return LiveKeys(ids, {id_: lim for id_, lim in limits.items() if not lim.empty})
+    return LiveKeys(ids, {id_: lim for id_, lim in limits.items() if not lim.empty}, epoch)
 
 
 def _list(conn: sqlite3.Connection, kind: _Kind) -> list[SecretRecord]:
@@ -395,6 +425,7 @@ class Store:
         # Per kind: SHA-256 hex digest of a live secret -> its id.
         self._live = {_PROVIDER_TOKENS: tokens, _API_KEYS: keys.ids}
         self._key_limits = keys.limits  # live key id -> its limits, for keys that have any
+        self._keys_epoch = keys.epoch
         # The watch connection's data_version when the live API keys were read.
         self._keys_version = conns.version_at_load
         self._reloading: trio.Event | None = None
@@ -523,8 +554,11 @@ class Store:
         try:
             # Read before the keys: a commit in between shows as a change next time.
             version = _data_version(self._watch)
-            keys = await self._run(_live_keys)
-            self._live[_API_KEYS], self._key_limits = keys.ids, keys.limits
+            epoch = self._keys_epoch
+            keys = await self._run(lambda conn: _live_keys_since(conn, epoch))
+            if keys is not None:
+                self._live[_API_KEYS], self._key_limits = keys.ids, keys.limits
+                self._keys_epoch = keys.epoch
             self._keys_version = version
         finally:
             self._reloading = None
