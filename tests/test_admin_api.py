@@ -91,7 +91,7 @@ async def test_an_unknown_route_answers_404_in_the_openai_error_shape(
 async def test_a_wrong_method_answers_405_in_the_openai_error_shape(
     client: httpx.AsyncClient,
 ) -> None:
-    reply = await client.get("/v1/admin/provider-tokens", headers=AUTH)
+    reply = await client.put("/v1/admin/provider-tokens", headers=AUTH)
     assert_openai_error(reply, 405, "invalid_request_error", "method_not_allowed")
 
 

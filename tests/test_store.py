@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from daemon import store as store_module
 from daemon.key_policy import KeyLimits
-from daemon.store import MIGRATIONS, StoreError, database_path, open_store
+from daemon.store import HIT_RECHECK_S, MIGRATIONS, StoreError, database_path, open_store
 
 
 def query(data_dir: Path, sql: str) -> list[Any]:
@@ -344,19 +345,43 @@ async def test_a_rotated_secret_replaces_the_old_one_at_once(tmp_path: Path) -> 
         assert await store.rotate_api_key(issued.id) is None
 
 
-async def test_changes_by_another_process_reach_hits_at_once(tmp_path: Path) -> None:
+async def test_changes_by_another_process_reach_hits_within_the_recheck_interval(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     async with open_store(tmp_path) as daemon, open_store(tmp_path) as cli:
         issued = await daemon.create_api_key("app")
         assert await daemon.find_api_key(issued.secret) == issued.id
         await cli.update_api_key(issued.id, {"rpm": 2})
+        await trio.sleep(HIT_RECHECK_S)
         assert await daemon.find_api_key(issued.secret) == issued.id
         assert daemon.api_key_limits(issued.id) == KeyLimits(rpm=2)
         rotated = await cli.rotate_api_key(issued.id)
         assert rotated is not None
+        assert await daemon.find_api_key(rotated.secret) == issued.id  # a miss: at once
+        await trio.sleep(HIT_RECHECK_S)
         assert await daemon.find_api_key(issued.secret) is None
-        assert await daemon.find_api_key(rotated.secret) == issued.id
         await cli.revoke_api_key(issued.id)
+        await trio.sleep(HIT_RECHECK_S)
         assert await daemon.find_api_key(rotated.secret) is None
+
+
+async def test_hits_ask_data_version_at_most_every_recheck_interval(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with open_store(tmp_path) as daemon:
+        issued = await daemon.create_api_key("app")
+        asked = []
+        real = store_module._data_version
+        monkeypatch.setattr(
+            store_module, "_data_version", lambda conn: asked.append(1) or real(conn)
+        )
+        for _ in range(100):
+            assert await daemon.find_api_key(issued.secret) == issued.id
+        assert len(asked) <= 2  # the first hit, and perhaps the reload after our own write
+        await trio.sleep(HIT_RECHECK_S)
+        before = len(asked)
+        assert await daemon.find_api_key(issued.secret) == issued.id
+        assert len(asked) == before + 1
 
 
 async def test_commits_to_other_tables_do_not_reread_the_keys(
