@@ -353,3 +353,16 @@ async def test_provider_tokens_are_listed_without_secrets(api: Api) -> None:
 async def test_the_new_admin_routes_need_the_admin_key(api: Api, method: str, path: str) -> None:
     reply = await api.client.request(method, path, json={}, headers=api.auth)
     assert_openai_error(reply, 401, "invalid_admin_key")
+
+
+async def test_an_expired_key_cannot_list_models_or_count_tokens(api: Api) -> None:
+    _, headers = await new_key(api, expires_at="2020-01-01T00:00:00Z")
+    with trio.fail_after(BOUND_S):
+        models = await api.client.get(
+            "/v1/models", headers={"Authorization": headers["Authorization"]}
+        )
+        counted = await api.client.post(
+            "/v1/messages/count_tokens", json={"model": "m", "messages": HELLO}, headers=headers
+        )
+    assert_route_error(models, "openai", 401, "api_key_expired")
+    assert_route_error(counted, "anthropic", 401, "api_key_expired")

@@ -63,6 +63,7 @@ log = logging.getLogger("dinfer.api")
 
 Headers = list[tuple[bytes, bytes]]
 ID_HEADERS: Final = (b"x-request-id",)
+KEY_HINT: Final = "a valid API key is required (Authorization: Bearer KEY, or x-api-key: KEY)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,17 +128,18 @@ async def read_consumer_body(
         raise ApiError(
             413, "request_too_large", f"the request body exceeds {limit} bytes"
         ) from None
+    return raw, await authenticate(sup, scope)
+
+
+async def authenticate(sup: Supervisor, scope: dict[str, Any], hint: str = KEY_HINT) -> str:
+    """The id of the request's live, unexpired consumer key; else 401 (`hint` says how)."""
     key = consumer_key(scope)
     key_id = None if key is None else await sup.store.find_api_key(key)
     if key_id is None:
-        raise ApiError(
-            401,
-            "invalid_api_key",
-            "a valid API key is required (Authorization: Bearer KEY, or x-api-key: KEY)",
-        )
+        raise ApiError(401, "invalid_api_key", hint)
     if sup.limiter.expired(sup.store.api_key_limits(key_id)):
         raise ApiError(401, "api_key_expired", "this API key has expired")
-    return raw, key_id
+    return key_id
 
 
 def admit_limits(sup: Supervisor, key_id: str, model: str) -> Permit:
