@@ -132,11 +132,9 @@ async def get_api_key(key_id: str) -> Response:
 @admin.post("/keys")
 @requires_admin
 async def create_api_key() -> Response:
-    body = await _object_body()
-    if isinstance(body, Response):
-        return body
-    name = body.pop("name", None)
-    if not isinstance(name, str) or not name.strip():
+    body = await request.get_json(force=True, silent=True)
+    name = body.pop("name", None) if isinstance(body, dict) else None
+    if not isinstance(body, dict) or not isinstance(name, str) or not name.strip():
         return json_error(
             400, 'the body must be a JSON object with a non-empty "name"', "invalid_name", "name"
         )
