@@ -27,7 +27,12 @@ AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 ADMIN_CALLS: list[tuple[str, str, dict[str, Any] | None]] = [
     ("POST", "/v1/admin/provider-tokens", {"name": "rig"}),
     ("DELETE", "/v1/admin/provider-tokens/pt_000000000000", None),
+    ("GET", "/v1/admin/provider-tokens", None),
     ("POST", "/v1/admin/keys", {"name": "app"}),
+    ("GET", "/v1/admin/keys", None),
+    ("GET", "/v1/admin/keys/key_000000000000", None),
+    ("PATCH", "/v1/admin/keys/key_000000000000", {"rpm": 5}),
+    ("POST", "/v1/admin/keys/key_000000000000/rotate", None),
     ("DELETE", "/v1/admin/keys/key_000000000000", None),
     ("GET", "/v1/admin/providers", None),
     ("GET", "/v1/admin/hedging", None),
