@@ -143,7 +143,7 @@ async def test_a_model_not_allowed_is_403_before_any_provider(
     fake = (await api.connect(api.fake()))[0]
     _, headers = await new_key(api, allowed_models=["other"], rpm=5)
     refused = await post(api, headers, path, **body)
-    assert "'m'" in assert_route_error(refused, shape, 403, "model_not_allowed")
+    assert '"m"' in assert_route_error(refused, shape, 403, "model_not_allowed")
     assert refused.headers["x-ratelimit-remaining-requests"] == "5"  # nothing was taken
     assert fake.received == []
 

@@ -55,6 +55,7 @@ from daemon.nursery.dispatch import (
 )
 from daemon.nursery.race import Timing
 from daemon.nursery.supervisor import Supervisor
+from daemon.routing.registry import shown
 from daemon.routing.types import RequestTraits
 from protocol.crypto import sealed_request_frame_bytes
 from protocol.messages import MAX_FRAME_BYTES
@@ -153,7 +154,7 @@ def admit_limits(sup: Supervisor, key_id: str, model: str) -> Permit:
                 429, "rate_limit_exceeded", message, retry_after=retry_after, headers=headers
             )
         case ModelNotAllowed(model=refused, headers=headers):
-            message = f"this API key may not use the model {refused!r}"
+            message = f"this API key may not use the model {shown(refused)}"
             raise ApiError(403, "model_not_allowed", message, param="model", headers=headers)
         case refusal:
             assert_never(refusal)
