@@ -108,6 +108,19 @@ async def test_over_rpm_is_429_with_retry_after_and_headers_in_the_routes_shape(
     assert refused.headers["x-ratelimit-remaining-tokens"] == "995"
 
 
+@pytest.mark.parametrize(("path", "body", "shape"), ROUTES, ids=ROUTE_IDS)
+async def test_a_streamed_answer_carries_the_ratelimit_headers(
+    api: Api, path: str, body: dict[str, Any], shape: str
+) -> None:
+    await api.connect(api.fake())
+    _, headers = await new_key(api, rpm=3, tpm=100)
+    served = await post(api, headers, path, **body, stream=True)
+    assert served.status_code == 200
+    assert served.headers["content-type"] == "text/event-stream"
+    assert [served.headers[name] for name in REQUEST_HEADERS] == ["3", "2", "20s"]
+    assert [served.headers[name] for name in TOKEN_HEADERS] == ["100", "100", "0s"]
+
+
 async def test_tpm_charges_the_tokens_the_provider_reported(api: Api) -> None:
     script = [*answer("hi")[:-1], Complete(prompt_tokens=30, completion_tokens=20)]
     await api.connect(api.fake(always(script)))
