@@ -32,6 +32,8 @@ RANK = {
     "daemon.config": 1,
     "daemon.config_file": 0,  # the TOML reader below the settings, knowing nothing of them
     "daemon.store": 1,
+    "daemon.key_policy": 0,  # the limits a key carries, below the store and the limiter
+    "daemon.accounts": 1,
     "daemon.serve_lock": 1,
     "daemon.metrics": 1,
     "daemon.log_format": 1,

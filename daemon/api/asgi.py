@@ -102,4 +102,4 @@ async def send_api_error(
 ) -> None:
     """The one place an `ApiError` becomes a response: `render` gives the route's body."""
     extra = [(k.lower().encode(), v.encode()) for k, v in retry_headers(error.retry_after).items()]
-    await send_json(send, error.status, render(error), [*extra, *headers])
+    await send_json(send, error.status, render(error), [*extra, *headers, *error.headers])

@@ -9,6 +9,11 @@ Nothing, not even the status line, is sent before the dispatch commits on a cont
 Every check before the commit raises `ApiError`; `__call__` is the one place that answers it,
 in the codec's error shape.
 
+The key's limits (`daemon.accounts.limits`) are checked last in `_admit`, once the model is
+known and before any provider is touched; the `Permit` is settled in `__call__`'s `finally`,
+however the request ends, with the tokens the provider reported. Its `x-ratelimit-*` headers
+go on every answer from then on.
+
 An admitted request counts in `supervisor.requests` until it is answered, so a drain can wait
 for them; when the drain's grace is over, `_EndAtShutdown` ends it: 503 while it is still
 being dispatched, the codec's in-band `server_shutting_down` error once it streams.
@@ -29,6 +34,7 @@ from typing import Any, Final, Protocol, assert_never
 import trio
 from trio_util import periodic
 
+from daemon.accounts.limits import ModelNotAllowed, Permit, RateLimited
 from daemon.api.asgi import (
     BodyTooLarge,
     ClientGone,
@@ -54,6 +60,7 @@ from daemon.nursery.dispatch import (
 )
 from daemon.nursery.race import Timing
 from daemon.nursery.supervisor import Supervisor
+from daemon.routing.registry import shown
 from daemon.routing.types import RequestTraits
 from protocol.crypto import sealed_request_frame_bytes
 from protocol.messages import MAX_FRAME_BYTES
@@ -62,6 +69,7 @@ log = logging.getLogger("dinfer.api")
 
 Headers = list[tuple[bytes, bytes]]
 ID_HEADERS: Final = (b"x-request-id",)
+KEY_HINT: Final = "a valid API key is required (Authorization: Bearer KEY, or x-api-key: KEY)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,8 +154,11 @@ def request_id_headers(names: Sequence[bytes] = ID_HEADERS) -> Headers:
     return [(name, request_id) for name in names]
 
 
-async def read_consumer_body(sup: Supervisor, scope: dict[str, Any], receive: Receive) -> bytes:
-    """The first checks of every consumer POST route: the method, the body's size, the key."""
+async def read_consumer_body(
+    sup: Supervisor, scope: dict[str, Any], receive: Receive
+) -> tuple[bytes, str]:
+    """The first checks of every consumer POST route: the method, the body's size, the key;
+    the body and the key's id."""
     if scope["method"] != "POST":
         await drain(receive)
         raise ApiError(405, "method_not_allowed", "use POST")
@@ -158,14 +169,35 @@ async def read_consumer_body(sup: Supervisor, scope: dict[str, Any], receive: Re
         raise ApiError(
             413, "request_too_large", f"the request body exceeds {limit} bytes"
         ) from None
+    return raw, await authenticate(sup, scope)
+
+
+async def authenticate(sup: Supervisor, scope: dict[str, Any], hint: str = KEY_HINT) -> str:
+    """The id of the request's live, unexpired consumer key; else 401 (`hint` says how)."""
     key = consumer_key(scope)
-    if key is None or await sup.store.find_api_key(key) is None:
-        raise ApiError(
-            401,
-            "invalid_api_key",
-            "a valid API key is required (Authorization: Bearer KEY, or x-api-key: KEY)",
-        )
-    return raw
+    key_id = None if key is None else await sup.store.find_api_key(key)
+    if key_id is None:
+        raise ApiError(401, "invalid_api_key", hint)
+    if sup.limiter.expired(sup.store.api_key_limits(key_id)):
+        raise ApiError(401, "api_key_expired", "this API key has expired")
+    return key_id
+
+
+def admit_limits(sup: Supervisor, key_id: str, model: str) -> Permit:
+    """The key's limits for one request of `model`: its permit, or the refusal as ApiError."""
+    limits = sup.store.api_key_limits(key_id)
+    match sup.limiter.admit(key_id, limits, model):
+        case Permit() as permit:
+            return permit
+        case RateLimited(message=message, retry_after=retry_after, headers=headers):
+            raise ApiError(
+                429, "rate_limit_exceeded", message, retry_after=retry_after, headers=headers
+            )
+        case ModelNotAllowed(model=refused, headers=headers):
+            message = f"this API key may not use the model {shown(refused)}"
+            raise ApiError(403, "model_not_allowed", message, param="model", headers=headers)
+        case refusal:
+            assert_never(refusal)
 
 
 class InferenceRoute:
@@ -193,31 +225,34 @@ class InferenceRoute:
     ) -> None:
         ident = request_id_headers(self._id_headers)
         try:
-            request = await self._admit(scope, receive, tally)
+            request, permit = await self._admit(scope, receive, tally)
         except ClientGone:
             return
         except ApiError as error:
             tally.answered("rejected", error.status)
             await send_api_error(send, error, ident, self._codec.render_error)
             return
+        ender = _EndAtShutdown()
         self._sup.requests.value += 1
         try:
             async with trio.open_nursery() as nursery:
-                ender = _EndAtShutdown()
                 nursery.start_soon(watch_disconnect, receive, nursery.cancel_scope)
                 nursery.start_soon(ender.run, self._sup.grace_over)
-                await self._serve(request, ident, send, nursery, ender, tally)
+                await self._serve(request, [*ident, *permit.headers], send, nursery, ender, tally)
                 nursery.cancel_scope.cancel(reason="the answer is complete")
         finally:
             self._sup.requests.value -= 1
+            permit.settle(_reported_tokens(ender.committed))
 
     @property
     def _settings(self) -> Settings:
         return self._sup.settings  # read per request: a reload may have replaced them
 
-    async def _admit(self, scope: dict[str, Any], receive: Receive, tally: Tally) -> Parsed:
+    async def _admit(
+        self, scope: dict[str, Any], receive: Receive, tally: Tally
+    ) -> tuple[Parsed, Permit]:
         """Every check before dispatch, in the order a client can act on them."""
-        raw = await read_consumer_body(self._sup, scope, receive)
+        raw, key_id = await read_consumer_body(self._sup, scope, receive)
         if self._sup.draining:
             raise ApiError(503, "shutting_down", "the daemon is shutting down", retry_after=5)
         request = self._codec.parse(raw)
@@ -229,7 +264,7 @@ class InferenceRoute:
                 "the request is too large to send to a provider: sealed, it would exceed the "
                 "protocol's 10 MiB frame",
             )
-        return request
+        return request, admit_limits(self._sup, key_id, request.traits.model)
 
     async def _serve(
         self,
@@ -335,6 +370,12 @@ async def _abandon_if_stalled(relay: TimedSend, committed: Committed, limit: flo
                 log.info("the consumer stopped reading for %g s: releasing the provider", limit)
                 committed.close()
                 return
+
+
+def _reported_tokens(committed: Committed | None) -> int:
+    """Prompt + completion tokens the provider reported at the stream's end, else 0."""
+    usage = None if committed is None else committed.usage
+    return 0 if usage is None else usage.prompt_tokens + usage.completion_tokens
 
 
 def _commit_headers(committed: Committed) -> Headers:

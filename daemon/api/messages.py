@@ -86,7 +86,8 @@ class CountTokensRoute:
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         ident = request_id_headers(REQUEST_ID_HEADERS)
         try:
-            tokens = count_input_tokens(await read_consumer_body(self._sup, scope, receive))
+            raw, _ = await read_consumer_body(self._sup, scope, receive)
+            tokens = count_input_tokens(raw)
         except ClientGone:
             return
         except ApiError as error:

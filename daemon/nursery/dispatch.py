@@ -114,6 +114,8 @@ class Committed:
     ended: Finished | InBandError | None = None
     _pending: list[Chunk | Completed] = field(default_factory=list)
     _ending: InBandError = RELEASED  # what the relay reports once this side closed the stream
+    # The usage of the stream's clean end once it arrived (what the key's limits charge).
+    usage: Usage | None = None
 
     def __post_init__(self) -> None:
         c = self.content
@@ -186,6 +188,7 @@ class Committed:
         return event
 
     def _succeed(self, usage: Usage) -> None:
+        self.usage = usage
         elapsed = trio.current_time() - self.content.first_token_at
         decode_tps = (
             usage.completion_tokens / elapsed if elapsed > 0 and usage.completion_tokens else None

@@ -24,6 +24,7 @@ from typing import Final
 import trio
 from trio_util import AsyncValue
 
+from daemon.accounts.limits import Limiter
 from daemon.config import Settings
 from daemon.metrics import Metrics, ProviderSample, Sampled
 from daemon.nursery.hedging import HedgePolicy, Hedger
@@ -59,6 +60,8 @@ class Supervisor:
     requests: AsyncValue[int] = field(default_factory=lambda: AsyncValue(0))
     # Set when the drain grace is over: every open request ends with `server_shutting_down`.
     grace_over: trio.Event = field(default_factory=trio.Event)
+    # Every consumer key's rate, token and concurrency counters.
+    limiter: Limiter = field(default_factory=Limiter)
 
     @property
     def metrics(self) -> Metrics:

@@ -1,0 +1,1 @@
+"""Consumer accounts: what a key may do (`limits`)."""
