@@ -32,6 +32,7 @@ RANK = {
     "daemon.config": 1,
     "daemon.config_file": 0,  # the TOML reader below the settings, knowing nothing of them
     "daemon.store": 1,
+    "daemon.accounts": 1,
     "daemon.serve_lock": 1,
     "daemon.routing": 2,
     "daemon.nursery": 3,

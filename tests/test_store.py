@@ -48,12 +48,12 @@ async def test_a_new_migration_is_applied_once_on_the_next_open(
 ) -> None:
     async with open_store(tmp_path):
         pass
-    extra = "CREATE TABLE usage (id INTEGER PRIMARY KEY); INSERT INTO usage VALUES (7);"
+    extra = "CREATE TABLE later (id INTEGER PRIMARY KEY); INSERT INTO later VALUES (7);"
     monkeypatch.setattr(store_module, "MIGRATIONS", (*MIGRATIONS, extra))
     for _ in range(2):
         async with open_store(tmp_path):
             pass
-    assert query(tmp_path, "SELECT id FROM usage") == [(7,)]
+    assert query(tmp_path, "SELECT id FROM later") == [(7,)]
     assert query(tmp_path, "SELECT max(version) FROM schema_version") == [(len(MIGRATIONS) + 1,)]
 
 

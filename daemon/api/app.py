@@ -119,12 +119,12 @@ class Router:
 def create_app(sup: Supervisor) -> ForwardedFor:
     models = ModelsRoute(sup)
     routes: dict[tuple[str, str], ASGIApp] = {
-        ("http", "/v1/chat/completions"): InferenceRoute(sup, ChatCodec),
-        ("http", "/v1/responses"): InferenceRoute(sup, ResponsesCodec()),
-        ("http", "/v1/completions"): InferenceRoute(sup, CompletionsCodec),
+        ("http", "/v1/chat/completions"): InferenceRoute(sup, ChatCodec, route="chat"),
+        ("http", "/v1/responses"): InferenceRoute(sup, ResponsesCodec(), route="responses"),
+        ("http", "/v1/completions"): InferenceRoute(sup, CompletionsCodec, route="completions"),
         ("http", "/v1/models"): models,
         ("http", "/v1/messages"): InferenceRoute(
-            sup, MessagesCodec(), id_headers=REQUEST_ID_HEADERS
+            sup, MessagesCodec(), route="messages", id_headers=REQUEST_ID_HEADERS
         ),
         ("http", "/v1/messages/count_tokens"): CountTokensRoute(sup),
         ("websocket", "/ws/provider"): ProviderSocket(sup),

@@ -12,6 +12,13 @@ in the codec's error shape.
 An admitted request counts in `supervisor.requests` until it is answered, so a drain can wait
 for them; when the drain's grace is over, `_EndAtShutdown` ends it: 503 while it is still
 being dispatched, the codec's in-band `server_shutting_down` error once it streams.
+
+Every request with a valid key has a row in the usage ledger (daemon/accounts/ledger.py),
+opened once the key is known and settled exactly once by `__call__` from how the request
+ended (`settle.py`); a crash or an abrupt stop settles it as failed. A consumer who hangs up
+after the commit leaves the provider running for up to `LATE_TERMINAL_S`, read and not relayed,
+so the row records the usage its terminal reports; after that the provider is cancelled and
+the row records what was counted.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from typing import Any, Final, Protocol, assert_never
 import trio
 from trio_util import periodic
 
+from daemon.accounts.ledger import Charge, Settlement
+from daemon.api import settle
 from daemon.api.asgi import (
     BodyTooLarge,
     ClientGone,
@@ -45,6 +54,7 @@ from daemon.nursery.dispatch import (
     DispatchFailed,
     Job,
     Phases,
+    RelayEnd,
     dispatch,
 )
 from daemon.nursery.race import Timing
@@ -57,6 +67,11 @@ log = logging.getLogger("dinfer.api")
 
 Headers = list[tuple[bytes, bytes]]
 ID_HEADERS: Final = (b"x-request-id",)
+# How long a stream whose consumer hung up after the commit may run on, unread, for the
+# provider's terminal to say what it used.
+LATE_TERMINAL_S: Final = 2.0
+# A request that ended by an exception or a cancellation (the daemon stopping at once).
+CUT_SHORT: Final = Settlement(503, "failed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +93,7 @@ class Codec(Protocol):
 
     async def respond(
         self, send: Send, committed: Committed, headers: Headers, options: Any
-    ) -> None: ...
+    ) -> RelayEnd: ...
 
 
 def consumer_key(scope: dict[str, Any]) -> str | None:
@@ -106,8 +121,21 @@ def request_id_headers(names: Sequence[bytes] = ID_HEADERS) -> Headers:
     return [(name, request_id) for name in names]
 
 
+async def consumer_key_id(sup: Supervisor, scope: dict[str, Any]) -> str | None:
+    """The id of the live key the request carries, else None."""
+    key = consumer_key(scope)
+    return None if key is None else await sup.store.find_api_key(key)
+
+
 async def read_consumer_body(sup: Supervisor, scope: dict[str, Any], receive: Receive) -> bytes:
     """The first checks of every consumer POST route: the method, the body's size, the key."""
+    return await read_checked_body(sup, scope, receive, await consumer_key_id(sup, scope))
+
+
+async def read_checked_body(
+    sup: Supervisor, scope: dict[str, Any], receive: Receive, key_id: str | None
+) -> bytes:
+    """read_consumer_body with the key already looked up (`key_id` None: no valid key)."""
     if scope["method"] != "POST":
         await drain(receive)
         raise ApiError(405, "method_not_allowed", "use POST")
@@ -118,8 +146,7 @@ async def read_consumer_body(sup: Supervisor, scope: dict[str, Any], receive: Re
         raise ApiError(
             413, "request_too_large", f"the request body exceeds {limit} bytes"
         ) from None
-    key = consumer_key(scope)
-    if key is None or await sup.store.find_api_key(key) is None:
+    if key_id is None:
         raise ApiError(
             401,
             "invalid_api_key",
@@ -129,32 +156,46 @@ async def read_consumer_body(sup: Supervisor, scope: dict[str, Any], receive: Re
 
 
 class InferenceRoute:
-    """The ASGI handler of one inference route."""
+    """The ASGI handler of one inference route (`route` names it in the usage ledger)."""
 
     def __init__(
-        self, supervisor: Supervisor, codec: Codec, *, id_headers: Sequence[bytes] = ID_HEADERS
+        self,
+        supervisor: Supervisor,
+        codec: Codec,
+        *,
+        route: str,
+        id_headers: Sequence[bytes] = ID_HEADERS,
     ) -> None:
         self._sup = supervisor
         self._codec = codec
+        self._route = route
         self._id_headers = tuple(id_headers)
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         ident = request_id_headers(self._id_headers)
-        try:
-            request = await self._admit(scope, receive)
-        except ClientGone:
+        key_id = await consumer_key_id(self._sup, scope)
+        if key_id is None:  # refused without a row: nobody to charge
+            await self._answer(scope, receive, send, ident, None)
             return
+        charge = await self._sup.ledger.open(ident[0][1].decode(), key_id, self._route)
+        try:
+            await charge.settle(await self._answer(scope, receive, send, ident, key_id))
+        finally:
+            await _settle_cut_short(charge)
+
+    async def _answer(
+        self, scope: dict[str, Any], receive: Receive, send: Send, ident: Headers, key: str | None
+    ) -> Settlement:
+        try:
+            request = await self._admit(scope, receive, key)
+        except ClientGone:
+            return settle.gone()
         except ApiError as error:
             await send_api_error(send, error, ident, self._codec.render_error)
-            return
+            return settle.refused_with(error)
         self._sup.requests.value += 1
         try:
-            async with trio.open_nursery() as nursery:
-                ender = _EndAtShutdown()
-                nursery.start_soon(watch_disconnect, receive, nursery.cancel_scope)
-                nursery.start_soon(ender.run, self._sup.grace_over)
-                await self._serve(request, ident, send, nursery, ender)
-                nursery.cancel_scope.cancel(reason="the answer is complete")
+            return await self._handle(request, receive, send, ident)
         finally:
             self._sup.requests.value -= 1
 
@@ -162,9 +203,9 @@ class InferenceRoute:
     def _settings(self) -> Settings:
         return self._sup.settings  # read per request: a reload may have replaced them
 
-    async def _admit(self, scope: dict[str, Any], receive: Receive) -> Parsed:
+    async def _admit(self, scope: dict[str, Any], receive: Receive, key: str | None) -> Parsed:
         """Every check before dispatch, in the order a client can act on them."""
-        raw = await read_consumer_body(self._sup, scope, receive)
+        raw = await read_checked_body(self._sup, scope, receive, key)
         if self._sup.draining:
             raise ApiError(503, "shutting_down", "the daemon is shutting down", retry_after=5)
         request = self._codec.parse(raw)
@@ -177,14 +218,34 @@ class InferenceRoute:
             )
         return request
 
+    async def _handle(
+        self, request: Parsed, receive: Receive, send: Send, ident: Headers
+    ) -> Settlement:
+        """Dispatch and relay in the request's nursery; a hang-up cancels it."""
+        ender = _EndAtShutdown()
+        relay = TimedSend(send)
+        answered: Settlement | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch_disconnect, receive, nursery.cancel_scope)
+                nursery.start_soon(ender.run, self._sup.grace_over)
+                answered = await self._serve(request, ident, relay, nursery, ender)
+                nursery.cancel_scope.cancel(reason="the answer is complete")
+            if answered is not None:
+                return answered
+            return await _after_hang_up(request, ender.committed, relay.status)
+        finally:
+            if ender.committed is not None:
+                ender.committed.close()
+
     async def _serve(
         self,
         request: Parsed,
         ident: Headers,
-        send: Send,
+        send: TimedSend,
         nursery: trio.Nursery,
         ender: _EndAtShutdown,
-    ) -> None:
+    ) -> Settlement:
         job = Job(
             traits=request.traits,
             plaintext=request.envelope,
@@ -198,16 +259,17 @@ class InferenceRoute:
         if dispatching.cancelled_caught:
             error = ApiError(503, "shutting_down", "the daemon is shutting down", retry_after=5)
             await send_api_error(send, error, ident, self._codec.render_error)
-            return
+            return settle.refused_with(error, request.traits)
         match outcome:
             case DispatchFailed(status, message, code, retry_after):
                 error = ApiError(status, code, message, retry_after=retry_after)
                 await send_api_error(send, error, ident, self._codec.render_error)
+                return settle.dispatch_failed(outcome, request.traits)
             case Committed() as committed:
                 ender.committed = committed
-                await self._relay(
-                    request, committed, [*ident, *_commit_headers(committed)], send, nursery
-                )
+                headers = [*ident, *_commit_headers(committed)]
+                end = await self._relay(request, committed, headers, send, nursery)
+                return settle.served(committed, end, send.status or 200)
             case outcome:
                 assert_never(outcome)
 
@@ -216,16 +278,33 @@ class InferenceRoute:
         request: Parsed,
         committed: Committed,
         headers: Headers,
-        send: Send,
+        send: TimedSend,
         nursery: trio.Nursery,
-    ) -> None:
-        relay = TimedSend(send)
+    ) -> RelayEnd:
         limit = self._settings.inference_timeout_s
-        nursery.start_soon(_abandon_if_stalled, relay, committed, limit)
-        try:
-            await self._codec.respond(relay, committed, headers, request.options)
-        finally:
-            committed.close()
+        nursery.start_soon(_abandon_if_stalled, send, committed, limit)
+        return await self._codec.respond(send, committed, headers, request.options)
+
+
+async def _after_hang_up(
+    request: Parsed, committed: Committed | None, status: int | None
+) -> Settlement:
+    """The consumer hung up: before the commit nothing was served (nor charged); after it,
+    the provider's late terminal says what to charge, if it comes within LATE_TERMINAL_S."""
+    if committed is None:
+        return settle.gone(request.traits)
+    end: RelayEnd | None = None
+    with trio.move_on_after(LATE_TERMINAL_S):
+        end = await settle.late_terminal(committed)
+    return settle.hung_up(committed, end, status or settle.CLIENT_CLOSED)
+
+
+async def _settle_cut_short(charge: Charge) -> None:
+    """The row of a request that ended by an exception or a cancellation: settled even so."""
+    if charge.settled:
+        return
+    with trio.CancelScope(shield=True):
+        await charge.settle(CUT_SHORT)
 
 
 class _EndAtShutdown:
@@ -244,13 +323,17 @@ class _EndAtShutdown:
 
 
 class TimedSend:
-    """The consumer's `send`, remembering since when a write has been waiting."""
+    """The consumer's `send`, remembering since when a write has been waiting, and the
+    status it answered with."""
 
     def __init__(self, send: Send) -> None:
         self._send = send
         self.waiting_since: float | None = None
+        self.status: int | None = None  # of the response's start, once sent
 
     async def __call__(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
         self.waiting_since = trio.current_time()
         try:
             await self._send(message)

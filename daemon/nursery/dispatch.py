@@ -53,6 +53,8 @@ class DispatchFailed:
     message: str
     code: str
     retry_after: int | None = None
+    providers_tried: tuple[str, ...] = ()  # in the order they were tried
+    attempts: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +99,8 @@ class Finished:
 
 
 RelayEvent = Chunk | InBandError | Finished
+# How a relayed stream ended, as a codec's `respond` reports it.
+RelayEnd = Finished | InBandError
 
 
 @dataclass(eq=False)
@@ -109,6 +113,9 @@ class Committed:
     inference_timeout: float
     phases: Phases
     attempts: int
+    providers_tried: tuple[str, ...] = ()  # the failed ones in order, then the winner
+    # Content chunks handed out so far: the completion estimate when no usage comes.
+    content_chunks: int = 0
     _pending: list[Chunk | Completed] = field(default_factory=list)
     _ending: InBandError = RELEASED  # what the relay reports once this side closed the stream
 
@@ -158,6 +165,9 @@ class Committed:
                 return None
             case Chunk(kind=ChunkKind.ERROR):
                 return self._fail(Failure(502, error_message(event.event)))
+            case Chunk(kind=ChunkKind.CONTENT):
+                self.content_chunks += 1
+                return event
             case Chunk():
                 return event
             case Completed(usage=usage):
@@ -213,7 +223,7 @@ async def dispatch(
     if not isinstance(admitted, Lease):
         return DispatchFailed(
             admitted.status, admitted.message, admitted.code, admitted.retry_after
-        )
+        )  # refused before any provider was tried
     lease: Lease | None = admitted
     queued = trio.current_time() - started
     failures: list[RacerFailure] = []
@@ -226,14 +236,19 @@ async def dispatch(
             case Won(content, lost):
                 _strike(registry, job.traits, [*failures, *lost])
                 phases = Phases(queued, routed, content.first_token_at - started)
+                tried = (*_ids([*failures, *lost]), content.stream.provider_id)
                 return Committed(
-                    content, registry, job.traits, job.timing.inference, phases, attempts
+                    content, registry, job.traits, job.timing.inference, phases, attempts, tried
                 )
-            case RequestInvalid(failure, _):
+            case RequestInvalid(failure, lost):
                 # A provider said the request is bad: the others' failures on it are no
                 # proof against them (nobody is struck), as when two versions fail alike.
                 return DispatchFailed(
-                    failure.status, failure.message, failure.reason or "invalid_request"
+                    failure.status,
+                    failure.message,
+                    failure.reason or "invalid_request",
+                    providers_tried=_ids([*failures, *lost]),
+                    attempts=attempts,
                 )
             case AllFailed(lost):
                 failures += lost
@@ -248,6 +263,10 @@ async def dispatch(
         )
     _strike(registry, job.traits, failures)
     return _exhausted(failures, attempts)
+
+
+def _ids(failures: Sequence[RacerFailure]) -> tuple[str, ...]:
+    return tuple(f.entry.provider_id for f in failures)
 
 
 def _tried(failures: Sequence[RacerFailure]) -> frozenset[str]:
@@ -290,19 +309,22 @@ def _failed_alike(failures: Sequence[RacerFailure], attempts: int) -> DispatchFa
         f"{last.message} (the same failure on {len(failures)} providers of different versions:"
         " the request itself is the likely cause)"
     )
-    return _answer(last, message)
+    return _answer(last, message, failures, attempts)
 
 
 def _exhausted(failures: Sequence[RacerFailure], attempts: int) -> DispatchFailed:
     last = failures[-1].failure if failures else Failure(503, "no provider could take the request")
     tried = f"{attempts} attempt{'s' if attempts != 1 else ''}"
-    return _answer(last, f"{last.message} (gave up after {tried} on {len(failures)} provider(s))")
+    message = f"{last.message} (gave up after {tried} on {len(failures)} provider(s))"
+    return _answer(last, message, failures, attempts)
 
 
-def _answer(last: Failure, message: str) -> DispatchFailed:
+def _answer(
+    last: Failure, message: str, failures: Sequence[RacerFailure], attempts: int
+) -> DispatchFailed:
     code = {503: "provider_capacity", 504: "provider_timeout"}.get(last.status, "provider_error")
     retry_after = 5 if last.status == 503 else None
     # A provider's own 500 is a bad gateway from the consumer's side: a 500 would read as the
     # daemon crashing.
     status = last.status if last.status in {502, 503, 504} else 502
-    return DispatchFailed(status, message, code, retry_after)
+    return DispatchFailed(status, message, code, retry_after, _ids(failures), attempts)

@@ -1,0 +1,1 @@
+"""Accounts: what consumers used (the usage ledger and its queries)."""
