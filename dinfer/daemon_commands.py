@@ -22,6 +22,7 @@ from daemon.config import (
     resolve,
     unknown_variables,
 )
+from dinfer.usage_command import add_usage_command
 
 MASK = "********"
 
@@ -53,6 +54,7 @@ def add_subcommands(subparsers: Any) -> None:
     )
     _config_option(check)
     check.set_defaults(run=run_config_check)
+    add_usage_command(subparsers)
 
 
 def _config_option(parser: argparse.ArgumentParser) -> None:

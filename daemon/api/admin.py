@@ -1,4 +1,5 @@
-"""The admin API (`/v1/admin/...`): provider tokens, consumer keys, the provider and hedging views.
+"""The admin API (`/v1/admin/...`): provider tokens, consumer keys, the provider and hedging views,
+and the usage ledger's summaries (`GET /v1/admin/usage`).
 
 Every route takes `Authorization: Bearer $DINFER_ADMIN_KEY`, compared in constant time;
 without an admin key configured, every call is refused.
@@ -16,8 +17,9 @@ import msgspec
 import trio
 from quart import Blueprint, Response, current_app, request
 
-from daemon.api.errors import error_body
+from daemon.api.errors import ApiError, error_body
 from daemon.api.handler import timing_for
+from daemon.api.usage import query_from, usage_groups
 from daemon.nursery.hedging import Hedger
 from daemon.nursery.supervisor import Supervisor
 from daemon.routing.latency import BAND_LABELS, BAND_LIMITS, LatencyKey, TtftWindow
@@ -109,6 +111,17 @@ async def revoke_api_key(key_id: str) -> Response:
     if not await supervisor().store.revoke_api_key(key_id):
         return json_error(404, f"no live API key {key_id!r}", "key_not_found")
     return _json({"id": key_id, "revoked": True})
+
+
+@admin.get("/usage")
+@requires_admin
+async def usage() -> Response:
+    """Requests, outcomes, token sums and TTFT percentiles per group; see daemon/api/usage.py."""
+    try:
+        query = query_from(request.query_string, allow_key_id=True)
+    except ApiError as error:
+        return json_error(error.status, error.message, error.code)
+    return _json(await usage_groups(supervisor(), query))
 
 
 @admin.get("/providers")

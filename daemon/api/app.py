@@ -27,6 +27,7 @@ from daemon.api.messages import REQUEST_ID_HEADERS, CountTokensRoute, MessagesCo
 from daemon.api.models import ModelsRoute
 from daemon.api.provider_socket import ProviderSocket
 from daemon.api.responses import ResponsesCodec
+from daemon.api.usage import UsageRoute
 from daemon.nursery.supervisor import Supervisor
 
 ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
@@ -127,6 +128,7 @@ def create_app(sup: Supervisor) -> ForwardedFor:
             sup, MessagesCodec(), route="messages", id_headers=REQUEST_ID_HEADERS
         ),
         ("http", "/v1/messages/count_tokens"): CountTokensRoute(sup),
+        ("http", "/v1/usage"): UsageRoute(sup),
         ("websocket", "/ws/provider"): ProviderSocket(sup),
     }
     prefixes: dict[tuple[str, str], ASGIApp] = {("http", "/v1/models/"): models}

@@ -293,6 +293,7 @@ async def _after_hang_up(
     the provider's late terminal says what to charge, if it comes within LATE_TERMINAL_S."""
     if committed is None:
         return settle.gone(request.traits)
+    log.info("the consumer hung up after the commit: reading on for the provider's usage")
     end: RelayEnd | None = None
     with trio.move_on_after(LATE_TERMINAL_S):
         end = await settle.late_terminal(committed)
