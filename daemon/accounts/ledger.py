@@ -131,7 +131,10 @@ class Charge:
             self.request_id,
         )
         _log_request(self, end, duration_ms)
-        await self._ledger.put(_Settle(row))
+        # Shielded: a request cancelled now (the daemon stopping) still hands its row over;
+        # the writer outlives every request, so this waits only while it catches up.
+        with trio.CancelScope(shield=True):
+            await self._ledger.put(_Settle(row))
         return True
 
 
@@ -178,19 +181,19 @@ async def run_ledger(
     written = trio.Event()
     pending: list[_Write] = []
     try:
-        async with receive:
-            task_status.started(Ledger(send, written))
-            while True:
-                try:
-                    pending.append(await receive.receive())
-                except trio.EndOfChannel:
-                    break
-                await _gather(receive, pending)
-                batch, pending = pending, []
-                await _commit(conn, batch)
+        task_status.started(Ledger(send, written))
+        while True:
+            try:
+                pending.append(await receive.receive())
+            except trio.EndOfChannel:
+                break
+            await _gather(receive, pending)
+            batch, pending = pending, []
+            await _commit(conn, batch)
     finally:
         with trio.CancelScope(shield=True):  # a cancelled writer still commits what it holds
             pending += _drain(receive)
+            receive.close()
             await _commit(conn, pending)
             await trio.to_thread.run_sync(conn.close)
             written.set()

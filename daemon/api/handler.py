@@ -302,9 +302,7 @@ async def _after_hang_up(
 
 async def _settle_cut_short(charge: Charge) -> None:
     """The row of a request that ended by an exception or a cancellation: settled even so."""
-    if charge.settled:
-        return
-    with trio.CancelScope(shield=True):
+    if not charge.settled:
         await charge.settle(CUT_SHORT)
 
 
