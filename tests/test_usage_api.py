@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import sqlite3
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from tests.consumer_harness import (
     DISPATCH_ENV,
     HELLO,
     Api,
+    OpenApi,
     RawConnection,
     assert_openai_error,
     chat_body,
@@ -36,6 +39,7 @@ from tests.fakes.provider import (
     Fail,
     FakeProvider,
     Hold,
+    Wait,
     always,
     answer,
     content_chunk,
@@ -262,3 +266,66 @@ async def test_each_request_logs_one_line_without_secrets(
     }
     text = json.dumps(logged) + record.getMessage()
     assert api.key not in text and "secret prompt" not in text
+
+
+def _by_case(body: dict[str, Any]) -> list[Any]:
+    """The script a request names in its prompt: `ok:N`, `early`, `late`, `hangup:N`."""
+    case, _, n = body["messages"][0]["content"].partition(":")
+    match case:
+        case "ok":
+            return [*answer("fine")[:-1], Complete(5, int(n))]
+        case "early":
+            return [Fail(500)]
+        case "late":
+            return [role_chunk(), content_chunk("half"), Fail(500)]
+        case _:  # hangup: the consumer leaves at "first", the provider finishes on its own
+            return [
+                role_chunk(),
+                content_chunk("first"),
+                Wait(0.2),
+                *answer("x")[1:-1],
+                Complete(5, int(n)),
+            ]
+
+
+async def test_chaos_every_row_settles_once_and_token_sums_match_the_providers(
+    open_api: OpenApi,
+) -> None:
+    """Random faults, failures after the commit and hang-ups on a few providers: each request
+    leaves exactly one settled row, and the tokens charged are what the providers reported."""
+    api = await open_api(breaker_threshold="1000000")  # the faults are scripted, not sickness
+    rng = random.Random(10)
+    await api.connect(*(api.fake(_by_case, max_concurrency=8) for _ in range(3)))
+    cases = [rng.choice(["ok", "ok", "early", "late", "hangup"]) for _ in range(150)]
+    tokens = [rng.randint(1, 50) for _ in cases]
+    limit = trio.CapacityLimiter(16)
+
+    async def one(case: str, n: int) -> None:
+        async with limit:
+            body = chat_body(stream=True, messages=[{"role": "user", "content": f"{case}:{n}"}])
+            if case != "hangup":
+                await api.chat(body)
+                return
+            conn = await RawConnection.open(api.daemon.base_url)
+            with trio.fail_after(BOUND_S):
+                await conn.stream_until(
+                    b"first", "/v1/chat/completions", json.dumps(body).encode(), api.auth
+                )
+            await conn.aclose()
+
+    async with trio.open_nursery() as nursery:
+        for case, n in zip(cases, tokens, strict=True):
+            nursery.start_soon(one, case, n)
+    rows = await ledger_rows(api.daemon)
+    assert len(rows) == len(cases) == len({r["request_id"] for r in rows})
+    outcomes = Counter(r["outcome"] for r in rows)
+    asked = Counter(cases)
+    assert outcomes["failed"] == asked["early"] and outcomes["in_band_error"] == asked["late"]
+    # A hang-up the daemon noticed only after the end was relayed is simply completed.
+    assert outcomes["completed"] + outcomes["client_gone"] == asked["ok"] + asked["hangup"]
+    assert 0 < outcomes["client_gone"] <= asked["hangup"]
+    charged = sum(
+        r["completion_tokens"] for r in rows if r["outcome"] in {"completed", "client_gone"}
+    )
+    reported = sum(n for c, n in zip(cases, tokens, strict=True) if c in {"ok", "hangup"})
+    assert charged == reported
