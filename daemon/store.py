@@ -1,5 +1,8 @@
 """The daemon's SQLite store: schema migrations, provider tokens and consumer API keys.
 
+The `usage` table is the usage ledger's (daemon/accounts/), which writes it on a connection of
+its own; the store only creates it.
+
 One connection, owned by the `Store` that `open_store` yields, lives in
 `<DINFER_DATA_DIR>/dinfer.sqlite3` in WAL mode. Every statement runs in a Trio worker thread
 (`trio.to_thread.run_sync`); a `trio.Lock` lets one thread use the connection at a time. The
@@ -98,6 +101,32 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         BEGIN UPDATE api_keys_epoch SET n = n + 1; END;
     CREATE TRIGGER api_keys_deleted AFTER DELETE ON api_keys
         BEGIN UPDATE api_keys_epoch SET n = n + 1; END;
+    """,
+    # The usage ledger (daemon/accounts/ledger.py): a row is open while `outcome` is NULL.
+    """
+    CREATE TABLE usage (
+        request_id TEXT PRIMARY KEY,
+        key_id TEXT NOT NULL,
+        route TEXT NOT NULL,
+        model TEXT,
+        shape TEXT,
+        status INTEGER,
+        outcome TEXT,
+        provider_id TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        providers TEXT NOT NULL DEFAULT '',
+        prompt_tokens INTEGER NOT NULL DEFAULT 0,
+        completion_tokens INTEGER NOT NULL DEFAULT 0,
+        reasoning_tokens INTEGER NOT NULL DEFAULT 0,
+        tokens_estimated INTEGER NOT NULL DEFAULT 0,
+        ttft_ms REAL,
+        duration_ms REAL,
+        started_at REAL NOT NULL,
+        ended_at REAL
+    );
+    CREATE INDEX usage_started_at ON usage (started_at);
+    CREATE INDEX usage_key_id ON usage (key_id, started_at);
+    CREATE INDEX usage_open ON usage (request_id) WHERE outcome IS NULL;
     """,
 )
 
@@ -425,7 +454,10 @@ def _mark_revoked(conn: sqlite3.Connection, kind: _Kind, id_: str) -> str | None
 class Store:
     """The daemon's persistent state. Get one from `open_store`."""
 
-    def __init__(self, conns: _Connections, tokens: dict[str, str], keys: LiveKeys) -> None:
+    def __init__(
+        self, conns: _Connections, tokens: dict[str, str], keys: LiveKeys, path: Path
+    ) -> None:
+        self.path = path  # the database file, for the usage ledger's own connections
         self._conn = conns.main
         self._watch = conns.watch
         self._lock = trio.Lock()
@@ -615,9 +647,10 @@ def _close(conns: _Connections) -> None:
 @asynccontextmanager
 async def open_store(data_dir: Path) -> AsyncIterator[Store]:
     """Open (creating if needed) `<data_dir>/dinfer.sqlite3`, migrate it, close it at exit."""
-    conns, tokens, keys = await trio.to_thread.run_sync(_open, database_path(data_dir))
+    path = database_path(data_dir)
+    conns, tokens, keys = await trio.to_thread.run_sync(_open, path)
     try:
-        yield Store(conns, tokens, keys)
+        yield Store(conns, tokens, keys, path)
     finally:
         # Closing checkpoints the WAL; it must finish even when the owner is being cancelled.
         with trio.CancelScope(shield=True):

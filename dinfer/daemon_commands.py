@@ -26,6 +26,7 @@ from daemon.config import (
 from daemon.log_format import configure_logging
 from dinfer.keys_commands import add_subcommands as add_store_commands
 from dinfer.providers_command import add_providers_command
+from dinfer.usage_command import add_usage_command
 
 MASK = "********"
 
@@ -53,6 +54,7 @@ def add_subcommands(subparsers: Any) -> None:
     _config_option(check)
     check.set_defaults(run=run_config_check)
     add_providers_command(subparsers)
+    add_usage_command(subparsers)
 
 
 def _config_option(parser: argparse.ArgumentParser) -> None:

@@ -4,8 +4,9 @@
     daemon/api/        HTTP routes, the admin API, the server
     daemon/nursery/    the supervisor and the per-request dispatch
     daemon/routing/    registry, eligibility, breaker, admission queue, provider sessions
-    daemon/config.py, daemon/store.py, daemon/serve_lock.py
-                       settings, the store and its directory's lock, beside every daemon layer
+    daemon/config.py, daemon/store.py, daemon/serve_lock.py, daemon/accounts/
+                       settings, the store and its directory's lock, the usage ledger,
+                       beside every daemon layer
     protocol/          the wire protocol, shared by both sides
     hosting/           what the host gives a process (systemd's notify socket), shared too
     daemon/config_file.py

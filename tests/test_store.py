@@ -50,12 +50,12 @@ async def test_a_new_migration_is_applied_once_on_the_next_open(
 ) -> None:
     async with open_store(tmp_path):
         pass
-    extra = "CREATE TABLE usage (id INTEGER PRIMARY KEY); INSERT INTO usage VALUES (7);"
+    extra = "CREATE TABLE later (id INTEGER PRIMARY KEY); INSERT INTO later VALUES (7);"
     monkeypatch.setattr(store_module, "MIGRATIONS", (*MIGRATIONS, extra))
     for _ in range(2):
         async with open_store(tmp_path):
             pass
-    assert query(tmp_path, "SELECT id FROM usage") == [(7,)]
+    assert query(tmp_path, "SELECT id FROM later") == [(7,)]
     assert query(tmp_path, "SELECT max(version) FROM schema_version") == [(len(MIGRATIONS) + 1,)]
 
 
@@ -396,6 +396,10 @@ async def test_commits_to_other_tables_do_not_reread_the_keys(
             store_module, "_read_live_keys", lambda conn: read.append(1) or real(conn)
         )
         with closing(sqlite3.connect(database_path(tmp_path))) as other, other:
-            other.execute("CREATE TABLE usage (n INTEGER)")  # what a ledger's commit is
+            # What a ledger's commit is: a row written to another table.
+            other.execute(
+                "INSERT INTO usage (request_id, key_id, route, started_at)"
+                " VALUES ('r', 'k', 'chat', 0)"
+            )
         assert await daemon.find_api_key(issued.secret) == issued.id
         assert read == []

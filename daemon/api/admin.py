@@ -1,5 +1,6 @@
 """The admin API (`/v1/admin/...`): provider tokens, consumer keys, the provider and hedging views,
-and an operator's hands on a provider: clear its breaker cooldowns, drain it and undrain it.
+and an operator's hands on a provider (clear its breaker cooldowns, drain it and undrain it),
+and the usage ledger's summaries (`GET /v1/admin/usage`).
 
 Every route takes `Authorization: Bearer $DINFER_ADMIN_KEY`, compared in constant time;
 without an admin key configured, every call is refused.
@@ -22,8 +23,9 @@ import msgspec
 import trio
 from quart import Blueprint, Response, current_app, request
 
-from daemon.api.errors import error_body
+from daemon.api.errors import ApiError, error_body
 from daemon.api.handler import timing_for
+from daemon.api.usage import query_from, usage_groups
 from daemon.key_policy import NO_LIMITS, LimitError, parse_changes
 from daemon.nursery.hedging import Hedger
 from daemon.nursery.supervisor import Supervisor
@@ -201,6 +203,17 @@ def _bad_limit(exc: LimitError) -> Response:
 
 def _no_key(key_id: str) -> Response:
     return json_error(404, f"no live API key {key_id!r}", "key_not_found")
+
+
+@admin.get("/usage")
+@requires_admin
+async def usage() -> Response:
+    """Requests, outcomes, token sums and TTFT percentiles per group; see daemon/api/usage.py."""
+    try:
+        query = query_from(request.query_string, allow_key_id=True)
+    except ApiError as error:
+        return json_error(error.status, error.message, error.code)
+    return _json(await usage_groups(supervisor(), query))
 
 
 @admin.get("/providers")

@@ -23,7 +23,7 @@ from daemon.api.body import StreamOptions
 from daemon.api.errors import ApiError, openai_error
 from daemon.api.handler import Parsed
 from daemon.nursery.attempt import Chunk
-from daemon.nursery.dispatch import Committed, Finished, InBandError
+from daemon.nursery.dispatch import Committed, Finished, InBandError, RelayEnd
 from protocol.messages import Usage
 
 DONE: Final = b"data: [DONE]\n\n"
@@ -66,9 +66,12 @@ class StreamEncoder(Protocol):
     def fail(self, kind: str, message: str) -> bytes: ...
 
 
-async def relay(send: Send, committed: Committed, headers: Headers, encoder: StreamEncoder) -> None:
+async def relay(
+    send: Send, committed: Committed, headers: Headers, encoder: StreamEncoder
+) -> RelayEnd:
     """Write the committed stream as `encoder`'s events, one write per batch of what is
-    already buffered: under load that saves a send, an HTTP chunk and a task switch per chunk."""
+    already buffered: under load that saves a send, an HTTP chunk and a task switch per chunk.
+    Returns how the stream ended."""
     await send(
         {
             "type": "http.response.start",
@@ -82,10 +85,10 @@ async def relay(send: Send, committed: Committed, headers: Headers, encoder: Str
         match event:
             case Chunk():
                 parts.append(encoder.chunk(event))
-            case Finished(usage=usage):
+            case Finished(usage=usage) as end:
                 parts.append(encoder.finish(usage))
                 break
-            case InBandError(kind=kind, message=message):
+            case InBandError(kind=kind, message=message) as end:
                 parts.append(encoder.fail(kind, message))
                 break
             case _:
@@ -99,6 +102,7 @@ async def relay(send: Send, committed: Committed, headers: Headers, encoder: Str
         else:
             event = polled
     await body(send, b"".join(parts), more=False)
+    return end
 
 
 class OpenAIChunks:
@@ -141,9 +145,7 @@ async def body(send: Send, data: bytes, *, more: bool) -> None:
     await send({"type": "http.response.body", "body": data, "more_body": more})
 
 
-async def collect(
-    committed: Committed, add: Callable[[dict[str, Any] | None], None]
-) -> Finished | InBandError:
+async def collect(committed: Committed, add: Callable[[dict[str, Any] | None], None]) -> RelayEnd:
     """Feed every chunk to `add`; the stream's end.
 
     A one-object answer is held whole until its end, so it is bounded: past
@@ -201,20 +203,22 @@ class OpenAICodec:
 
     async def respond(
         self, send: Send, committed: Committed, headers: Headers, options: StreamOptions
-    ) -> None:
+    ) -> RelayEnd:
         if options.stream:
             usage_chunk = partial(self._usage_chunk, committed.request_id, options.model)
-            await relay(send, committed, headers, OpenAIChunks(options.include_usage, usage_chunk))
-            return
+            encoder = OpenAIChunks(options.include_usage, usage_chunk)
+            return await relay(send, committed, headers, encoder)
         assembler = CompletionAssembler(options.model)
-        match await collect(committed, assembler.add):
+        end = await collect(committed, assembler.add)
+        match end:
             case Finished(usage=usage):
                 answer = self.answer(assembler, usage, committed.request_id)
                 await send_json(send, 200, _encoder.encode(answer), headers)
             case InBandError() as failure:
                 await send_failure(send, failure, headers)
-            case end:
+            case _:
                 assert_never(end)
+        return end
 
     def _usage_chunk(self, request_id: str, model: str, usage: Usage) -> dict[str, Any]:
         """The usage chunk the consumer asked for, built from `inference_complete`."""

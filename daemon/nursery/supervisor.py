@@ -1,9 +1,10 @@
 """The supervisor: the daemon's one long-lived nursery and everything it owns.
 
 `open_supervisor` opens the service nursery and starts, each with `nursery.start()`, the
-admission queue's pump and the cooldown timer; provider sessions are adopted into the same
-nursery by `host_session`. It is the only owner of background tasks: when it closes, every
-session closes with 1001 and nothing keeps running.
+usage ledger's writer, the admission queue's pump and the cooldown timer; provider sessions
+are adopted into the same nursery by `host_session`. It is the only owner of background
+tasks: when it closes, the ledger writes every row it was sent, every session closes with
+1001 and nothing keeps running.
 
 It also holds the live `Settings`: a reload (`retune`) swaps them and pushes the new knobs into
 the breaker, the eligibility gates and the queue; each request and each new provider session
@@ -24,6 +25,7 @@ from typing import Final
 import trio
 from trio_util import AsyncValue
 
+from daemon.accounts.ledger import Ledger, run_ledger
 from daemon.accounts.limits import Limiter
 from daemon.config import Settings
 from daemon.metrics import Metrics, ProviderSample, Sampled
@@ -41,6 +43,8 @@ log = logging.getLogger("dinfer.supervisor")
 
 # Time for provider sessions to send their close frames during shutdown.
 CLOSE_GRACE_S: Final = 2.0
+# Time for the usage ledger's writer to commit what it holds at shutdown.
+LEDGER_FLUSH_S: Final = 10.0
 
 
 @dataclass
@@ -53,6 +57,7 @@ class Supervisor:
     queue: AdmissionQueue
     hedger: Hedger
     nursery: trio.Nursery
+    ledger: Ledger
     ready: bool = False
     draining: bool = False
     sessions: AsyncValue[int] = field(default_factory=lambda: AsyncValue(0))
@@ -190,7 +195,14 @@ async def open_supervisor(
     hedger = Hedger(HedgePolicy.from_settings(settings), registry, queue)
     registry.metrics.watch(partial(sample, registry, queue, hedger))
     async with trio.open_nursery() as nursery:
+        ledger: Ledger = await nursery.start(run_ledger, store.path)
         await nursery.start(queue.run)
         await nursery.start(_wake_on_cooldown_expiry, registry)
-        yield Supervisor(settings, store, registry, queue, hedger, nursery)
-        nursery.cancel_scope.cancel(reason="daemon shutting down")
+        try:
+            yield Supervisor(settings, store, registry, queue, hedger, nursery, ledger)
+        finally:
+            # Every request has settled by now (the server ran in this nursery): write them.
+            with trio.move_on_after(LEDGER_FLUSH_S) as flushing:
+                flushing.shield = True
+                await ledger.aclose()
+            nursery.cancel_scope.cancel(reason="daemon shutting down")
