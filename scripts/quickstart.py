@@ -27,6 +27,9 @@ from localnet import (
 )
 
 STATE = Path(".dinfer/quickstart").resolve()
+# The model's chat template as the model server applies it (`--chat_format gemma`): the node
+# counts a prompt's tokens with it, as the server does, since the server streams no usage.
+CHAT_TEMPLATE = Path(__file__).resolve().parent.parent / "tests/data/templates/gemma3-it.jinja"
 
 
 async def main() -> None:
@@ -42,7 +45,12 @@ async def main() -> None:
         daemon = await nursery.start(run_daemon, STATE / "daemon", STATE / "daemon.log", None, port)
         say(f"daemon listening on {daemon.url}")
         node = await nursery.start(
-            run_provider, daemon, backend.url, STATE / "provider", STATE / "provider.log"
+            run_provider,
+            daemon,
+            backend.url,
+            STATE / "provider",
+            STATE / "provider.log",
+            ["--chat-template", f"{MODEL_ALIAS}={CHAT_TEMPLATE}"],
         )
         say(f"provider {node.provider_id} connected and trusted")
         key = await daemon.create_key()
