@@ -42,7 +42,7 @@ from provider.stream import StreamAccount
 log = logging.getLogger(__name__)
 
 Send = Callable[[ProviderMessage], Awaitable[None]]
-Emit = Callable[[str], Awaitable[None]]
+Emit = Callable[[list[str]], Awaitable[None]]
 # A model's context length in tokens, as advertised; None when nobody knows it.
 ContextLength = Callable[[str | None], int | None]
 
@@ -58,13 +58,15 @@ async def serve_request(
     backend: Backend,
     send: Send,
     context_length: ContextLength = _unknown,
+    multi_sse: bool = False,
 ) -> None:
-    """Serve `request` and send its chunks and exactly one terminal frame."""
+    """Serve `request` and send its chunks and exactly one terminal frame; `multi_sse`: the
+    daemon acknowledged that extension, so lines that arrive together share one frame."""
     request_id = request.request_id
     try:
         plaintext, sealer = _open(request, box)
         prepared = prepare(plaintext)
-        usage = await _serve(request_id, prepared, sealer, backend, send, context_length)
+        usage = await _serve(request_id, prepared, sealer, backend, send, context_length, multi_sse)
     except RequestFailure as failure:
         # The message may quote the backend; only the status and reason are logged.
         log.info("request %s failed: %d %s", request_id, failure.status_code, failure.reason)
@@ -81,12 +83,15 @@ async def _serve(
     backend: Backend,
     send: Send,
     context_length: ContextLength,
+    multi_sse: bool,
 ) -> Usage:
     account = StreamAccount(prepared.prompt_chars)
 
-    async def emit(line: str) -> None:
-        payload = sealer.seal(line.encode("utf-8"))
-        await send(InferenceResponseChunk(request_id=request_id, encrypted_data=payload))
+    async def emit(lines: list[str]) -> None:
+        # One frame per line, or with multi_sse one frame for the lines that arrived together.
+        for text in ["\n".join(lines)] if multi_sse else lines:
+            payload = sealer.seal(text.encode("utf-8"))
+            await send(InferenceResponseChunk(request_id=request_id, encrypted_data=payload))
 
     try:
         async with backend.stream(prepared.endpoint, prepared.body) as lines:
@@ -108,15 +113,24 @@ def _open(request: InferenceRequest, box: PrivateKey) -> tuple[bytes, crypto.Chu
         raise RequestFailure(500, f"cannot open the request: {exc}", "undecryptable") from None
 
 
-async def relay(lines: AsyncIterator[str], account: StreamAccount, emit: Emit) -> None:
-    """Relay the stream's data lines until `[DONE]` or its end; raise on an error event."""
-    async for line in lines:
-        classified = classify_line(line)
-        if classified is None:  # blank separators, comments, `event:` lines
-            continue
-        if classified.kind is ChunkKind.DONE:
-            return
-        if classified.kind is ChunkKind.ERROR:
-            raise from_error_event(classified.event or {})
-        account.observe(classified.event)
-        await emit(line)
+async def relay(batches: AsyncIterator[list[str]], account: StreamAccount, emit: Emit) -> None:
+    """Relay the stream's data lines until `[DONE]` or its end; raise on an error event.
+
+    `emit` gets the data lines of one batch (what one read brought) together, in order.
+    """
+    async for batch in batches:
+        out: list[str] = []
+        for line in batch:
+            classified = classify_line(line)
+            if classified is None:  # blank separators, comments, `event:` lines
+                continue
+            if classified.kind is ChunkKind.DONE or classified.kind is ChunkKind.ERROR:
+                if out:
+                    await emit(out)
+                if classified.kind is ChunkKind.DONE:
+                    return
+                raise from_error_event(classified.event or {})
+            account.observe(classified.event)
+            out.append(line)
+        if out:
+            await emit(out)

@@ -26,6 +26,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from protocol import crypto
 from protocol.messages import (
+    MULTI_SSE,
     PROTOCOL_VERSION,
     AttestationChallenge,
     AttestationResponse,
@@ -92,6 +93,7 @@ class _Session:
         self._opened = trio.current_time()
         self._end: SessionEnd | None = None
         self._rejection: str | None = None
+        self._multi_sse = False  # the daemon acknowledged the multi_sse extension
         self._outbox, self._frames = trio.open_memory_channel[str](OUTBOX_FRAMES)
 
     async def run(self) -> SessionEnd:
@@ -150,6 +152,7 @@ class _Session:
             auth_token=self._settings.token,
             models=list(models),
             max_concurrency=self._settings.capacity,
+            extensions=[MULTI_SSE],
         )
 
     # --- reading ---------------------------------------------------------------------------
@@ -179,6 +182,7 @@ class _Session:
                 log.warning("ignoring a frame the daemon sent: %s", reason)
 
     def _on_trust(self, status: TrustStatus) -> None:
+        self._multi_sse = MULTI_SSE in (status.extensions or ())
         reason = f" ({status.reason})" if status.reason else ""
         match status.status:
             case "trusted":
@@ -215,6 +219,7 @@ class _Session:
                     backend=self._state.backend,
                     send=self._send_for_request,
                     context_length=self._state.context_length,
+                    multi_sse=self._multi_sse,
                 )
         finally:
             self._slots.release(request.request_id)

@@ -94,6 +94,7 @@ class ProviderEntry:
     last_challenge_pass: float | None = None
     last_challenge_at: float | None = None  # wall clock, for the admin view
     draining: bool = False
+    multi_sse: bool = False  # negotiated: a chunk frame may seal several SSE lines
     # Observed on this session: first-token times per (model, prompt band), decode speed per
     # model (an EWMA, tokens/s). They die with the session, as its load does.
     ttft: dict[LatencyKey, TtftWindow] = field(default_factory=dict)
