@@ -2,8 +2,8 @@
 
 A route is a `Codec`: it turns the body into a `Parsed` request (routing traits and the
 envelope sealed for providers) and writes the committed stream in its own wire shape. The
-`InferenceRoute` handler owns its request in one task and one nursery: a sibling task watches
-for the client hanging up and cancels everything (racers, providers via `cancel`, slots).
+`InferenceRoute` handler owns its request in one task and one nursery: a sibling task (`_Watch`)
+watches for the client hanging up and cancels everything (racers, providers via `cancel`, slots).
 Nothing, not even the status line, is sent before the dispatch commits on a content chunk.
 
 Every check before the commit raises `ApiError`; `__call__` is the one place that answers it,
@@ -11,20 +11,20 @@ in the codec's error shape.
 
 An admitted request counts in `supervisor.requests` until it is answered, so a drain can wait
 for them; when the drain's grace is over, `_EndAtShutdown` ends it: 503 while it is still
-being dispatched, the codec's in-band `server_shutting_down` error once it streams.
+being dispatched, the codec's in-band `server_shutting_down` error once it streams. The
+supervisor calls it (`in_flight`): a request has one helper task, `_Watch`, and no more.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from collections.abc import Sequence
-from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, assert_never
 
 import trio
-from trio_util import periodic
 
 from daemon.api.asgi import (
     BodyTooLarge,
@@ -35,7 +35,6 @@ from daemon.api.asgi import (
     header,
     read_body,
     send_api_error,
-    watch_disconnect,
 )
 from daemon.api.errors import ApiError
 from daemon.config import Settings
@@ -148,14 +147,16 @@ class InferenceRoute:
             await send_api_error(send, error, ident, self._codec.render_error)
             return
         self._sup.requests.value += 1
+        ender = _EndAtShutdown()
+        self._sup.in_flight.add(ender)  # the drain ends it: no task of its own per request
         try:
             async with trio.open_nursery() as nursery:
-                ender = _EndAtShutdown()
-                nursery.start_soon(watch_disconnect, receive, nursery.cancel_scope)
-                nursery.start_soon(ender.run, self._sup.grace_over)
-                await self._serve(request, ident, send, nursery, ender)
+                watch = _Watch(receive, nursery.cancel_scope)
+                nursery.start_soon(watch.run)
+                await self._serve(request, ident, send, watch, ender)
                 nursery.cancel_scope.cancel(reason="the answer is complete")
         finally:
+            self._sup.in_flight.discard(ender)
             self._sup.requests.value -= 1
 
     @property
@@ -182,7 +183,7 @@ class InferenceRoute:
         request: Parsed,
         ident: Headers,
         send: Send,
-        nursery: trio.Nursery,
+        watch: _Watch,
         ender: _EndAtShutdown,
     ) -> None:
         job = Job(
@@ -206,7 +207,7 @@ class InferenceRoute:
             case Committed() as committed:
                 ender.committed = committed
                 await self._relay(
-                    request, committed, [*ident, *_commit_headers(committed)], send, nursery
+                    request, committed, [*ident, *_commit_headers(committed)], send, watch
                 )
             case outcome:
                 assert_never(outcome)
@@ -217,11 +218,10 @@ class InferenceRoute:
         committed: Committed,
         headers: Headers,
         send: Send,
-        nursery: trio.Nursery,
+        watch: _Watch,
     ) -> None:
         relay = TimedSend(send)
-        limit = self._settings.inference_timeout_s
-        nursery.start_soon(_abandon_if_stalled, relay, committed, limit)
+        watch.stalls(relay, committed, self._settings.inference_timeout_s)
         try:
             await self._codec.respond(relay, committed, headers, request.options)
         finally:
@@ -235,8 +235,8 @@ class _EndAtShutdown:
         self.dispatching: trio.CancelScope | None = None
         self.committed: Committed | None = None
 
-    async def run(self, grace_over: trio.Event) -> None:
-        await grace_over.wait()
+    def end(self) -> None:
+        """Called by the supervisor's drain once its grace is over."""
         if self.dispatching is not None:
             self.dispatching.cancel(reason="the daemon's drain grace is over")
         elif self.committed is not None:
@@ -258,20 +258,50 @@ class TimedSend:
             self.waiting_since = None
 
 
-async def _abandon_if_stalled(relay: TimedSend, committed: Committed, limit: float) -> None:
-    """Free the provider when the consumer stops reading but keeps the connection open.
+class _Watch:
+    """The request's one helper task: it cancels `request` when the client hangs up, and once
+    the stream is committed it is also the stalled-consumer watchdog.
 
-    Hypercorn shields its socket writes from cancellation, so no deadline around the write
-    can end it: this watchdog looks at the write's age a few times per `limit` instead, and
-    cancels the provider and frees its slot; the write itself ends when the socket does.
+    Free the provider when the consumer stops reading but keeps the connection open: Hypercorn
+    shields its socket writes from cancellation, so no deadline around the write can end it.
+    The watchdog looks at the write's age every `limit / 4` from the commit, and cancels the
+    provider and frees its slot; the write itself ends when the socket does. The looks are the
+    deadlines of the wait for `http.disconnect`, so they cost no task.
     """
-    async with aclosing(periodic(limit / 4)) as ticks:
-        async for _ in ticks:
-            since = relay.waiting_since
-            if since is not None and trio.current_time() - since >= limit:
-                log.info("the consumer stopped reading for %g s: releasing the provider", limit)
-                committed.close()
+
+    def __init__(self, receive: Receive, request: trio.CancelScope) -> None:
+        self._receive = receive
+        self._request = request
+        self._wait = trio.CancelScope()
+        self._relay: TimedSend | None = None
+        self._committed: Committed | None = None
+        self._limit = self._period = math.inf
+
+    def stalls(self, relay: TimedSend, committed: Committed, limit: float) -> None:
+        """Watch `relay`'s writes from now on, every `limit / 4`."""
+        self._relay, self._committed, self._limit = relay, committed, limit
+        self._period = limit / 4
+        self._wait.deadline = trio.current_time() + self._period
+
+    async def run(self) -> None:
+        while True:
+            with self._wait:
+                while (await self._receive())["type"] != "http.disconnect":
+                    pass
+                self._request.cancel(reason="the client disconnected")
                 return
+            if self._stalled():
+                self._period = math.inf  # released: the client may still hang up
+            self._wait = trio.CancelScope(deadline=trio.current_time() + self._period)
+
+    def _stalled(self) -> bool:
+        assert self._relay is not None and self._committed is not None
+        since = self._relay.waiting_since
+        if since is None or trio.current_time() - since < self._limit:
+            return False
+        log.info("the consumer stopped reading for %g s: releasing the provider", self._limit)
+        self._committed.close()
+        return True
 
 
 def _commit_headers(committed: Committed) -> Headers:
