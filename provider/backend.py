@@ -22,9 +22,6 @@ from typing import Any, Final
 import httpx
 import trio
 
-# The decoder `Response.aiter_lines` itself uses: the lines are exactly what it would yield.
-from httpx._decoders import LineDecoder
-
 from provider.failures import RequestFailure, from_backend_error, from_transport
 
 CONNECT_TIMEOUT: Final = 10.0
@@ -81,8 +78,8 @@ class Backend:
         return _json_answer(await self._send(request))
 
     @asynccontextmanager
-    async def stream(self, endpoint: str, body: bytes) -> AsyncIterator[AsyncIterator[list[str]]]:
-        """POST `body` to `endpoint` and yield the answer's lines as they arrive, in batches.
+    async def stream(self, endpoint: str, body: bytes) -> AsyncIterator[AsyncIterator[str]]:
+        """POST `body` to `endpoint` and yield the answer's lines as they arrive.
 
         Leaving the block (normally, by an error or by cancellation) closes the stream.
         """
@@ -118,31 +115,17 @@ class Backend:
 
 
 class _Lines:
-    """The response's lines in batches, with httpx errors translated as each batch is read.
-
-    A batch is every line that one read of the body completed: the lines that are already
-    here, so relaying them together (multi_sse) adds no delay.
-    """
+    """The response's lines, with httpx errors translated as each line is read."""
 
     def __init__(self, response: httpx.Response) -> None:
-        self.raw = _line_batches(response)
+        self.raw = response.aiter_lines()
 
     def __aiter__(self) -> _Lines:
         return self
 
-    async def __anext__(self) -> list[str]:
+    async def __anext__(self) -> str:
         with _translated():
             return await anext(self.raw)
-
-
-async def _line_batches(response: httpx.Response) -> AsyncIterator[list[str]]:
-    """httpx's `aiter_lines`, one list per read instead of one line at a time."""
-    decoder = LineDecoder()
-    async for text in response.aiter_text():
-        if lines := decoder.decode(text):
-            yield lines
-    if lines := decoder.flush():
-        yield lines
 
 
 async def _abandon(chunks: AsyncIterator[object]) -> None:

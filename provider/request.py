@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Final
 
+import trio
 from nacl.public import PrivateKey
 
 from protocol import crypto
@@ -41,8 +43,45 @@ from provider.stream import StreamAccount
 
 log = logging.getLogger(__name__)
 
-Send = Callable[[ProviderMessage], Awaitable[None]]
-Emit = Callable[[list[str]], Awaitable[None]]
+Emit = Callable[[str], Awaitable[None]]
+# The most characters of lines one multi_sse frame carries: far inside the 10 MiB frame.
+MAX_BATCH_CHARS: Final = 256 * 1024
+
+
+class ChunkBatch:
+    """multi_sse (docs/protocol-extensions.md): the lines of one request not yet sent.
+
+    The request queues the batch once and keeps adding lines to it; the session's writer
+    seals them into one `inference_response_chunk` when it takes the batch (`frame()`), so a
+    frame carries what piled up while the writer was busy and no line waits for another.
+    A batch at MAX_BATCH_CHARS holds the request until the writer has taken it.
+    """
+
+    def __init__(self, request_id: str, sealer: crypto.ChunkSealer) -> None:
+        self._request_id = request_id
+        self._sealer = sealer
+        self._lines: list[str] = []
+        self._chars = 0
+        self._taken = trio.Event()
+
+    async def add(self, line: str, send: Send) -> None:
+        while self._lines and self._chars + len(line) > MAX_BATCH_CHARS:
+            await self._taken.wait()
+        self._lines.append(line)
+        self._chars += len(line)
+        if len(self._lines) == 1:  # not queued yet: the writer takes it when it gets to it
+            await send(self)
+
+    def frame(self) -> InferenceResponseChunk:
+        """The queued lines as one sealed frame; the batch is empty again."""
+        lines, self._lines, self._chars = self._lines, [], 0
+        self._taken.set()
+        self._taken = trio.Event()
+        payload = self._sealer.seal("\n".join(lines).encode("utf-8"))
+        return InferenceResponseChunk(request_id=self._request_id, encrypted_data=payload)
+
+
+Send = Callable[[ProviderMessage | ChunkBatch], Awaitable[None]]
 # A model's context length in tokens, as advertised; None when nobody knows it.
 ContextLength = Callable[[str | None], int | None]
 
@@ -61,7 +100,7 @@ async def serve_request(
     multi_sse: bool = False,
 ) -> None:
     """Serve `request` and send its chunks and exactly one terminal frame; `multi_sse`: the
-    daemon acknowledged that extension, so lines that arrive together share one frame."""
+    daemon acknowledged that extension, so the chunks go as a `ChunkBatch`."""
     request_id = request.request_id
     try:
         plaintext, sealer = _open(request, box)
@@ -86,12 +125,14 @@ async def _serve(
     multi_sse: bool,
 ) -> Usage:
     account = StreamAccount(prepared.prompt_chars)
+    batch = ChunkBatch(request_id, sealer)
 
-    async def emit(lines: list[str]) -> None:
-        # One frame per line, or with multi_sse one frame for the lines that arrived together.
-        for text in ["\n".join(lines)] if multi_sse else lines:
-            payload = sealer.seal(text.encode("utf-8"))
-            await send(InferenceResponseChunk(request_id=request_id, encrypted_data=payload))
+    async def emit(line: str) -> None:
+        if multi_sse:
+            await batch.add(line, send)
+            return
+        payload = sealer.seal(line.encode("utf-8"))
+        await send(InferenceResponseChunk(request_id=request_id, encrypted_data=payload))
 
     try:
         async with backend.stream(prepared.endpoint, prepared.body) as lines:
@@ -113,24 +154,15 @@ def _open(request: InferenceRequest, box: PrivateKey) -> tuple[bytes, crypto.Chu
         raise RequestFailure(500, f"cannot open the request: {exc}", "undecryptable") from None
 
 
-async def relay(batches: AsyncIterator[list[str]], account: StreamAccount, emit: Emit) -> None:
-    """Relay the stream's data lines until `[DONE]` or its end; raise on an error event.
-
-    `emit` gets the data lines of one batch (what one read brought) together, in order.
-    """
-    async for batch in batches:
-        out: list[str] = []
-        for line in batch:
-            classified = classify_line(line)
-            if classified is None:  # blank separators, comments, `event:` lines
-                continue
-            if classified.kind is ChunkKind.DONE or classified.kind is ChunkKind.ERROR:
-                if out:
-                    await emit(out)
-                if classified.kind is ChunkKind.DONE:
-                    return
-                raise from_error_event(classified.event or {})
-            account.observe(classified.event)
-            out.append(line)
-        if out:
-            await emit(out)
+async def relay(lines: AsyncIterator[str], account: StreamAccount, emit: Emit) -> None:
+    """Relay the stream's data lines until `[DONE]` or its end; raise on an error event."""
+    async for line in lines:
+        classified = classify_line(line)
+        if classified is None:  # blank separators, comments, `event:` lines
+            continue
+        if classified.kind is ChunkKind.DONE:
+            return
+        if classified.kind is ChunkKind.ERROR:
+            raise from_error_event(classified.event or {})
+        account.observe(classified.event)
+        await emit(line)

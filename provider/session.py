@@ -48,7 +48,7 @@ from provider.ending import EndKind, SessionEnd, from_close
 from provider.failures import RequestFailure
 from provider.keys import NodeKeys
 from provider.link import CLOSE_TIMEOUT, LinkError, connected
-from provider.request import serve_request
+from provider.request import ChunkBatch, serve_request
 from provider.slots import Slots
 from provider.state import NodeState
 
@@ -94,7 +94,7 @@ class _Session:
         self._end: SessionEnd | None = None
         self._rejection: str | None = None
         self._multi_sse = False  # the daemon acknowledged the multi_sse extension
-        self._outbox, self._frames = trio.open_memory_channel[str](OUTBOX_FRAMES)
+        self._outbox, self._frames = trio.open_memory_channel[str | ChunkBatch](OUTBOX_FRAMES)
 
     async def run(self) -> SessionEnd:
         async with trio.open_nursery() as outer:
@@ -135,7 +135,9 @@ class _Session:
         await self._outbox.send(encode(message))
 
     async def _write(self) -> None:
-        async for frame in self._frames:
+        async for item in self._frames:
+            # A request's ChunkBatch is sealed as it leaves: it holds every line added so far.
+            frame = item if isinstance(item, str) else encode(item.frame())
             try:
                 await self._ws.send_message(frame)
             except ConnectionClosed:
@@ -225,7 +227,10 @@ class _Session:
             self._slots.release(request.request_id)
             self._slots.task_done()
 
-    async def _send_for_request(self, message: ProviderMessage) -> None:
+    async def _send_for_request(self, message: ProviderMessage | ChunkBatch) -> None:
+        if isinstance(message, ChunkBatch):
+            await self._outbox.send(message)
+            return
         if isinstance(message, InferenceComplete | InferenceError):
             # Free the slot before the terminal leaves: the daemon may send the next request
             # the moment it reads it, and that one must not be refused as over the limit.

@@ -5,6 +5,7 @@ A real daemon on loopback and scripted fake providers. `multi_sse`: a node that 
 several reaches the consumer as its own event, in order; a node that does not ask (every node
 before the extension) is not acknowledged and is relayed as before. The old sides' decoders
 are stood in for by structs of the old shapes: msgspec ignores the field they do not know.
+The node's side of it end to end is in test_provider_node.py; its `ChunkBatch` is here.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 import msgspec
 import pytest
 
+from protocol import crypto
 from protocol.messages import MULTI_SSE, Register, TrustStatus, encode
+from provider.request import ChunkBatch
 from tests.consumer_harness import (
     Api,
     chat_body,
@@ -92,3 +95,21 @@ def test_old_decoders_ignore_the_extensions_fields() -> None:
     assert (old.protocol, old.version, old.public_key) == (1, "1", "k")
     trust = TrustStatus(status="trusted", extensions=[MULTI_SSE])
     assert msgspec.json.decode(encode(trust), type=_OldTrustStatus) == _OldTrustStatus("trusted")
+
+
+async def test_a_node_batch_is_queued_once_and_seals_every_line_added_until_taken() -> None:
+    provider = crypto.generate_box_key()
+    payload, opener = crypto.seal_request(b"{}", provider.public_key)
+    _, sealer = crypto.open_request(payload, provider)
+    batch, queued = ChunkBatch("r1", sealer), []
+
+    async def send(item: object) -> None:
+        queued.append(item)
+
+    await batch.add("data: a", send)
+    await batch.add("data: b", send)
+    assert queued == [batch]  # queued once: the writer takes every line added meanwhile
+    assert opener.open_chunk(batch.frame()) == b"data: a\ndata: b"
+    await batch.add("data: c", send)
+    assert queued == [batch, batch]
+    assert opener.open_chunk(batch.frame()) == b"data: c"
