@@ -98,6 +98,7 @@ GOAL_LONG = 64  # the goals' "64-token streams, c=16"
 CONCURRENCIES = (1, 16, 64, 256)
 NODE_SLOTS = 1024  # protocol.messages.MAX_CONCURRENCY
 REQUEST_TIMEOUT_S = 120.0
+OPENING_WINDOW = 64  # slow streams opening at once
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 BENCHMARKS = REPO / "BENCHMARKS.md"
 FIGURE = REPO / "docs" / "benchmarks" / "realpath.png"
@@ -115,10 +116,25 @@ class Plan:
     ttft_requests: int  # requests of the c=1 TTFT phase
     streams: int
     stream_hold_s: float  # seconds measured with every slow stream open
+    long_concurrencies: tuple[int, ...]  # through the daemon, where each round is slow
 
 
-FULL = Plan(phase_s=8.0, wrk_s=8.0, ttft_requests=2000, streams=5000, stream_hold_s=20.0)
-QUICK = Plan(phase_s=2.0, wrk_s=2.0, ttft_requests=300, streams=1000, stream_hold_s=5.0)
+FULL = Plan(
+    phase_s=8.0,
+    wrk_s=8.0,
+    ttft_requests=2000,
+    streams=5000,
+    stream_hold_s=20.0,
+    long_concurrencies=CONCURRENCIES,
+)
+QUICK = Plan(
+    phase_s=2.0,
+    wrk_s=2.0,
+    ttft_requests=300,
+    streams=1000,
+    stream_hold_s=5.0,
+    long_concurrencies=(1, 16),
+)
 
 
 # Processes ---------------------------------------------------------------------------------
@@ -181,7 +197,7 @@ class Processes:
 def _stop(proc: Proc) -> None:
     if proc.popen.poll() is not None:
         return
-    proc.popen.send_signal(signal.SIGINT)
+    proc.popen.send_signal(signal.SIGTERM)  # the daemon and the node drain, 1 s of grace
     try:
         proc.popen.wait(timeout=8)
     except subprocess.TimeoutExpired:
@@ -203,7 +219,12 @@ def daemon_env(port: int, data_dir: Path) -> dict[str, str]:
         "DINFER_ADMIN_KEY": ADMIN_KEY,
         "DINFER_DATA_DIR": str(data_dir),
         "DINFER_LOG_LEVEL": "warning",
+        "DINFER_DRAIN_GRACE_S": "1",
         "DINFER_QUEUE_MAX": "20000",  # 5,000 streams must queue, not be refused
+        # A saturated core must slow requests down, not fail them: 256 long streams at once
+        # wait longer than the default 5 s for their first token. The benchmark measures
+        # cost, not load shedding.
+        "DINFER_TTFT_BASE_S": "300",
     }
 
 
@@ -271,6 +292,7 @@ async def start_stack(
             "--state-dir", str(procs.workdir / f"node-{port}-{index}"),
             "--backend-name", "vllm",
             "--log-level", "warning",
+            "--drain-grace", "1",
         ]  # fmt: skip
         env = {**base_env(), "DINFER_BENCH_NODE_POOL": str(slots)}
         stack.nodes.append(procs.start(f"node{index}", argv, env, node_cpu))
@@ -455,7 +477,8 @@ class Options:
     streams: int
     stream_nodes: int
     stream_ramp: float
-    skip_streams: bool
+    stream_interval: float
+    parts: frozenset[str]
     workdir: Path
     lift_pool: bool
 
@@ -469,21 +492,38 @@ async def load_phases(
 ) -> dict[tuple[int, int], Phase]:
     """Short and long answers at every concurrency, plus the goals' 64-token c=16."""
     pids = watched(stack, bare=bare)
-    shapes = [(t, c) for t in (SHORT, LONG) for c in opts.concurrencies]
+    long_cs = opts.concurrencies if bare else opts.plan.long_concurrencies
+    shapes = [(SHORT, c) for c in opts.concurrencies]
+    shapes += [(LONG, c) for c in opts.concurrencies if c in long_cs]
     if 16 in opts.concurrencies:
         shapes.append((GOAL_LONG, 16))
-    await closed_loop(
-        stack, pids, target, SHORT, 4, 1.0
-    )  # warm-up: imports, pools, JIT-less caches
+    await closed_loop(stack, pids, target, SHORT, 4, 1.0)  # warm-up: connections, caches
     phases: dict[tuple[int, int], Phase] = {}
     for tokens, concurrency in shapes:
+        await settle(pids)
         phase = await closed_loop(stack, pids, target, tokens, concurrency, opts.plan.phase_s)
-        if opts.wrk and tokens != GOAL_LONG:
+        # wrk runs for a fixed time and cuts off what is in flight: short answers only (and
+        # the bare backend's long ones, each a fraction of a millisecond).
+        if opts.wrk and (tokens == SHORT or bare):
+            await settle(pids)
             phase.wrk = await run_wrk(stack, opts.workdir, tokens, concurrency, opts.plan.wrk_s)
         stack.check()
         phases[(tokens, concurrency)] = phase
         say(describe(phase))
     return phases
+
+
+async def settle(pids: dict[str, int]) -> None:
+    """Until the watched processes are idle (under 5% of a core over 0.3 s), at most 60 s:
+    what an earlier phase left behind (wrk's cut-off requests) must not count in the next."""
+    with trio.move_on_after(60):
+        while True:
+            meter = CpuMeter(pids)
+            with meter.measure():
+                await trio.sleep(0.3)
+            if sum(meter.used.values()) < 0.05 * meter.elapsed:
+                return
+    say("  (the servers did not go idle within 60 s)")
 
 
 async def ttft_phase(stack: Stack, opts: Options, target: str, bare: bool) -> Phase:
@@ -530,6 +570,8 @@ class StreamsResult:
     chunks_per_s: float = 0.0  # received by the client while every stream is open
     nofile: int = 0
     nodes: int = 0
+    interval_s: float = 1.0
+    sessions_lost: int = 0  # node sessions that ended during the phase (from the nodes' logs)
 
 
 async def many_streams(procs: Processes, opts: Options) -> StreamsResult:
@@ -539,8 +581,14 @@ async def many_streams(procs: Processes, opts: Options) -> StreamsResult:
     nodes = max(opts.stream_nodes, math.ceil(opts.streams / NODE_SLOTS))
     slots = min(NODE_SLOTS, math.ceil(opts.streams / nodes))
     result.nodes = nodes
+    result.interval_s = opts.stream_interval
     stack = await start_stack(
-        procs, nodes=nodes, slots=slots, token_interval=1.0, node_cpu=CLIENT_CPU, lift_pool=True
+        procs,
+        nodes=nodes,
+        slots=slots,
+        token_interval=opts.stream_interval,
+        node_cpu=CLIENT_CPU,
+        lift_pool=True,
     )
     assert stack.daemon is not None
     daemon = stack.daemon.pid
@@ -548,14 +596,25 @@ async def many_streams(procs: Processes, opts: Options) -> StreamsResult:
     result.rss_before_mib = rss_mib(daemon)
     body = request_body(3600)  # one token a second: an hour, longer than any run
     received = [0]
-    opened = trio.Semaphore(0)
+    # At most OPENING_WINDOW streams between request and first token: a daemon slower than
+    # the ramp would otherwise leave accepted connections unread past its 5 s keep-alive
+    # timer, which then closes them (with a reset, the request unread).
+    window = trio.Semaphore(OPENING_WINDOW)
+    settled = [0]
+    all_settled = trio.Event()
+
+    def done_opening() -> None:
+        window.release()
+        settled[0] += 1
+        if settled[0] == opts.streams:
+            all_settled.set()
 
     async def stream() -> None:
         try:
             conn = await trio.open_tcp_stream("127.0.0.1", stack.port)
         except OSError as exc:
             _stream_failed(result, exc)
-            opened.release()
+            done_opening()
             return
         async with conn:
             head = (
@@ -576,25 +635,25 @@ async def many_streams(procs: Processes, opts: Options) -> StreamsResult:
                             continue
                         first = False
                         result.opened += 1
-                        opened.release()
+                        done_opening()
                     received[0] += data.count(b"data: ")
                 raise HTTPError("closed")
             except (HTTPError, OSError, trio.BrokenResourceError) as exc:
                 if first:
-                    opened.release()
+                    done_opening()
                 _stream_failed(result, exc)
 
     async with trio.open_nursery() as nursery:
         start = time.perf_counter()
-        for index in range(opts.streams):
-            await trio.sleep_until(
-                trio.current_time()
-                + max(0.0, start + index / opts.stream_ramp - time.perf_counter())
-            )
-            nursery.start_soon(stream)
-        with trio.move_on_after(opts.streams / opts.stream_ramp + 60):
-            for _ in range(opts.streams):
-                await opened.acquire()
+        with trio.move_on_after(opts.streams / opts.stream_ramp + 120):
+            for index in range(opts.streams):
+                await trio.sleep_until(
+                    trio.current_time()
+                    + max(0.0, start + index / opts.stream_ramp - time.perf_counter())
+                )
+                await window.acquire()
+                nursery.start_soon(stream)
+            await all_settled.wait()
         result.ramp_s = time.perf_counter() - start
         say(f"streams: {result.opened} open, {result.failed} failed after {result.ramp_s:.1f} s")
         await trio.sleep(2.0)  # the ramp's last requests settle
@@ -614,6 +673,9 @@ async def many_streams(procs: Processes, opts: Options) -> StreamsResult:
         nursery.cancel_scope.cancel(reason="streams measured")
     await trio.sleep(5.0)  # the daemon notices the closed connections and ends each stream
     result.rss_after_mib = rss_mib(daemon)
+    result.sessions_lost = sum(
+        node.log.read_text(errors="replace").count("session ended") for node in stack.nodes
+    )
     stack.check()
     say(
         f"streams: daemon RSS {result.rss_before_mib:.0f} -> {result.rss_open_mib:.0f} -> "
@@ -643,6 +705,17 @@ class Results:
 
 
 async def bench(opts: Options, results: Results) -> None:
+    if "load" in opts.parts:
+        await load_parts(opts, results)
+    if opts.litellm:
+        results.litellm = await litellm_phases(opts)
+    if "streams" in opts.parts and opts.streams > 0:
+        say(f"== {opts.streams} slow streams through one daemon alone on CPU 0")
+        with contextlib.ExitStack() as stack_owner:
+            results.streams = await many_streams(Processes(stack_owner, opts.workdir), opts)
+
+
+async def load_parts(opts: Options, results: Results) -> None:
     with contextlib.ExitStack() as stack_owner:
         procs = Processes(stack_owner, opts.workdir)
         say("== shared layout: daemon, node and backend on CPU 0; clients on CPU 1")
@@ -657,17 +730,12 @@ async def bench(opts: Options, results: Results) -> None:
             pin_all(proc.pid, CLIENT_CPU)
         pids = watched(stack)
         for tokens, concurrency in ((SHORT, 64), (GOAL_LONG, 16), (LONG, 16)):
+            await settle(pids)
             phase = await closed_loop(stack, pids, "alone", tokens, concurrency, opts.plan.phase_s)
             if opts.wrk and tokens == SHORT:
                 phase.wrk = await run_wrk(stack, opts.workdir, tokens, concurrency, opts.plan.wrk_s)
             results.alone[(tokens, concurrency)] = phase
             say(describe(phase))
-    if opts.litellm:
-        results.litellm = await litellm_phases(opts)
-    if not opts.skip_streams:
-        say(f"== {opts.streams} slow streams through one daemon alone on CPU 0")
-        with contextlib.ExitStack() as stack_owner:
-            results.streams = await many_streams(Processes(stack_owner, opts.workdir), opts)
 
 
 async def litellm_phases(opts: Options) -> dict[tuple[int, int], Phase]:
@@ -734,15 +802,21 @@ def met(ok: bool) -> str:
     return "met" if ok else "not met"
 
 
-def chunk_cost(phases: dict[tuple[int, int], Phase], name: str, long: int, c: int) -> float:
-    if (long, c) not in phases or (SHORT, c) not in phases:
+def chunk_cost(
+    phases: dict[tuple[int, int], Phase], name: str, long: int, c: int, short: int = SHORT
+) -> float:
+    if (long, c) not in phases or (short, c) not in phases:
         return math.nan
     return per_chunk(
         phases[(long, c)].cpu_per_request(name),
-        phases[(SHORT, c)].cpu_per_request(name),
+        phases[(short, c)].cpu_per_request(name),
         events_of(long),
-        events_of(SHORT),
+        events_of(short),
     )
+
+
+def inverse(value: float) -> float:
+    return 1 / value if value > 0 else math.nan
 
 
 def added(phase: Phase, base: Phase, q: float) -> float:
@@ -787,12 +861,11 @@ def write_goals(write: Any, r: Results) -> None:
     n_chunk = chunk_cost(r.shared, "node", GOAL_LONG, 16)
     alone = r.alone.get((SHORT, 64))
     alone_rps = alone.rps if alone else math.nan
-    alone_cap = 1 / alone.cpu_per_request("daemon") if alone else math.nan
+    alone_cap = inverse(alone.cpu_per_request("daemon")) if alone else math.nan
     relay = r.alone.get((LONG, 16))
     relay_cps = relay.chunks_per_s if relay else math.nan
-    relay_cap = 1 / chunk_cost(r.alone, "daemon", LONG, 16) if (LONG, 16) in r.alone else math.nan
-    if (SHORT, 16) not in r.alone:
-        relay_cap = 1 / chunk_cost(r.shared, "daemon", LONG, 16)
+    # Alone, per chunk from the 256- and 64-token phases at c=16 (no short one runs there).
+    relay_cap = inverse(chunk_cost(r.alone, "daemon", LONG, 16, short=GOAL_LONG))
     ttft = added(r.ttft["daemon"], r.ttft["bare"], 0.5) if r.ttft else math.nan
     rss = r.streams.rss_open_mib if r.streams else math.nan
     write("### Goals (issue 13)\n")
@@ -839,7 +912,7 @@ def write_goals(write: Any, r: Results) -> None:
         ok = r.streams.opened >= r.streams.requested and rss < 1024
         write(
             row(
-                f"{r.streams.requested:,} idle open streams (one token a second)",
+                f"{r.streams.requested:,} idle open streams (a token every {r.streams.interval_s:g} s)",
                 "< 1 GiB RSS",
                 f"{rss:,.0f} MiB with {r.streams.opened:,} open",
                 met(ok),
@@ -935,7 +1008,7 @@ def write_streams(write: Any, r: Results, opts: Options) -> None:
     s = r.streams
     if s is None:
         return
-    write(f"### {s.requested:,} open slow streams (one token a second)\n")
+    write(f"### {s.requested:,} open slow streams (a token every {s.interval_s:g} s)\n")
     write(
         f"One daemon alone on CPU 0; {s.nodes} nodes, the backend and the client "
         f"on CPU 1; streams opened at {opts.stream_ramp:.0f}/s; RLIMIT_NOFILE {s.nofile}.\n"
@@ -951,6 +1024,11 @@ def write_streams(write: Any, r: Results, opts: Options) -> None:
         f"{s.rss_open_mib:.0f} / {s.rss_after_mib:.0f} MiB | {s.cpu_open:.2f} core | "
         f"{s.chunks_per_s:,.0f} | {us(per)} | "
         f"{s.node_rss_mib:.0f} MiB / {s.node_cpu_open:.2f} core |\n"
+    )
+    offered = s.opened / s.interval_s
+    write(
+        f"Offered while open: {offered:,.0f} chunks/s ({s.opened:,} streams / {s.interval_s:g} s); "
+        f"node sessions lost during the phase: {s.sessions_lost}.\n"
     )
     if s.first_error:
         write(f"First failure: `{s.first_error}`\n")
@@ -1034,6 +1112,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="load phases too through scripts/realpath_node.py (the node's pool as its slots)",
     )
+    parser.add_argument(
+        "--parts", default="load,streams", help="load (shared and alone layouts), streams"
+    )
+    parser.add_argument("--logs", metavar="DIR", help="keep the processes' logs and state here")
+    parser.add_argument(
+        "--stream-interval", type=float, default=1.0, help="seconds between a stream's tokens"
+    )
     parser.add_argument("--litellm", metavar="PATH", help="a `litellm` executable to compare with")
     return parser.parse_args(argv)
 
@@ -1046,7 +1131,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise_nofile()
     os.sched_setaffinity(0, {CLIENT_CPU})
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
-    with tempfile.TemporaryDirectory(prefix="bench-realpath-") as tmp:
+    with (
+        contextlib.nullcontext(args.logs)
+        if args.logs
+        else tempfile.TemporaryDirectory(prefix="bench-realpath-")
+    ) as tmp:
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         opts = Options(
             plan=plan,
             concurrencies=tuple(int(c) for c in args.concurrency.split(",")),
@@ -1055,7 +1145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             streams=streams,
             stream_nodes=args.stream_nodes,
             stream_ramp=args.stream_ramp,
-            skip_streams=streams <= 0,
+            stream_interval=args.stream_interval,
+            parts=frozenset(args.parts.split(",")),
             workdir=Path(tmp),
             lift_pool=args.lift_node_pool,
         )
