@@ -912,7 +912,7 @@ def write_goals(write: Any, r: Results) -> None:
         ok = r.streams.opened >= r.streams.requested and rss < 1024
         write(
             row(
-                f"{r.streams.requested:,} idle open streams (a token every {r.streams.interval_s:g} s)",
+                f"{r.streams.requested:,} open streams (a token every {r.streams.interval_s:g} s)",
                 "< 1 GiB RSS",
                 f"{rss:,.0f} MiB with {r.streams.opened:,} open",
                 met(ok),
