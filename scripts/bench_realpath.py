@@ -22,7 +22,15 @@ chunk with the first content) of every request, and runs each phase as a closed 
 stops issuing at the phase's end and lets what is in flight finish, so CPU per request is CPU
 over completed requests with nothing cut off. `wrk` (`--no-wrk` skips it), with a Lua script
 for the POST body, gives requests/s and whole-response latency from a C client: the only client
-fast enough for the bare backend.
+fast enough for the bare backend. wrk stops at a fixed time and cuts off what is in flight, so
+through the daemon it runs the short answers only. Before each phase the servers must go idle
+(under 5% of a core), so nothing an earlier phase left behind is counted in the next.
+
+Daemon settings are the defaults but for `DINFER_QUEUE_MAX=20000` (5,000 streams queue) and
+`DINFER_TTFT_BASE_S=300`: 256 long streams at once on one core wait longer than the default
+5 s first-token deadline, and the benchmark measures cost, not load shedding. `--quick` runs
+the long answers through the daemon at c=1 and 16 only (each round at c=256 takes minutes on
+today's daemon).
 
 CPU per request and per chunk, for the daemon and the node separately, is utime + stime from
 /proc/<pid>/stat before and after each phase, divided by the requests completed. Per chunk:
@@ -36,12 +44,19 @@ TTFT percentile through the daemon - the same percentile of the bare backend, sa
 concurrency, in the same run. `--litellm PATH` (a venv's `litellm` executable) adds LiteLLM's
 proxy in front of the same mock, in the shared layout.
 
-Many open streams: `--streams` (5,000; 1,000 with --quick) streams of one token a second
-(`mock_backend.py --token-interval 1`) through one daemon alone on CPU 0, served by
-`--stream-nodes` nodes of up to 1,024 slots each (the protocol's bound), opened at
-`--stream-ramp` a second by one trio task per connection in this process: the daemon's RSS
-(VmRSS) before, while they are open and after they close, and its CPU while they trickle.
-The soft RLIMIT_NOFILE is raised to the hard limit, which the children inherit.
+Many open streams: `--streams` (5,000; 1,000 with --quick) streams of a token every
+`--stream-interval` seconds (1; `mock_backend.py --token-interval`) through one daemon alone on
+CPU 0, served by `--stream-nodes` nodes of up to 1,024 slots each (the protocol's bound) on
+CPU 1, opened at up to `--stream-ramp` a second with at most 64 waiting for their first token
+(a daemon slower than the ramp would otherwise leave accepted connections unread past its 5 s
+keep-alive timer, which resets them), by one trio task per connection in this process: the
+daemon's RSS (VmRSS) before, while they are open and after they close, its CPU while they
+trickle, and the node sessions lost meanwhile. The nodes run through
+`scripts/realpath_node.py`: the node's backend pool (httpx's default, 100 connections) would
+otherwise cap each node at 100 open streams. The soft RLIMIT_NOFILE is raised to the hard
+limit, which the children inherit.
+
+`--parts load,streams` picks what runs; `--logs DIR` keeps every process's log and state.
 """
 
 from __future__ import annotations
@@ -845,6 +860,7 @@ def report(results: Results, opts: Options, command: str) -> str:
     write_ttft(write, results)
     write_load(write, results)
     write_streams(write, results, opts)
+    write_notes(write, results, opts)
     write(f"![overhead against concurrency](docs/benchmarks/{FIGURE.name})\n")
     return "\n".join(out)
 
@@ -1034,6 +1050,39 @@ def write_streams(write: Any, r: Results, opts: Options) -> None:
         write(f"First failure: `{s.first_error}`\n")
 
 
+def node_pool() -> tuple[int, int] | None:
+    """The node's backend connection pool (connections, kept alive), if httpx says."""
+    try:
+        from provider.backend import open_client
+
+        pool = open_client(1.0)._transport._pool  # type: ignore[attr-defined]
+        return int(pool._max_connections), int(pool._max_keepalive_connections)
+    except Exception:
+        return None
+
+
+def write_notes(write: Any, r: Results, opts: Options) -> None:
+    notes = []
+    pool = node_pool()
+    if pool is not None and pool[0] < NODE_SLOTS and not opts.lift_pool:
+        notes.append(
+            f"The node's backend client has a pool of {pool[0]} connections ({pool[1]} kept "
+            f"alive): above {pool[1]} concurrent requests it opens and closes backend "
+            f"connections, above {pool[0]} requests wait in the node. The load phases use it "
+            "as it is; the streams phase lifts it (`scripts/realpath_node.py`)."
+        )
+    for name, phases in (("daemon", r.shared), ("alone", r.alone), ("bare", r.bare)):
+        for (tokens, c), p in phases.items():
+            if p.errors:
+                notes.append(
+                    f"{name}, max_tokens {tokens}, c={c}: {p.errors} failed requests "
+                    f"(first: `{p.first_error[:160]}`); CPU per request counts successes only."
+                )
+    if notes:
+        write("### Notes\n")
+        write("\n".join(f"- {note}" for note in notes) + "\n")
+
+
 def plot(results: Results) -> bool:
     try:
         import matplotlib
@@ -1057,6 +1106,8 @@ def plot(results: Results) -> bool:
         (right, "CPU ms per request"),
     ):
         axis.set_xscale("log", base=2)
+        ticks = sorted({c for (_, c) in results.shared})
+        axis.set_xticks(ticks, [str(c) for c in ticks])
         axis.set_yscale("log")
         axis.set_xlabel("concurrency")
         axis.set_ylabel(label)
