@@ -6,8 +6,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-import trio
-
 from daemon.api.errors import ApiError, error_body, openai_error, retry_headers
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -59,13 +57,6 @@ async def drain(receive: Receive) -> None:
         message = await receive()
         if message["type"] == "http.disconnect" or not message.get("more_body", False):
             return
-
-
-async def watch_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
-    """Cancel `scope` when the client goes away (run only after the body was read)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    scope.cancel(reason="the client disconnected")
 
 
 async def send_json(

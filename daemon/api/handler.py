@@ -11,7 +11,8 @@ in the codec's error shape.
 
 An admitted request counts in `supervisor.requests` until it is answered, so a drain can wait
 for them; when the drain's grace is over, `_EndAtShutdown` ends it: 503 while it is still
-being dispatched, the codec's in-band `server_shutting_down` error once it streams.
+being dispatched, the codec's in-band `server_shutting_down` error once it streams. The
+supervisor calls it (`in_flight`): a request has one helper task, `_Watch`, and no more.
 
 Every request with a valid key has a row in the usage ledger (daemon/accounts/ledger.py),
 opened once the key is known and settled exactly once by `__call__` from how the request
@@ -27,14 +28,13 @@ the request metrics, so a request is counted, charged and recorded once, from on
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from collections.abc import Sequence
-from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, assert_never
 
 import trio
-from trio_util import periodic
 
 from daemon.accounts.ledger import Settlement
 from daemon.accounts.limits import ModelNotAllowed, Permit, RateLimited
@@ -48,7 +48,6 @@ from daemon.api.asgi import (
     header,
     read_body,
     send_api_error,
-    watch_disconnect,
 )
 from daemon.api.errors import ApiError
 from daemon.config import Settings
@@ -286,16 +285,18 @@ class InferenceRoute:
         ender = _EndAtShutdown()
         relay = TimedSend(send)
         answered: Settlement | None = None
+        self._sup.in_flight.add(ender)  # the drain ends it: no task of its own per request
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(watch_disconnect, receive, nursery.cancel_scope)
-                nursery.start_soon(ender.run, self._sup.grace_over)
-                answered = await self._serve(request, ident, relay, nursery, ender)
+                watch = _Watch(receive, nursery.cancel_scope)
+                nursery.start_soon(watch.run)
+                answered = await self._serve(request, ident, relay, watch, ender)
                 nursery.cancel_scope.cancel(reason="the answer is complete")
             if answered is not None:
                 return answered
             return await _after_hang_up(request, ender.committed, relay.status)
         finally:
+            self._sup.in_flight.discard(ender)
             if ender.committed is not None:
                 ender.committed.close()
 
@@ -304,7 +305,7 @@ class InferenceRoute:
         request: Parsed,
         ident: Headers,
         send: TimedSend,
-        nursery: trio.Nursery,
+        watch: _Watch,
         ender: _EndAtShutdown,
     ) -> Settlement:
         job = Job(
@@ -329,7 +330,7 @@ class InferenceRoute:
             case Committed() as committed:
                 ender.committed = committed
                 headers = [*ident, *_commit_headers(committed)]
-                end = await self._relay(request, committed, headers, send, nursery)
+                end = await self._relay(request, committed, headers, send, watch)
                 return settle.served(committed, end, send.status or 200)
             case outcome:
                 assert_never(outcome)
@@ -340,10 +341,9 @@ class InferenceRoute:
         committed: Committed,
         headers: Headers,
         send: TimedSend,
-        nursery: trio.Nursery,
+        watch: _Watch,
     ) -> RelayEnd:
-        limit = self._settings.inference_timeout_s
-        nursery.start_soon(_abandon_if_stalled, send, committed, limit)
+        watch.stalls(send, committed, self._settings.inference_timeout_s)
         try:
             return await self._codec.respond(send, committed, headers, request.options)
         finally:
@@ -371,8 +371,8 @@ class _EndAtShutdown:
         self.dispatching: trio.CancelScope | None = None
         self.committed: Committed | None = None
 
-    async def run(self, grace_over: trio.Event) -> None:
-        await grace_over.wait()
+    def end(self) -> None:
+        """Called by the supervisor's drain once its grace is over."""
         if self.dispatching is not None:
             self.dispatching.cancel(reason="the daemon's drain grace is over")
         elif self.committed is not None:
@@ -398,20 +398,50 @@ class TimedSend:
             self.waiting_since = None
 
 
-async def _abandon_if_stalled(relay: TimedSend, committed: Committed, limit: float) -> None:
-    """Free the provider when the consumer stops reading but keeps the connection open.
+class _Watch:
+    """The request's one helper task: it cancels `request` when the client hangs up, and once
+    the stream is committed it is also the stalled-consumer watchdog.
 
-    Hypercorn shields its socket writes from cancellation, so no deadline around the write
-    can end it: this watchdog looks at the write's age a few times per `limit` instead, and
-    cancels the provider and frees its slot; the write itself ends when the socket does.
+    Free the provider when the consumer stops reading but keeps the connection open: Hypercorn
+    shields its socket writes from cancellation, so no deadline around the write can end it.
+    The watchdog looks at the write's age every `limit / 4` from the commit, and cancels the
+    provider and frees its slot; the write itself ends when the socket does. The looks are the
+    deadlines of the wait for `http.disconnect`, so they cost no task.
     """
-    async with aclosing(periodic(limit / 4)) as ticks:
-        async for _ in ticks:
-            since = relay.waiting_since
-            if since is not None and trio.current_time() - since >= limit:
-                log.info("the consumer stopped reading for %g s: releasing the provider", limit)
-                committed.close()
+
+    def __init__(self, receive: Receive, request: trio.CancelScope) -> None:
+        self._receive = receive
+        self._request = request
+        self._wait = trio.CancelScope()
+        self._relay: TimedSend | None = None
+        self._committed: Committed | None = None
+        self._limit = self._period = math.inf
+
+    def stalls(self, relay: TimedSend, committed: Committed, limit: float) -> None:
+        """Watch `relay`'s writes from now on, every `limit / 4`."""
+        self._relay, self._committed, self._limit = relay, committed, limit
+        self._period = limit / 4
+        self._wait.deadline = trio.current_time() + self._period
+
+    async def run(self) -> None:
+        while True:
+            with self._wait:
+                while (await self._receive())["type"] != "http.disconnect":
+                    pass
+                self._request.cancel(reason="the client disconnected")
                 return
+            if self._stalled():
+                self._period = math.inf  # released: the client may still hang up
+            self._wait = trio.CancelScope(deadline=trio.current_time() + self._period)
+
+    def _stalled(self) -> bool:
+        assert self._relay is not None and self._committed is not None
+        since = self._relay.waiting_since
+        if since is None or trio.current_time() - since < self._limit:
+            return False
+        log.info("the consumer stopped reading for %g s: releasing the provider", self._limit)
+        self._committed.close()
+        return True
 
 
 def _commit_headers(committed: Committed) -> Headers:

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Final
+from typing import Final, Protocol
 
 import trio
 from trio_util import AsyncValue
@@ -40,6 +40,14 @@ from daemon.store import Store
 from protocol.messages import CloseCode
 
 log = logging.getLogger("dinfer.supervisor")
+
+
+class InFlight(Protocol):
+    """A consumer request in flight, as the drain sees it."""
+
+    def end(self) -> None:
+        """End it now: the drain's grace is over."""
+
 
 # Time for provider sessions to send their close frames during shutdown.
 CLOSE_GRACE_S: Final = 2.0
@@ -65,6 +73,8 @@ class Supervisor:
     requests: AsyncValue[int] = field(default_factory=lambda: AsyncValue(0))
     # Set when the drain grace is over: every open request ends with `server_shutting_down`.
     grace_over: trio.Event = field(default_factory=trio.Event)
+    # The requests in flight, each ended by `end()` once the drain's grace is over.
+    in_flight: set[InFlight] = field(default_factory=set)
     # Every consumer key's rate, token and concurrency counters.
     limiter: Limiter = field(default_factory=Limiter)
 
@@ -102,6 +112,8 @@ class Supervisor:
         if self.requests.value:
             log.warning("drain grace over: ending %d request(s) in flight", self.requests.value)
         self.grace_over.set()
+        for request in list(self.in_flight):
+            request.end()
         with trio.move_on_after(CLOSE_GRACE_S):  # for them to write their error and end
             await self.requests.wait_value(0)
         for entry in self.registry.connected():
