@@ -13,7 +13,7 @@ from typing import Final
 
 from hypothesis import HealthCheck, settings
 
-FUZZ_EXAMPLES: Final = 60
+FUZZ_EXAMPLES: Final = 40
 
 ci_fuzz: Final = settings(
     max_examples=FUZZ_EXAMPLES,

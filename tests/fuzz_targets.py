@@ -133,7 +133,7 @@ def check_prepare(plaintext: bytes) -> None:
     try:
         prepared = prepare(plaintext)
     except RequestFailure as failure:
-        assert failure.status == 400, failure.status
+        assert failure.status_code == 400, failure.status_code
         return
     body = msgspec.json.decode(prepared.body)
     assert isinstance(body, dict) and body["stream"] is True
