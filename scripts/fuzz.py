@@ -39,7 +39,7 @@ from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
 from tests.fuzz_targets import TARGETS, Target  # noqa: E402
 
 BATCH = 10_000
-EXAMPLE_CHARS = 400
+EXAMPLE_CHARS = 4000
 
 
 class Hang(Exception):
