@@ -253,6 +253,8 @@ def _decode(decoder: msgspec.json.Decoder[Any], frame: bytes | str) -> Any:
         return _malformed(exc)
     except RecursionError:  # msgspec's answer to very deep nesting
         return ProtocolError("malformed JSON: nested too deeply")
+    except UnicodeEncodeError:  # a `str` holding a lone surrogate, which UTF-8 cannot carry
+        return ProtocolError("frame is not valid UTF-8")
 
 
 def _utf8_size(frame: bytes | str) -> int:

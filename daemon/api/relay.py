@@ -2,13 +2,15 @@
 
 Every streaming route writes through `relay()` with its own `StreamEncoder`; `OpenAIChunks` is
 the OpenAI-shaped routes' (chat and text completions relay the provider's chunks as they are,
-a failure after the commit is one `data: {"error": ...}` event, and `data: [DONE]` ends it).
+each as one event and only JSON objects, a failure after the commit is one
+`data: {"error": ...}` event, and `data: [DONE]` ends it).
 `collect` feeds every chunk to an assembler for a one-object answer; `send_failure` is that
 answer's error after the commit.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from daemon.api.handler import Parsed
 from daemon.nursery.attempt import Chunk
 from daemon.nursery.dispatch import Committed, Finished, InBandError, RelayEnd
 from protocol.messages import Usage
+from protocol.sse import parse_data_line
 
 DONE: Final = b"data: [DONE]\n\n"
 EVENT_STREAM_HEADERS: Final = [
@@ -36,6 +39,7 @@ EVENT_STREAM_HEADERS: Final = [
 MAX_ASSEMBLED_CHARS: Final = 64 * 1024 * 1024
 _encoder: Final = msgspec.json.Encoder()
 _FAILURE_STATUS: Final = {"timeout": 504, "server_shutting_down": 503}
+_LINE_BREAKS: Final = re.compile(r"\r\n|\r|\n")  # what ends a line in an event stream
 
 # The route's own usage-only chunk, for a usage `inference_complete` reported.
 UsageChunk = Callable[[Usage], dict[str, Any]]
@@ -121,10 +125,14 @@ class OpenAIChunks:
         return b""
 
     def chunk(self, chunk: Chunk) -> bytes:
+        if chunk.event is None:
+            # Not a JSON object (opaque text, `null`, a number): every OpenAI client fails on
+            # such an event, and one holding `\n\ndata: [DONE]` would end the stream twice.
+            return b""
         usage_only = _usage_only(chunk.event)
         self._usage_sent = self._usage_sent or usage_only
         if self._include_usage or not usage_only:
-            return chunk.line.encode() + b"\n\n"
+            return _relayed_line(chunk.line)
         return b""
 
     def finish(self, usage: Usage) -> bytes:
@@ -134,6 +142,17 @@ class OpenAIChunks:
 
     def fail(self, kind: str, message: str) -> bytes:
         return sse({"error": {"type": kind, "message": message}}) + DONE
+
+
+def _relayed_line(line: str) -> bytes:
+    """A provider's `data:` line as one event: as it is, unless it breaks lines inside (JSON
+    may, between tokens), which would end the event early; then each piece is a `data:` line
+    of its own, and a consumer's SSE parser joins them back with LF."""
+    if "\n" not in line and "\r" not in line:
+        return line.encode() + b"\n\n"
+    payload = parse_data_line(line) or ""
+    pieces = _LINE_BREAKS.split(payload)
+    return b"".join(b"data: " + piece.encode() + b"\n" for piece in pieces) + b"\n"
 
 
 def _usage_only(event: dict[str, Any] | None) -> bool:
