@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Final
 
+import trio
 from nacl.public import PrivateKey
 
 from protocol import crypto
@@ -44,8 +46,45 @@ from provider.tokenizer import Tokenizer, counted
 
 log = logging.getLogger(__name__)
 
-Send = Callable[[ProviderMessage], Awaitable[None]]
 Emit = Callable[[str], Awaitable[None]]
+# The most characters of lines one multi_sse frame carries: far inside the 10 MiB frame.
+MAX_BATCH_CHARS: Final = 256 * 1024
+
+
+class ChunkBatch:
+    """multi_sse (docs/protocol-extensions.md): the lines of one request not yet sent.
+
+    The request queues the batch once and keeps adding lines to it; the session's writer
+    seals them into one `inference_response_chunk` when it takes the batch (`frame()`), so a
+    frame carries what piled up while the writer was busy and no line waits for another.
+    A batch at MAX_BATCH_CHARS holds the request until the writer has taken it.
+    """
+
+    def __init__(self, request_id: str, sealer: crypto.ChunkSealer) -> None:
+        self._request_id = request_id
+        self._sealer = sealer
+        self._lines: list[str] = []
+        self._chars = 0
+        self._taken = trio.Event()
+
+    async def add(self, line: str, send: Send) -> None:
+        while self._lines and self._chars + len(line) > MAX_BATCH_CHARS:
+            await self._taken.wait()
+        self._lines.append(line)
+        self._chars += len(line)
+        if len(self._lines) == 1:  # not queued yet: the writer takes it when it gets to it
+            await send(self)
+
+    def frame(self) -> InferenceResponseChunk:
+        """The queued lines as one sealed frame; the batch is empty again."""
+        lines, self._lines, self._chars = self._lines, [], 0
+        self._taken.set()
+        self._taken = trio.Event()
+        payload = self._sealer.seal("\n".join(lines).encode("utf-8"))
+        return InferenceResponseChunk(request_id=self._request_id, encrypted_data=payload)
+
+
+Send = Callable[[ProviderMessage | ChunkBatch], Awaitable[None]]
 # A model's context length in tokens, as advertised; None when nobody knows it.
 ContextLength = Callable[[str | None], int | None]
 
@@ -62,18 +101,20 @@ async def serve_request(
     send: Send,
     context_length: ContextLength = _unknown,
     tokenizer: Tokenizer | None = None,
+    multi_sse: bool = False,
 ) -> None:
     """Serve `request` and send its chunks and exactly one terminal frame.
 
     `tokenizer` is the backend's, shared across requests so what it learnt about the backend's
-    routes is kept; without one, a fresh one is used for this request.
+    routes is kept; without one, a fresh one is used for this request. `multi_sse`: the daemon
+    acknowledged that extension, so the chunks go as a `ChunkBatch`.
     """
     request_id = request.request_id
     tokens = tokenizer or Tokenizer(backend)
     try:
         plaintext, sealer = _open(request, box)
         prepared = prepare(plaintext)
-        usage = await _serve(request_id, prepared, sealer, tokens, send, context_length)
+        usage = await _serve(request_id, prepared, sealer, tokens, send, context_length, multi_sse)
     except RequestFailure as failure:
         # The message may quote the backend; only the status and reason are logged.
         log.info("request %s failed: %d %s", request_id, failure.status_code, failure.reason)
@@ -90,11 +131,16 @@ async def _serve(
     tokenizer: Tokenizer,
     send: Send,
     context_length: ContextLength,
+    multi_sse: bool,
 ) -> Usage:
     account = StreamAccount(prepared.prompt_chars)
     backend = tokenizer.backend
+    batch = ChunkBatch(request_id, sealer)
 
     async def emit(line: str) -> None:
+        if multi_sse:
+            await batch.add(line, send)
+            return
         payload = sealer.seal(line.encode("utf-8"))
         await send(InferenceResponseChunk(request_id=request_id, encrypted_data=payload))
 

@@ -26,6 +26,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from protocol import crypto
 from protocol.messages import (
+    MULTI_SSE,
     PROTOCOL_VERSION,
     AttestationChallenge,
     AttestationResponse,
@@ -47,7 +48,7 @@ from provider.ending import EndKind, SessionEnd, from_close
 from provider.failures import RequestFailure
 from provider.keys import NodeKeys
 from provider.link import CLOSE_TIMEOUT, LinkError, connected
-from provider.request import serve_request
+from provider.request import ChunkBatch, serve_request
 from provider.slots import Slots
 from provider.state import NodeState
 
@@ -92,7 +93,8 @@ class _Session:
         self._opened = trio.current_time()
         self._end: SessionEnd | None = None
         self._rejection: str | None = None
-        self._outbox, self._frames = trio.open_memory_channel[str](OUTBOX_FRAMES)
+        self._multi_sse = False  # the daemon acknowledged the multi_sse extension
+        self._outbox, self._frames = trio.open_memory_channel[str | ChunkBatch](OUTBOX_FRAMES)
 
     async def run(self) -> SessionEnd:
         async with trio.open_nursery() as outer:
@@ -133,7 +135,9 @@ class _Session:
         await self._outbox.send(encode(message))
 
     async def _write(self) -> None:
-        async for frame in self._frames:
+        async for item in self._frames:
+            # A request's ChunkBatch is sealed as it leaves: it holds every line added so far.
+            frame = item if isinstance(item, str) else encode(item.frame())
             try:
                 await self._ws.send_message(frame)
             except ConnectionClosed:
@@ -150,6 +154,7 @@ class _Session:
             auth_token=self._settings.token,
             models=list(models),
             max_concurrency=self._settings.capacity,
+            extensions=[MULTI_SSE],
         )
 
     # --- reading ---------------------------------------------------------------------------
@@ -179,6 +184,7 @@ class _Session:
                 log.warning("ignoring a frame the daemon sent: %s", reason)
 
     def _on_trust(self, status: TrustStatus) -> None:
+        self._multi_sse = MULTI_SSE in (status.extensions or ())
         reason = f" ({status.reason})" if status.reason else ""
         match status.status:
             case "trusted":
@@ -216,12 +222,16 @@ class _Session:
                     send=self._send_for_request,
                     context_length=self._state.context_length,
                     tokenizer=self._state.tokenizer,
+                    multi_sse=self._multi_sse,
                 )
         finally:
             self._slots.release(request.request_id)
             self._slots.task_done()
 
-    async def _send_for_request(self, message: ProviderMessage) -> None:
+    async def _send_for_request(self, message: ProviderMessage | ChunkBatch) -> None:
+        if isinstance(message, ChunkBatch):
+            await self._outbox.send(message)
+            return
         if isinstance(message, InferenceComplete | InferenceError):
             # Free the slot before the terminal leaves: the daemon may send the next request
             # the moment it reads it, and that one must not be refused as over the limit.

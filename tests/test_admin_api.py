@@ -27,7 +27,12 @@ AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 ADMIN_CALLS: list[tuple[str, str, dict[str, Any] | None]] = [
     ("POST", "/v1/admin/provider-tokens", {"name": "rig"}),
     ("DELETE", "/v1/admin/provider-tokens/pt_000000000000", None),
+    ("GET", "/v1/admin/provider-tokens", None),
     ("POST", "/v1/admin/keys", {"name": "app"}),
+    ("GET", "/v1/admin/keys", None),
+    ("GET", "/v1/admin/keys/key_000000000000", None),
+    ("PATCH", "/v1/admin/keys/key_000000000000", {"rpm": 5}),
+    ("POST", "/v1/admin/keys/key_000000000000/rotate", None),
     ("DELETE", "/v1/admin/keys/key_000000000000", None),
     ("GET", "/v1/admin/providers", None),
     ("GET", "/v1/admin/hedging", None),
@@ -94,7 +99,7 @@ async def test_an_unknown_route_answers_404_in_the_openai_error_shape(
 async def test_a_wrong_method_answers_405_in_the_openai_error_shape(
     client: httpx.AsyncClient,
 ) -> None:
-    reply = await client.get("/v1/admin/provider-tokens", headers=AUTH)
+    reply = await client.put("/v1/admin/provider-tokens", headers=AUTH)
     assert_openai_error(reply, 405, "invalid_request_error", "method_not_allowed")
 
 

@@ -6,8 +6,9 @@
     daemon/cluster/    several daemons sharing providers through Redis: a remote provider
                        is a ProviderLink the dispatch cannot tell from a local session
     daemon/routing/    registry, eligibility, breaker, admission queue, provider sessions
-    daemon/config.py, daemon/store.py, daemon/serve_lock.py
-                       settings, the store and its directory's lock, beside every daemon layer
+    daemon/config.py, daemon/store.py, daemon/serve_lock.py, daemon/accounts/
+                       settings, the store and its directory's lock, the usage ledger,
+                       beside every daemon layer
     protocol/          the wire protocol, shared by both sides
     hosting/           what the host gives a process (systemd's notify socket), shared too
     daemon/config_file.py
@@ -34,6 +35,8 @@ RANK = {
     "daemon.config": 1,
     "daemon.config_file": 0,  # the TOML reader below the settings, knowing nothing of them
     "daemon.store": 1,
+    "daemon.key_policy": 0,  # the limits a key carries, below the store and the limiter
+    "daemon.accounts": 1,
     "daemon.serve_lock": 1,
     "daemon.metrics": 1,
     "daemon.log_format": 1,

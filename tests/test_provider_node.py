@@ -33,6 +33,7 @@ from trio_websocket import (
 from protocol import crypto
 from protocol.messages import (
     MAX_FRAME_BYTES,
+    MULTI_SSE,
     AttestationChallenge,
     AttestationResponse,
     Cancel,
@@ -58,9 +59,15 @@ from provider.config import ProviderConfig, node_version
 from provider.keys import load_or_create_keys
 from provider.node import ProviderNode
 from tests.fakes.backend import (
+    DONE,
     MODEL,
     FakeBackend,
+    Raw,
+    Reply,
+    chunk,
+    content_lines,
     cut_reply,
+    data,
     empty_reply,
     slow_reply,
     stream_reply,
@@ -122,8 +129,9 @@ class Link:
         self.closed_at = trio.current_time()
         self.done.set()
 
-    async def trust(self, register: Register) -> None:
-        """Challenge the node and check its signature, as the daemon does."""
+    async def trust(self, register: Register, extensions: list[str] | None = None) -> None:
+        """Challenge the node and check its signature, as the daemon does; `extensions`: the
+        ones to acknowledge (None: a daemon from before extensions)."""
         challenge = AttestationChallenge(
             nonce=crypto.new_challenge_nonce(), timestamp=crypto.challenge_timestamp()
         )
@@ -134,7 +142,7 @@ class Link:
         assert crypto.verify_challenge(
             identity, challenge.nonce, challenge.timestamp, answer.signature
         )
-        await self.send(TrustStatus(status="trusted"))
+        await self.send(TrustStatus(status="trusted", extensions=extensions))
 
 
 class FakeDaemon:
@@ -345,6 +353,48 @@ async def test_with_the_models_template_the_prompt_is_counted_as_the_backend_ren
     assert frame == InferenceComplete("r1", Usage(prompt_tokens=10, completion_tokens=2))
     (count,) = backend.tokenized
     assert count.json["input"] == "<turn> user Say hi to everyone here. </turn>\n<turn> model"
+
+
+# All of a reply's lines in one write: the node reads them together.
+TOGETHER = [*content_lines(["Hello", " world"]), data(chunk(finish_reason="stop"))]
+TOGETHER_REPLY = Reply(
+    steps=(Raw("".join(f"{line.text}\n\n" for line in [*TOGETHER, DONE]).encode()),)
+)
+
+
+async def _relayed_frames(link: Link, register: Register) -> list[str]:
+    """The plaintexts of the chunk frames of one request, until its `inference_complete`."""
+    request, opener = sealed(register)
+    await link.send(request)
+    texts = []
+    while not isinstance(frame := await link.receive(), InferenceComplete):
+        assert isinstance(frame, InferenceResponseChunk)
+        texts.append(opener.open(frame.encrypted_data).decode())
+    return texts
+
+
+async def test_with_multi_sse_acknowledged_lines_read_together_share_a_frame(
+    backend, daemon, run_node
+) -> None:
+    backend.script(TOGETHER_REPLY)
+    await run_node()
+    link, register = await daemon.connection()
+    assert register.extensions == [MULTI_SSE]
+    await link.trust(register, extensions=[MULTI_SSE])
+    texts = await _relayed_frames(link, register)
+    assert "\n".join(texts).split("\n") == [line.text for line in TOGETHER]
+    assert len(texts) < len(TOGETHER)
+
+
+async def test_without_the_acknowledgement_each_line_is_its_own_frame(
+    backend, daemon, run_node
+) -> None:
+    # A daemon from before the extension: its trust_status never acknowledges one.
+    backend.script(TOGETHER_REPLY)
+    await run_node()
+    link, register = await daemon.connection()
+    await link.trust(register)
+    assert await _relayed_frames(link, register) == [line.text for line in TOGETHER]
 
 
 async def test_heartbeats_every_five_seconds_with_active_requests(

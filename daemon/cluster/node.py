@@ -46,6 +46,7 @@ import trio
 from coredis.exceptions import RedisError
 from coredis.tokens import PureToken
 
+from daemon.accounts.ledger import Ledger, Settlement
 from daemon.cluster import wire
 from daemon.cluster.link import Peer, RemoteLink
 from daemon.routing.breaker import Shape
@@ -88,11 +89,19 @@ class Relay:
 
     ingress: str
     scope: trio.CancelScope
+    provider_id: str
 
 
 class Cluster:
-    def __init__(self, url: str, registry: Registry, instance: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        registry: Registry,
+        ledger: Ledger | None = None,
+        instance: str | None = None,
+    ) -> None:
         self.url = url
+        self._ledger = ledger
         self.instance = instance or uuid.uuid4().hex[:12]
         self.registry = registry
         self.up = False
@@ -296,7 +305,7 @@ class Cluster:
             return
         lease: Lease = self.registry.take(entry, dispatch.model)
         session = entry.session
-        relay = Relay(ingress, trio.CancelScope())
+        relay = Relay(ingress, trio.CancelScope(), entry.provider_id)
         self.relays[request_id] = relay
         ended = False
         try:
@@ -325,10 +334,26 @@ class Cluster:
                 session.cancel(request_id)  # a `cancel` frame to the provider
 
     def _orphan(self, request_id: str, relay: Relay) -> None:
-        """The ingress of a relayed request died: stop the provider; the ledger hook."""
+        """The ingress of a relayed request died: stop the provider, write an orphan row."""
         self.orphaned += 1
         log.warning("cluster: ingress %s is gone: cancelling its request", relay.ingress)
         relay.scope.cancel(reason="the request's ingress daemon is gone")
+        if self._ledger is not None and self._nursery is not None:
+            self._nursery.start_soon(self._orphan_row, request_id, relay)
+
+    async def _orphan_row(self, request_id: str, relay: Relay) -> None:
+        """The owner's row of an orphan: keyed by the attempt's id (the consumer's request
+        id and key are the ingress's), route `cluster`, the provider that was serving it."""
+        assert self._ledger is not None
+        charge = await self._ledger.open(request_id, f"ingress:{relay.ingress}", "cluster")
+        ended = Settlement(
+            499,
+            "orphaned",
+            provider_id=relay.provider_id,
+            attempts=1,
+            providers=(relay.provider_id,),
+        )
+        await charge.settle(ended)
 
     # Reports: only a provider's owner strikes or bans it ------------------------------------
 

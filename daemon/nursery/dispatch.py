@@ -53,6 +53,8 @@ class DispatchFailed:
     message: str
     code: str
     retry_after: int | None = None
+    providers_tried: tuple[str, ...] = ()  # in the order they were tried
+    attempts: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +99,8 @@ class Finished:
 
 
 RelayEvent = Chunk | InBandError | Finished
+# How a relayed stream ended, as a codec's `respond` reports it.
+RelayEnd = Finished | InBandError
 
 
 @dataclass(eq=False)
@@ -109,11 +113,14 @@ class Committed:
     inference_timeout: float
     phases: Phases
     attempts: int
-    # What the relay got, for the request's metrics: the chunks, and the event that ended it.
+    # Chunks handed to the relay, for the metrics (added once, at the request's end).
     chunks: int = 0
-    ended: Finished | InBandError | None = None
+    providers_tried: tuple[str, ...] = ()  # the failed ones in order, then the winner
+    # Content chunks handed out so far: the completion estimate when no usage comes.
+    content_chunks: int = 0
     _pending: list[Chunk | Completed] = field(default_factory=list)
     _ending: InBandError = RELEASED  # what the relay reports once this side closed the stream
+    _ended: bool = False  # the stream's end was handed out (its in-band error counted once)
 
     def __post_init__(self) -> None:
         c = self.content
@@ -161,6 +168,10 @@ class Committed:
                 return None
             case Chunk(kind=ChunkKind.ERROR):
                 return self._end(self._fail(Failure(502, error_message(event.event))))
+            case Chunk(kind=ChunkKind.CONTENT):
+                self.chunks += 1
+                self.content_chunks += 1
+                return event
             case Chunk():
                 self.chunks += 1
                 return event
@@ -179,8 +190,8 @@ class Committed:
         )
 
     def _end(self, event: Finished | InBandError) -> Finished | InBandError:
-        if self.ended is None:
-            self.ended = event
+        if not self._ended:
+            self._ended = True
             if isinstance(event, InBandError):
                 self.registry.metrics.in_band_error(event.kind)
         return event
@@ -226,7 +237,7 @@ async def dispatch(
     if not isinstance(admitted, Lease):
         return DispatchFailed(
             admitted.status, admitted.message, admitted.code, admitted.retry_after
-        )
+        )  # refused before any provider was tried
     lease: Lease | None = admitted
     queued = trio.current_time() - started
     failures: list[RacerFailure] = []
@@ -240,15 +251,26 @@ async def dispatch(
                 metrics.attempt("success")
                 _strike(registry, job.traits, [*failures, *lost])
                 phases = Phases(queued, routed, content.first_token_at - started)
+                tried = (*_ids([*failures, *lost]), content.stream.provider_id)
                 return Committed(
-                    content, registry, job.traits, job.timing.inference, phases, attempts
+                    content,
+                    registry,
+                    job.traits,
+                    job.timing.inference,
+                    phases,
+                    attempts,
+                    providers_tried=tried,
                 )
-            case RequestInvalid(failure, _):
+            case RequestInvalid(failure, lost):
                 metrics.attempt("failure")
                 # A provider said the request is bad: the others' failures on it are no
                 # proof against them (nobody is struck), as when two versions fail alike.
                 return DispatchFailed(
-                    failure.status, failure.message, failure.reason or "invalid_request"
+                    failure.status,
+                    failure.message,
+                    failure.reason or "invalid_request",
+                    providers_tried=_ids([*failures, *lost]),
+                    attempts=attempts,
                 )
             case AllFailed(lost):
                 failures += lost
@@ -271,6 +293,10 @@ def _last_result(lost: Sequence[RacerFailure]) -> str:
     """The metrics' result of a request's last attempt, which failed before content."""
     timed_out = lost and all(f.failure.kind == "timeout" for f in lost)
     return "timeout" if timed_out else "failure"
+
+
+def _ids(failures: Sequence[RacerFailure]) -> tuple[str, ...]:
+    return tuple(f.entry.provider_id for f in failures)
 
 
 def _tried(failures: Sequence[RacerFailure]) -> frozenset[str]:
@@ -313,19 +339,22 @@ def _failed_alike(failures: Sequence[RacerFailure], attempts: int) -> DispatchFa
         f"{last.message} (the same failure on {len(failures)} providers of different versions:"
         " the request itself is the likely cause)"
     )
-    return _answer(last, message)
+    return _answer(last, message, failures, attempts)
 
 
 def _exhausted(failures: Sequence[RacerFailure], attempts: int) -> DispatchFailed:
     last = failures[-1].failure if failures else Failure(503, "no provider could take the request")
     tried = f"{attempts} attempt{'s' if attempts != 1 else ''}"
-    return _answer(last, f"{last.message} (gave up after {tried} on {len(failures)} provider(s))")
+    message = f"{last.message} (gave up after {tried} on {len(failures)} provider(s))"
+    return _answer(last, message, failures, attempts)
 
 
-def _answer(last: Failure, message: str) -> DispatchFailed:
+def _answer(
+    last: Failure, message: str, failures: Sequence[RacerFailure], attempts: int
+) -> DispatchFailed:
     code = {503: "provider_capacity", 504: "provider_timeout"}.get(last.status, "provider_error")
     retry_after = 5 if last.status == 503 else None
     # A provider's own 500 is a bad gateway from the consumer's side: a 500 would read as the
     # daemon crashing.
     status = last.status if last.status in {502, 503, 504} else 502
-    return DispatchFailed(status, message, code, retry_after)
+    return DispatchFailed(status, message, code, retry_after, _ids(failures), attempts)
