@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import shutil
+import sqlite3
 import socket
 import subprocess
 import warnings
@@ -292,6 +293,16 @@ async def test_an_ingress_killed_mid_stream_cancels_the_provider(world: World) -
         nursery.cancel_scope.cancel(reason="the test is over")
     assert fake.cancels == fake.request_ids
     assert b.cluster.relays == {}
+    sup = b.daemon.supervisor
+    await poll_until(lambda: b.cluster.orphaned == 1)
+    rows: list[Any] = []
+    with trio.fail_after(BOUND_S):
+        while not rows:  # the orphan's row is written by a task of its own
+            await sup.ledger.flush()
+            with sqlite3.connect(sup.store.path) as db:
+                rows = db.execute("SELECT outcome, provider_id, route FROM usage").fetchall()
+            await trio.sleep(0.01)
+    assert rows == [("orphaned", fake.provider_id, "cluster")]
 
 
 async def test_a_hedge_across_owners_cancels_the_loser_on_the_wire(world: World) -> None:
