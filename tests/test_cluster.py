@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import gc
 import shutil
-import sqlite3
 import socket
+import sqlite3
 import subprocess
 import warnings
 from collections.abc import AsyncIterator
