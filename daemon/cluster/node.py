@@ -81,6 +81,8 @@ REDIS_DOWN: Final = "unreachable (the cluster's Redis is down)"
 PEER_SILENT: Final = "unreachable (its daemon stopped answering)"
 
 Fields = dict[str, str | bytes]
+Message = tuple[str, str, bytes]  # (kind, request id, data)
+_messages = msgspec.msgpack.Decoder(list[tuple[str, str, bytes]])
 
 
 @dataclass(eq=False)
@@ -113,7 +115,7 @@ class Cluster:
         self._directory_id = "$"
         self._published: dict[str, bytes] = {}
         self._cooldowns_loaded: set[ProviderEntry] = set()
-        self._outbox_send, self._outbox = trio.open_memory_channel[tuple[str, Fields]](OUTBOX)
+        self._outbox_send, self._outbox = trio.open_memory_channel[tuple[str, Message]](OUTBOX)
         self._nursery: trio.Nursery | None = None
         registry.remote_report = self._report
 
@@ -187,9 +189,8 @@ class Cluster:
         """Queue one message for `target`'s inbox, never waiting; SessionGone if it can't."""
         if not self.up:
             raise SessionGone
-        fields: Fields = {"k": kind.value, "f": self.instance, "r": request_id, "d": data}
         try:
-            self._outbox_send.send_nowait((wire.inbox_key(target), fields))
+            self._outbox_send.send_nowait((wire.inbox_key(target), (kind.value, request_id, data)))
         except trio.WouldBlock:
             raise SessionGone from None
 
@@ -201,9 +202,14 @@ class Cluster:
                     batch.append(self._outbox.receive_nowait())
                 except trio.WouldBlock:
                     break
+            # One entry per inbox for the whole batch: one command, one read, not one each.
+            by_inbox: dict[str, list[Message]] = {}
+            for key, message in batch:
+                by_inbox.setdefault(key, []).append(message)
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
-                    for key, fields in batch:
+                    for key, messages in by_inbox.items():
+                        fields: Fields = {"f": self.instance, "m": msgspec.msgpack.encode(messages)}
                         pipe.xadd(
                             key,
                             fields,
@@ -257,13 +263,16 @@ class Cluster:
                         log.warning("cluster: dropped a malformed message")
 
     def _handle(self, fields: Any) -> None:
-        kind = fields[b"k"].decode()
         sender = fields[b"f"].decode()
-        request_id = fields[b"r"].decode()
-        data: bytes = fields.get(b"d", b"")
         peer = self.peers.get(sender)
         if peer is not None:
             peer.heard()
+        for kind, request_id, data in _messages.decode(fields[b"m"]):
+            self._handle_one(peer, sender, kind, request_id, data)
+
+    def _handle_one(
+        self, peer: Peer | None, sender: str, kind: str, request_id: str, data: bytes
+    ) -> None:
         match kind:
             case wire.Kind.FRAME:
                 if peer is not None:

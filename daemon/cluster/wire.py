@@ -1,7 +1,8 @@
 """What daemons of one cluster say to each other: inbox messages and directory records.
 
-Every instance reads one Redis stream, its inbox (`inbox_key`). An entry is a few fields:
-`k` its kind, `f` the sending instance, `r` the request id it is about, `d` its data. None of
+Every instance reads one Redis stream, its inbox (`inbox_key`). An entry is what one writer
+batch holds for that inbox: `f` the sending instance, `m` a msgpack list of messages, each
+`[kind, request id, data]`. None of
 it is on the provider wire (PROTOCOL.md is unchanged): a provider never learns that the
 request came from another daemon. A request body travels sealed to the provider's key, a
 provider frame travels as the provider sent it (chunks sealed to the ingress's ephemeral
