@@ -8,10 +8,13 @@ providers connect to one daemon each; consumers ask another. Every wait has a bo
 from __future__ import annotations
 
 import gc
+import os
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
+import sys
 import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -40,6 +43,7 @@ from tests.fakes.provider import (
     start_fakes,
 )
 
+ROOT = Path(__file__).resolve().parent.parent
 REDIS = shutil.which("redis-server")
 pytestmark = [
     pytest.mark.skipif(REDIS is None, reason="needs redis-server"),
@@ -411,3 +415,55 @@ async def test_redis_killed_and_restarted(world: World) -> None:
     response = await a.chat(model="r")
     assert response.status_code == 200, response.text
     assert len(remote.received) == 1
+
+
+def test_without_a_redis_url_nothing_imports_redis() -> None:
+    code = "import sys, daemon.api.serve, dinfer.cli; print('coredis' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert out.stdout.strip() == "False"
+
+
+async def test_serve_workers_runs_two_instances_on_one_port(world: World) -> None:
+    port = _free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("DINFER_")},
+        **ENV,
+        "PYTHONPATH": str(ROOT),
+        "DINFER_LISTEN": f"127.0.0.1:{port}",
+        "DINFER_DATA_DIR": str(world.tmp / "workers"),
+        "DINFER_REDIS_URL": world.redis.url,
+    }
+    command = [sys.executable, "-m", "dinfer", "serve", "--workers", "2"]
+    process = await trio.lowlevel.open_process(command, env=env, cwd=ROOT)  # to signal it
+    try:
+        instances: set[str] = set()
+        with trio.fail_after(40):  # two daemons start on a loaded 2-core machine
+            while len(instances) < 2:
+                instances = await _instances(world.redis.url)
+                await trio.sleep(0.1)
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                while (await _ready(client)) != 200:
+                    await trio.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def _ready(client: httpx.AsyncClient) -> int:
+    try:
+        return (await client.get("/readyz")).status_code
+    except httpx.HTTPError:
+        return 0
+
+
+async def _instances(url: str) -> set[str]:
+    import coredis
+
+    async with coredis.Redis.from_url(url) as redis:
+        return {key.decode() async for key in redis.scan_iter(match="dinfer:instance:*")}
