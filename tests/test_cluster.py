@@ -444,7 +444,7 @@ async def test_serve_workers_runs_two_instances_on_one_port(world: World) -> Non
                 instances = await _instances(world.redis.url)
                 await trio.sleep(0.1)
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-                while (await _ready(client)) != 200:  # noqa: ASYNC110 - another process: polled, bounded
+                while (await _ready(client)) != 200:  # noqa: ASYNC110 - polled, bounded
                     await trio.sleep(0.1)
         process.send_signal(signal.SIGTERM)
         with trio.fail_after(20):
