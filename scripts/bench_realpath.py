@@ -94,7 +94,6 @@ from bench_dispatch import (  # noqa: E402
     create_api_key,
     free_port,
     request_body,
-    wait_listening,
 )
 from realpath_stats import (  # noqa: E402
     WrkSummary,
@@ -113,6 +112,7 @@ GOAL_LONG = 64  # the goals' "64-token streams, c=16"
 CONCURRENCIES = (1, 16, 64, 256)
 NODE_SLOTS = 1024  # protocol.messages.MAX_CONCURRENCY
 REQUEST_TIMEOUT_S = 120.0
+LITELLM_KEY = "sk-bench-0123456789abcdef0123456789abcdef"
 OPENING_WINDOW = 64  # slow streams opening at once
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 BENCHMARKS = REPO / "BENCHMARKS.md"
@@ -290,12 +290,12 @@ async def start_stack(
         base_env(),
         node_cpu,
     )
-    await wait_listening(backend_port)
+    await wait_listening(backend_port, backend)
     data_dir = procs.workdir / f"daemon-{port}"
     daemon = procs.start(
         "daemon", [py, "-m", "dinfer", "serve"], daemon_env(port, data_dir), daemon_cpu
     )
-    await wait_listening(port)
+    await wait_listening(port, daemon)
     stack = Stack(backend, daemon, [], port, backend_port)
     stack.token = await create_api_key(port)
     for index in range(nodes):
@@ -313,6 +313,21 @@ async def start_stack(
         stack.nodes.append(procs.start(f"node{index}", argv, env, node_cpu))
     await wait_routable(stack, nodes)
     return stack
+
+
+async def wait_listening(port: int, proc: Proc | None = None, bound_s: float = 30) -> None:
+    """Until `port` accepts a connection; fails if `proc` exits first or after `bound_s`."""
+    with trio.fail_after(bound_s):
+        while True:
+            if proc is not None:
+                proc.check()
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                await trio.sleep(0.1)
+                continue
+            await stream.aclose()
+            return
 
 
 def node_command(py: str, lift_pool: bool) -> list[str]:
@@ -556,7 +571,7 @@ def describe(phase: Phase) -> str:
         f"{phase.rps:8.1f} req/s",
         f"ttft p50 {ms(percentile(phase.ttfts, 0.5))} p99 {ms(percentile(phase.ttfts, 0.99))}",
     ]
-    for name in ("daemon", "node", "backend"):
+    for name in ("daemon", "node", "litellm", "backend"):
         if name in phase.meter.used:
             parts.append(f"{name} {ms(phase.cpu_per_request(name))}/req")
     parts.append(f"client busy {phase.meter.client / phase.meter.elapsed:.2f}")
@@ -713,6 +728,7 @@ class Results:
     litellm: dict[tuple[int, int], Phase] = field(default_factory=dict)
     ttft: dict[str, Phase] = field(default_factory=dict)
     streams: StreamsResult | None = None
+    litellm_version: str = ""
     load_start: str = ""
     load_end: str = ""
     started: str = ""
@@ -724,6 +740,12 @@ async def bench(opts: Options, results: Results) -> None:
         await load_parts(opts, results)
     if opts.litellm:
         results.litellm = await litellm_phases(opts)
+        version = await trio.run_process(
+            [str(Path(opts.litellm).parent / "python"), "-c",
+             "import importlib.metadata as m; print(m.version('litellm'))"],
+            capture_stdout=True, check=False,
+        )  # fmt: skip
+        results.litellm_version = version.stdout.decode().strip() or "unknown version"
     if "streams" in opts.parts and opts.streams > 0:
         say(f"== {opts.streams} slow streams through one daemon alone on CPU 0")
         with contextlib.ExitStack() as stack_owner:
@@ -775,7 +797,12 @@ async def litellm_phases(opts: Options) -> dict[tuple[int, int], Phase]:
             f"      api_base: http://127.0.0.1:{backend_port}/v1\n"
             "      api_key: none\n"
         )
-        env = {**base_env(), "LITELLM_LOG": "ERROR"}
+        env = {
+            **base_env(),
+            "LITELLM_LOG": "ERROR",
+            "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # no fetch of the cost map at start
+            "LITELLM_MASTER_KEY": LITELLM_KEY,
+        }
         proxy = procs.start(
             "litellm",
             [opts.litellm, "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
@@ -783,9 +810,8 @@ async def litellm_phases(opts: Options) -> dict[tuple[int, int], Phase]:
             env,
             SERVE_CPU,
         )  # fmt: skip
-        with trio.fail_after(120):
-            await wait_listening(port)
-        stack = Stack(backend, None, [], port, backend_port, token="none")
+        await wait_listening(port, proxy, bound_s=180)
+        stack = Stack(backend, None, [], port, backend_port, token=LITELLM_KEY)
         pids = {"litellm": proxy.pid, "backend": backend.pid}
         await closed_loop(stack, pids, "litellm", SHORT, 4, 2.0)
         phases = {}
@@ -860,6 +886,11 @@ def report(results: Results, opts: Options, command: str) -> str:
     write_ttft(write, results)
     write_load(write, results)
     write_streams(write, results, opts)
+    if results.litellm:
+        write(
+            f"LiteLLM ({results.litellm_version}) rows: its proxy (one worker) in front of the "
+            "same mock on CPU 0, its CPU in the daemon column.\n"
+        )
     write_notes(write, results, opts)
     write(f"![overhead against concurrency](docs/benchmarks/{FIGURE.name})\n")
     return "\n".join(out)
