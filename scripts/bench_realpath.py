@@ -1250,7 +1250,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         say(f"command: {command}")
         wall = time.perf_counter()
-        trio.run(bench, opts, results)
+        interrupted = False
+        try:
+            trio.run(bench, opts, results)
+        except* KeyboardInterrupt:  # raised in a task, it may come wrapped in a group
+            interrupted = True
+        if interrupted:
+            say("interrupted: every process this run started has been stopped")
+            return 130
         results.elapsed_s = time.perf_counter() - wall
         results.load_end = loadavg()
     blocks = report(results, opts, command)
