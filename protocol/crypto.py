@@ -16,7 +16,7 @@ from typing import Final
 
 import nacl.exceptions
 import nacl.utils
-from nacl.bindings import crypto_box_open_easy_afternm
+from nacl.bindings import crypto_box_easy_afternm, crypto_box_open_easy_afternm
 from nacl.public import Box, PrivateKey, PublicKey
 from nacl.signing import SigningKey, VerifyKey
 
@@ -207,18 +207,31 @@ class ChunkOpener:
 
 
 class ChunkSealer:
-    """Provider side of one request: seals response chunks for the daemon's ephemeral key."""
+    """Provider side of one request: seals response chunks for the daemon's ephemeral key.
 
-    __slots__ = ("_box", "_own_key_b64")
+    The nonces of one request are a random 24-byte number, then that number plus one per
+    chunk (libsodium's `sodium_increment` scheme): as unique under the request's key as a
+    fresh random nonce each, without a system call for randomness per chunk. The wire is the
+    same (nonce || box output) and openers need no change.
+    """
+
+    __slots__ = ("_key", "_nonce", "_own_key_b64")
 
     def __init__(self, box: Box, own_public_key: PublicKey) -> None:
-        self._box = box
+        self._key = box.shared_key()
+        self._nonce = int.from_bytes(nacl.utils.random(NONCE_BYTES), "little")
         self._own_key_b64 = encode_key(own_public_key)
 
     def seal(self, plaintext: bytes) -> EncryptedPayload:
+        nonce = self._nonce.to_bytes(NONCE_BYTES, "little")
+        self._nonce = (self._nonce + 1) & _NONCE_MASK
+        boxed = crypto_box_easy_afternm(plaintext, nonce, self._key)
         return EncryptedPayload(
-            ephemeral_public_key=self._own_key_b64, ciphertext=_seal(self._box, plaintext)
+            ephemeral_public_key=self._own_key_b64, ciphertext=b64encode(nonce + boxed)
         )
+
+
+_NONCE_MASK: Final = (1 << (8 * NONCE_BYTES)) - 1
 
 
 def seal_request(plaintext: bytes, provider_key: PublicKey) -> tuple[EncryptedPayload, ChunkOpener]:

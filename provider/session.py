@@ -47,7 +47,7 @@ from protocol.messages import (
 from provider.ending import EndKind, SessionEnd, from_close
 from provider.failures import RequestFailure
 from provider.keys import NodeKeys
-from provider.link import CLOSE_TIMEOUT, LinkError, connected
+from provider.link import CLOSE_TIMEOUT, LinkError, connected, send_frames
 from provider.request import ChunkBatch, serve_request
 from provider.slots import Slots
 from provider.state import NodeState
@@ -134,14 +134,34 @@ class _Session:
     async def _send(self, message: ProviderMessage) -> None:
         await self._outbox.send(encode(message))
 
+    async def _queue_for_request(self, message: ProviderMessage) -> None:
+        """Queue a request's frame, without a task switch while the outbox has room.
+
+        A request relaying a fast stream then queues all the chunks one backend read gave
+        before the writer runs, and the writer sends them in one write (`_write`). Only a
+        full outbox waits: the backpressure is the same.
+        """
+        frame = encode(message)
+        try:
+            self._outbox.send_nowait(frame)
+        except trio.WouldBlock:
+            await self._outbox.send(frame)
+
     async def _write(self) -> None:
         async for item in self._frames:
-            # A request's ChunkBatch is sealed as it leaves: it holds every line added so far.
-            frame = item if isinstance(item, str) else encode(item.frame())
             try:
-                await self._ws.send_message(frame)
+                await send_frames(self._ws, [_frame_of(item), *self._queued()])
             except ConnectionClosed:
                 pass  # the reader sees the same close and reports why
+
+    def _queued(self) -> list[str]:
+        """Every frame already waiting in the outbox (at most OUTBOX_FRAMES)."""
+        frames = []
+        while True:
+            try:
+                frames.append(_frame_of(self._frames.receive_nowait()))
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return frames
 
     def _register(self, models: tuple[ModelInfo, ...]) -> Register:
         keys = self._settings.keys
@@ -236,7 +256,7 @@ class _Session:
             # Free the slot before the terminal leaves: the daemon may send the next request
             # the moment it reads it, and that one must not be refused as over the limit.
             self._slots.release(message.request_id)
-        await self._send(message)
+        await self._queue_for_request(message)
 
     # --- background duties -----------------------------------------------------------------
 
@@ -286,3 +306,9 @@ class _Session:
 
 def _differs_from(models: tuple[ModelInfo, ...]) -> Callable[[tuple[ModelInfo, ...]], bool]:
     return lambda candidate: candidate != models
+
+
+def _frame_of(item: str | ChunkBatch) -> str:
+    """An outbox item as its frame: a request's ChunkBatch is sealed as it leaves, holding
+    every line added to it so far."""
+    return item if isinstance(item, str) else encode(item.frame())
