@@ -82,8 +82,8 @@ async def hop(work: Path, redis_port: int, plan: bd.Plan, redis_pid: int) -> Non
         await bd.wait_listening(pa)
         await bd.wait_listening(pb)
         async with bd.fake_providers(pb):
-            a = bd.Target("ingress A (remote)", pa, a_pid, await bd.create_api_key(pa))
-            b = bd.Target("owner B (local)", pb, b_pid, await bd.create_api_key(pb))
+            a = bd.Target("ingress A (remote)", pa, a_pid, await bd.create_api_key(pa, False))
+            b = bd.Target("owner B (local)", pb, b_pid, await bd.create_api_key(pb, False))
             await wait_remote(a)
             for target in (b, a):
                 await bd.requests_loop(target, 1, count=plan.warmup)
@@ -130,7 +130,9 @@ async def workers(work: Path, redis_port: int, plan: bd.Plan, count: int) -> Non
     with bd.child(command, env, work / f"w{count}.log", None) as pid:
         await bd.wait_listening(port)
         async with bd.fake_providers(port):
-            target = bd.Target(f"--workers {count}", port, pid, await bd.create_api_key(port))
+            target = bd.Target(
+                f"--workers {count}", port, pid, await bd.create_api_key(port, False)
+            )
             await trio.sleep(1.5)  # every worker's replica has every worker's providers
             await bd.requests_loop(target, 8, count=plan.warmup)
             run = await bd.requests_loop(target, 64, seconds=plan.burst_s)
