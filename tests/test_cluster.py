@@ -148,8 +148,8 @@ class World:
     tmp: Path
     nodes: list[Node] = field(default_factory=list)
 
-    async def node(self) -> Node:
-        env = {**ENV, "DINFER_DATA_DIR": str(self.tmp / f"d{len(self.nodes)}")}
+    async def node(self, **overrides: str) -> Node:
+        env = {**ENV, **overrides, "DINFER_DATA_DIR": str(self.tmp / f"d{len(self.nodes)}")}
         env["DINFER_REDIS_URL"] = self.redis.url
         settings = load_settings(env)
         done = trio.Event()
@@ -310,14 +310,8 @@ async def test_an_ingress_killed_mid_stream_cancels_the_provider(world: World) -
 
 
 async def test_a_hedge_across_owners_cancels_the_loser_on_the_wire(world: World) -> None:
-    env = {"DINFER_HEDGE_MODE": "fixed", "DINFER_SPECULATIVE_RATIO": "0.05"}
-    ENV.update(env)
-    try:
-        a, b, c = await world.node(), await world.node(), await world.node()
-    finally:
-        for key in env:
-            ENV.pop(key)
-        ENV["DINFER_HEDGE_MODE"] = "off"
+    hedged = {"DINFER_HEDGE_MODE": "fixed", "DINFER_SPECULATIVE_RATIO": "0.05"}
+    a, b, c = await world.node(**hedged), await world.node(), await world.node()
     slow = b.fake(behaviour=always([Stall()]))
     await world.connect(slow)
     await sees(a, slow)
