@@ -461,3 +461,16 @@ async def _instances(url: str) -> set[str]:
 
     async with coredis.Redis.from_url(url) as redis:
         return {key.decode() async for key in redis.scan_iter(match="dinfer:instance:*")}
+
+
+async def test_the_hedging_budget_is_the_clusters(world: World) -> None:
+    a, b = await world.node(), await world.node()
+    fake = b.fake()
+    await world.connect(fake)
+    for _ in range(20):  # DINFER_HEDGE_BUDGET 5%: one backup per 20 dispatches
+        assert (await b.chat()).status_code == 200
+    budget = a.daemon.supervisor.hedger.budget
+    assert budget.dispatches == 0
+    # Within one refresh (1 s) a sees b's window: the budget is the cluster's sum.
+    await poll_until(lambda: budget.elsewhere[0] == 20, bound=3)
+    assert budget.allows(trio.current_time())

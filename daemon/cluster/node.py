@@ -38,7 +38,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import coredis
 import msgspec
@@ -81,6 +81,16 @@ REDIS_DOWN: Final = "unreachable (the cluster's Redis is down)"
 PEER_SILENT: Final = "unreachable (its daemon stopped answering)"
 
 Fields = dict[str, str | bytes]
+
+
+class SharedBudget(Protocol):
+    """The hedging budget's window (daemon/nursery/hedging.py), shared across instances."""
+
+    def budget_totals(self) -> tuple[int, int]: ...
+
+    def budget_elsewhere(self, dispatches: int, backups: int) -> None: ...
+
+
 Message = tuple[str, str, bytes]  # (kind, request id, data)
 _messages = msgspec.msgpack.Decoder(list[tuple[str, str, bytes]])
 
@@ -101,8 +111,11 @@ class Cluster:
         registry: Registry,
         ledger: Ledger | None = None,
         instance: str | None = None,
+        *,
+        budget: SharedBudget | None = None,
     ) -> None:
         self.url = url
+        self._budget = budget
         self._ledger = ledger
         self.instance = instance or uuid.uuid4().hex[:12]
         self.registry = registry
@@ -410,6 +423,7 @@ class Cluster:
                 if refresh:
                     refreshed = trio.current_time()
                     await self._rebuild()
+                    await self._share_budget()
             except REDIS_ERRORS as exc:
                 self._lost(exc)
 
@@ -447,6 +461,22 @@ class Cluster:
         for pid in gone:
             del self._published[pid]
         self._published.update(changed)
+
+    async def _share_budget(self) -> None:
+        """Publish this instance's hedging window, sum the others': one cluster budget."""
+        if self._budget is None:
+            return
+        dispatches, backups = self._budget.budget_totals()
+        mine = wire.budget_key(self.instance)
+        await self._redis.set(mine, f"{dispatches} {backups}", px=RECORD_TTL_MS)
+        keys = [k async for k in self._redis.scan_iter(match=wire.BUDGET_MATCH, count=1000)]
+        others = [k for k in keys if _text(k) != mine]
+        total_d = total_b = 0
+        for value in await self._redis.mget(others) if others else []:
+            if value is not None:
+                d, _, b = _text(value).partition(" ")
+                total_d, total_b = total_d + int(d), total_b + int(b)
+        self._budget.budget_elsewhere(total_d, total_b)
 
     async def _load_cooldowns(self, entry: ProviderEntry) -> None:
         """A provider new on this instance keeps the cooldowns it had elsewhere."""

@@ -98,6 +98,13 @@ def cooldown_key(provider_id: str) -> str:
 
 
 DIRECTORY_MATCH: Final = PREFIX + "dir:*"
+BUDGET_MATCH: Final = PREFIX + "budget:*"
+
+
+def budget_key(instance: str) -> str:
+    """`dispatches backups` in the instance's hedging window (daemon/nursery/budget.py)."""
+    return f"{PREFIX}budget:{instance}"
+
 
 _dispatch = msgspec.json.Decoder(Dispatch)
 _report = msgspec.json.Decoder(Report)

@@ -221,7 +221,9 @@ async def open_supervisor(
         if settings.redis_url is not None:
             from daemon.cluster.node import Cluster  # only a cluster pays for importing Redis
 
-            cluster = await nursery.start(Cluster(settings.redis_url, registry, ledger).run)
+            cluster = await nursery.start(
+                Cluster(settings.redis_url, registry, ledger, budget=hedger).run
+            )
         try:
             yield Supervisor(
                 settings, store, registry, queue, hedger, nursery, ledger, cluster=cluster
