@@ -58,7 +58,7 @@ class RemoteLink:
 
     def open_stream(self, request_id: str) -> trio.MemoryReceiveChannel[StreamFrame]:
         if not len(self.peer.streams):
-            self.peer.heard()  # its silence counts from its first request in flight
+            self.peer.last_heard = trio.current_time()  # silence counts from now
         return self.peer.streams.open(request_id)
 
     def start(self, request_id: str, body: EncryptedPayload, model: str = "") -> None:
