@@ -669,6 +669,7 @@ def _record(entry: ProviderEntry, cluster: Cluster, now: float) -> wire.Record |
             (model, shape, round(wall + until, 2))
             for model, shape, until in breaker.cooldowns(entry.provider_id, now)
         ],
+        multi_sse=entry.multi_sse,
     )
 
 
@@ -686,6 +687,7 @@ def _entry(record: wire.Record, link: RemoteLink) -> ProviderEntry:
         advertised_decode_tps=record.decode_tps,
         owner=record.owner,
         epoch=record.epoch,
+        multi_sse=record.multi_sse,
     )
 
 

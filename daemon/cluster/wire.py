@@ -78,6 +78,8 @@ class Record(msgspec.Struct, frozen=True):
     prefill_tps: float | None
     decode_tps: float | None
     cooldowns: list[tuple[str, str, float]]  # (model, shape, until)
+    # Negotiated extensions the ingress must know to read the frames (protocol-extensions.md).
+    multi_sse: bool = False
 
 
 def inbox_key(instance: str) -> str:
