@@ -107,25 +107,26 @@ def request_id_headers(names: Sequence[bytes] = ID_HEADERS) -> Headers:
 
 
 async def read_consumer_body(sup: Supervisor, scope: dict[str, Any], receive: Receive) -> bytes:
-    """The first checks of every consumer POST route: the method, the body's size, the key."""
+    """The first checks of every consumer POST route: the method, the key, the body's size."""
     if scope["method"] != "POST":
         await drain(receive)
         raise ApiError(405, "method_not_allowed", "use POST")
-    limit = sup.settings.max_body_bytes
-    try:
-        raw = await read_body(scope, receive, limit)
-    except BodyTooLarge:
-        raise ApiError(
-            413, "request_too_large", f"the request body exceeds {limit} bytes"
-        ) from None
+    # The key before the body: a client without one must not make the daemon buffer it.
     key = consumer_key(scope)
     if key is None or await sup.store.find_api_key(key) is None:
+        await drain(receive)
         raise ApiError(
             401,
             "invalid_api_key",
             "a valid API key is required (Authorization: Bearer KEY, or x-api-key: KEY)",
         )
-    return raw
+    limit = sup.settings.max_body_bytes
+    try:
+        return await read_body(scope, receive, limit)
+    except BodyTooLarge:
+        raise ApiError(
+            413, "request_too_large", f"the request body exceeds {limit} bytes"
+        ) from None
 
 
 class InferenceRoute:
