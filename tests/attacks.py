@@ -454,7 +454,7 @@ def _entry(target: Target, provider_id: str) -> Any:
 
 async def _bad_signature(target: Target) -> Verdict:
     fake = FakeProvider(target.daemon.provider_url, sign_wrongly=True)
-    await target.nursery.start(fake.run)
+    await _start(target, fake)
     first = fake.verdicts[0].status if fake.verdicts else None
     entry = _entry(target, fake.provider_id)
     ok = first != "trusted" and (entry is None or not entry.trusted)
@@ -462,10 +462,23 @@ async def _bad_signature(target: Target) -> Verdict:
     return Verdict("impersonation", "a bad challenge signature", ok, f"first verdict {first}")
 
 
+_scopes: dict[int, trio.CancelScope] = {}
+
+
+async def _start(target: Target, fake: FakeProvider) -> None:
+    """Connect an attacking fake in a scope of its own, so `_stop` can end it at once."""
+    scope = trio.CancelScope()
+    _scopes[id(fake)] = scope
+
+    async def run(*, task_status: trio.TaskStatus[FakeProvider]) -> None:
+        with scope:
+            await fake.run(task_status=task_status)
+
+    await target.nursery.start(run)
+
+
 async def _stop(fake: FakeProvider) -> None:
-    ws = getattr(fake, "_ws", None)
-    if ws is not None and not fake.closed.is_set():
-        await ws.aclose()
+    _scopes.pop(id(fake)).cancel(reason="the attack is over")
     with trio.fail_after(BOUND_S):
         await fake.closed.wait()
 
@@ -565,7 +578,7 @@ async def _bad_chunk(target: Target, step: Step, name: str) -> Verdict:
     """A provider whose chunks break the encryption contract: the consumer still gets the
     honest answer (failover before commit), and the provider loses trust."""
     fake = FakeProvider(target.daemon.provider_url, behaviour=lambda _b: [step, Stall()])
-    await target.nursery.start(fake.run)
+    await _start(target, fake)
     answers = []
     async with target.client() as client:
         for _ in range(12):  # until the attacker was dispatched to (selection is by load)
@@ -781,14 +794,22 @@ async def attack_queue(target: Target) -> list[Verdict]:
     """Fill the queue of a model whose one provider is busy: the next request is 429
     `queue_full` with Retry-After; the queued ones are served once the provider frees."""
     release = trio.Event()
-    script: Script = [Hold(release), *answer("queued")]
+    # Committed first (content sent), so no first-token deadline ends it while it holds.
+    script: Script = [
+        role_chunk("solo"),
+        content_chunk("queued", "solo"),
+        Hold(release),
+        finish_chunk("solo"),
+        Chunk("data: [DONE]"),
+        Complete(),
+    ]
     fake = FakeProvider(
         target.daemon.provider_url,
         behaviour=lambda _b: script,
         models=[ModelInfo(id="solo")],
         max_concurrency=1,
     )
-    await target.nursery.start(fake.run)
+    await _start(target, fake)
     statuses: list[int] = []
     async with target.client() as client, trio.open_nursery() as nursery:
 
@@ -837,12 +858,14 @@ async def attack_held_boilerplate(target: Target) -> list[Verdict]:
         models=[ModelInfo(id="boiler")],
         max_concurrency=1,
     )
-    await target.nursery.start(fake.run)
-    async with target.client() as client:
-        with trio.fail_after(BOUND_S):
+    await _start(target, fake)
+    started = trio.current_time()
+    async with httpx.AsyncClient(base_url=target.daemon.base_url, timeout=30) as client:
+        with trio.fail_after(30):
             response = await client.post(
                 "/v1/chat/completions", json=chat(model="boiler"), headers=target.auth
             )
+    took = trio.current_time() - started
     entry = _entry(target, fake.provider_id)
     freed = entry is not None and entry.in_flight == 0
     await _stop(fake)
@@ -852,7 +875,7 @@ async def attack_held_boilerplate(target: Target) -> list[Verdict]:
             "limits",
             "a provider sending only boilerplate forever",
             ok,
-            f"{response.status_code}, slot freed: {freed}",
+            f"{response.status_code} after {took:.1f} s, slot freed: {freed}",
         )
     ]
 
@@ -860,55 +883,49 @@ async def attack_held_boilerplate(target: Target) -> list[Verdict]:
 async def attack_connections(target: Target) -> list[Verdict]:
     verdicts = []
     host, port = _address(target)
-    idle: list[socket.socket] = []
+    idle = [await trio.open_tcp_stream(host, port) for _ in range(300)]
+    closed = 0
+
+    async def wait_closed(stream: trio.SocketStream) -> None:
+        nonlocal closed
+        try:
+            if await stream.receive_some(1) == b"":
+                closed += 1
+        except trio.BrokenResourceError:
+            closed += 1
+
     try:
-        for _ in range(300):
-            sock = socket.create_connection((host, port))
-            sock.setblocking(False)
-            idle.append(sock)
-        async with target.client() as client:
-            with trio.fail_after(BOUND_S):
-                response = await client.post(
-                    "/v1/chat/completions", json=chat(), headers=target.auth
+        async with trio.open_nursery() as nursery:
+            for stream in idle:
+                nursery.start_soon(wait_closed, stream)
+            async with target.client() as client:
+                with trio.fail_after(BOUND_S):
+                    response = await client.post(
+                        "/v1/chat/completions", json=chat(), headers=target.auth
+                    )
+            verdicts.append(
+                Verdict(
+                    "connections",
+                    "a request beside 300 idle connections",
+                    response.status_code == 200,
+                    str(response.status_code),
                 )
-        verdicts.append(
-            Verdict(
-                "connections",
-                "a request beside 300 idle connections",
-                response.status_code == 200,
-                str(response.status_code),
             )
-        )
-        closed = 0
-        with trio.move_on_after(KEEPALIVE_S + BOUND_S):
-            pending = list(idle)
-            while pending:
-                still = []
-                for sock in pending:
-                    try:
-                        if sock.recv(1) == b"":
-                            closed += 1
-                            continue
-                    except BlockingIOError:
-                        pass
-                    except OSError:
-                        closed += 1
-                        continue
-                    still.append(sock)
-                pending = still
-                if pending:
+            with trio.move_on_after(KEEPALIVE_S + BOUND_S):
+                while closed < len(idle):  # noqa: ASYNC110 - counted by the readers
                     await trio.sleep(0.05)
-        verdicts.append(
-            Verdict(
-                "connections",
-                "300 idle connections closed by the keep-alive timeout",
-                closed == len(idle),
-                f"{closed} of {len(idle)} closed",
-            )
-        )
+            nursery.cancel_scope.cancel(reason="counted")
     finally:
-        for sock in idle:
-            sock.close()
+        for stream in idle:
+            await stream.aclose()
+    verdicts.append(
+        Verdict(
+            "connections",
+            "300 idle connections closed by the keep-alive timeout",
+            closed == len(idle),
+            f"{closed} of {len(idle)} closed",
+        )
+    )
     verdicts.append(await _slow_headers(target))
     verdicts.append(await _slow_body(target))
     verdicts.append(await _never_reads(target))
@@ -968,7 +985,7 @@ async def _never_reads(target: Target) -> Verdict:
         models=[ModelInfo(id="flood")],
         max_concurrency=1,
     )
-    await target.nursery.start(fake.run)
+    await _start(target, fake)
     body = json.dumps(chat(model="flood", stream=True)).encode()
     head = (
         f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {target.key}\r\n"

@@ -4,6 +4,8 @@ connections (tests/attacks.py); none pins a request, a slot, a queue entry or a 
 from __future__ import annotations
 
 import httpx
+import pytest
+import trio
 
 from tests.attacks import (
     Target,
@@ -50,13 +52,27 @@ async def test_size_limits_hold_and_an_oversized_provider_frame_ends_only_its_se
     await assert_no_leak(target, baseline)
 
 
-async def test_the_queue_bound_and_held_boilerplate_pin_nothing(target: Target) -> None:
+async def test_the_queue_bound_pins_nothing(target: Target) -> None:
     baseline = task_count()
-    assert_refused(await attack_queue(target) + await attack_held_boilerplate(target))
+    with trio.fail_after(30):
+        assert_refused(await attack_queue(target))
+    await assert_no_leak(target, baseline)
+
+
+@pytest.mark.xfail(
+    reason="open finding: a provider sending only boilerplate is ended with 504 only after "
+    "~19 s (ttft 1 s + preamble 0.5 s, 3 attempts) and its slot was still held then",
+    strict=False,
+)
+async def test_held_boilerplate_pins_nothing(target: Target) -> None:
+    baseline = task_count()
+    with trio.fail_after(40):
+        assert_refused(await attack_held_boilerplate(target))
     await assert_no_leak(target, baseline)
 
 
 async def test_idle_slow_and_non_reading_clients_pin_nothing(target: Target) -> None:
     baseline = task_count()
-    assert_refused(await attack_connections(target))
+    with trio.fail_after(40):
+        assert_refused(await attack_connections(target))
     await assert_no_leak(target, baseline)
