@@ -575,31 +575,33 @@ async def _stolen_box_key(target: Target) -> Verdict:
 
 
 async def _bad_chunk(target: Target, step: Step, name: str) -> Verdict:
-    """A provider whose chunks break the encryption contract: the consumer still gets the
-    honest answer (failover before commit), and the provider loses trust."""
-    fake = FakeProvider(target.daemon.provider_url, behaviour=lambda _b: [step, Stall()])
+    """A provider whose chunks break the encryption contract (the only one serving its
+    model): nothing of it reaches the consumer, who gets 502, and the provider loses trust."""
+    fake = FakeProvider(
+        target.daemon.provider_url,
+        behaviour=lambda _b: [step, Stall()],
+        models=[ModelInfo(id="bad")],
+    )
     await _start(target, fake)
-    answers = []
     async with target.client() as client:
-        for _ in range(12):  # until the attacker was dispatched to (selection is by load)
-            with trio.fail_after(BOUND_S):
-                response = await client.post(
-                    "/v1/chat/completions", json=chat(), headers=target.auth
-                )
-            answers.append(response.status_code)
-            if response.status_code != 200 or "honest answer" not in response.text:
-                break
-            if fake.request_seen.is_set():
-                break
+        with trio.fail_after(BOUND_S):
+            response = await client.post(
+                "/v1/chat/completions", json=chat(model="bad"), headers=target.auth
+            )
     entry = _entry(target, fake.provider_id)
     untrusted = entry is None or not entry.trusted
-    ok = fake.request_seen.is_set() and all(s == 200 for s in answers) and untrusted
+    ok = (
+        fake.request_seen.is_set()
+        and response.status_code == 502
+        and "data: " not in response.text
+        and untrusted
+    )
     await _stop(fake)
     return Verdict(
         "impersonation",
         name,
         ok,
-        f"dispatched to: {fake.request_seen.is_set()}, answers {answers}, untrusted: {untrusted}",
+        f"{response.status_code} {response.text[:120]}, untrusted: {untrusted}",
     )
 
 
