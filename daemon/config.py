@@ -31,6 +31,7 @@ from daemon.config_file import ConfigFileError, read_config
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 HedgeMode = Literal["learned", "fixed", "off"]
+LogFormat = Literal["text", "json"]
 
 
 class ConfigError(Exception):
@@ -72,6 +73,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     challenge_answer_s: float
     challenge_max_age_s: float
     log_level: str
+    log_format: LogFormat
+    metrics_listen: tuple[str, int] | None
 
     @property
     def listen(self) -> str:
@@ -149,6 +152,11 @@ def _listen(raw: str) -> tuple[str, int]:
     if not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
         raise ValueError("host:port with a port from 0 to 65535")
     return host, int(port)
+
+
+def _optional_listen(raw: str) -> tuple[str, int] | None:
+    """A listen address, or None for `off`."""
+    return None if raw.lower() == "off" else _listen(raw)
 
 
 def _ipv6(host: str) -> str:
@@ -465,6 +473,23 @@ ENV_VARS: Final[tuple[EnvVar, ...]] = (
         "debug, info, warning, error or critical",
         _choice("debug", "info", "warning", "error", "critical"),
         table="server",
+    ),
+    _var(
+        "DINFER_LOG_FORMAT",
+        "text",
+        "text (one human line per record) or json (one JSON object per line)",
+        _choice("text", "json"),
+        table="server",
+        live=False,
+    ),
+    _var(
+        "DINFER_METRICS_LISTEN",
+        "127.0.0.1:9464",
+        "address of the Prometheus /metrics listener, host:port, apart from the API's; off "
+        "disables it",
+        _optional_listen,
+        table="server",
+        live=False,
     ),
 )
 

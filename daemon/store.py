@@ -1,5 +1,8 @@
 """The daemon's SQLite store: schema migrations, provider tokens and consumer API keys.
 
+The `usage` table is the usage ledger's (daemon/accounts/), which writes it on a connection of
+its own; the store only creates it.
+
 One connection, owned by the `Store` that `open_store` yields, lives in
 `<DINFER_DATA_DIR>/dinfer.sqlite3` in WAL mode. Every statement runs in a Trio worker thread
 (`trio.to_thread.run_sync`); a `trio.Lock` lets one thread use the connection at a time. The
@@ -26,6 +29,17 @@ size and mtime. A separate negative cache of unknown digests would add nothing: 
 would need the same freshness check, and the live set bounds memory by the real keys however
 many distinct bad ones arrive.
 
+API keys may carry limits (`KeyLimits`: rate, tokens, concurrency, models, expiry). The live
+keys' limits are cached beside their digests (id -> limits, only for keys that have any), loaded
+and reloaded with them, so the request path reads a key's limits with one dict probe. Because
+a hit must see a change too (`dinfer keys set` or `rotate` from another process), a hit asks
+`data_version` as well, at most every `HIT_RECHECK_S` (10 ms): the question costs tens of
+microseconds, too much for every request of a busy daemon, and within 10 ms is at once for an
+operator. Changes made through this `Store` (the admin API) are in memory at once. Commits to
+other tables (the usage ledger's) move `data_version` too: a trigger-kept counter,
+`api_keys_epoch`, tells the reload whether `api_keys` itself changed, and when it did not the
+reload reads one row.
+
 The schema is `MIGRATIONS`, applied in order; the `schema_version` table records which have
 run, so reopening applies only the new ones. Adding a migration is appending a script.
 """
@@ -33,19 +47,26 @@ run, so reopening applies only the new ones. Adding a migration is appending a s
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import secrets
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 import trio
 
+from daemon.key_policy import COUNT_FIELDS, LIMIT_FIELDS, NO_LIMITS, KeyLimits, format_time
+
 DB_FILENAME: Final = "dinfer.sqlite3"
 MAX_NAME_CHARS: Final = 200
+# A hit asks data_version at most this often (a miss, every time): a change by another
+# process reaches known keys within it, and a busy daemon pays the question ~100 times a second.
+HIT_RECHECK_S: Final = 0.01
 
 # Append only: an applied migration is never edited, its number is its position (1-based).
 MIGRATIONS: Final[tuple[str, ...]] = (
@@ -64,6 +85,48 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         created_at REAL NOT NULL,
         revoked_at REAL
     );
+    """,
+    """
+    ALTER TABLE api_keys ADD COLUMN rpm INTEGER;
+    ALTER TABLE api_keys ADD COLUMN tpm INTEGER;
+    ALTER TABLE api_keys ADD COLUMN daily_tokens INTEGER;
+    ALTER TABLE api_keys ADD COLUMN max_concurrency INTEGER;
+    ALTER TABLE api_keys ADD COLUMN allowed_models TEXT;
+    ALTER TABLE api_keys ADD COLUMN expires_at REAL;
+    CREATE TABLE api_keys_epoch (id INTEGER PRIMARY KEY CHECK (id = 1), n INTEGER NOT NULL);
+    INSERT INTO api_keys_epoch VALUES (1, 0);
+    CREATE TRIGGER api_keys_inserted AFTER INSERT ON api_keys
+        BEGIN UPDATE api_keys_epoch SET n = n + 1; END;
+    CREATE TRIGGER api_keys_updated AFTER UPDATE ON api_keys
+        BEGIN UPDATE api_keys_epoch SET n = n + 1; END;
+    CREATE TRIGGER api_keys_deleted AFTER DELETE ON api_keys
+        BEGIN UPDATE api_keys_epoch SET n = n + 1; END;
+    """,
+    # The usage ledger (daemon/accounts/ledger.py): a row is open while `outcome` is NULL.
+    """
+    CREATE TABLE usage (
+        request_id TEXT PRIMARY KEY,
+        key_id TEXT NOT NULL,
+        route TEXT NOT NULL,
+        model TEXT,
+        shape TEXT,
+        status INTEGER,
+        outcome TEXT,
+        provider_id TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        providers TEXT NOT NULL DEFAULT '',
+        prompt_tokens INTEGER NOT NULL DEFAULT 0,
+        completion_tokens INTEGER NOT NULL DEFAULT 0,
+        reasoning_tokens INTEGER NOT NULL DEFAULT 0,
+        tokens_estimated INTEGER NOT NULL DEFAULT 0,
+        ttft_ms REAL,
+        duration_ms REAL,
+        started_at REAL NOT NULL,
+        ended_at REAL
+    );
+    CREATE INDEX usage_started_at ON usage (started_at);
+    CREATE INDEX usage_key_id ON usage (key_id, started_at);
+    CREATE INDEX usage_open ON usage (request_id) WHERE outcome IS NULL;
     """,
 )
 
@@ -90,6 +153,50 @@ class IssuedSecret:
 
 
 @dataclass(frozen=True, slots=True)
+class SecretRecord:
+    """A token or key as listed: never its secret nor its digest."""
+
+    id: str
+    name: str
+    created_at: float
+    revoked_at: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        """As the admin API and `--json` show it (times in RFC 3339)."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "created_at": format_time(self.created_at),
+            "revoked_at": format_time(self.revoked_at),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """A consumer API key as listed, with its limits."""
+
+    id: str
+    name: str
+    created_at: float
+    revoked_at: float | None
+    limits: KeyLimits
+
+    def to_json(self) -> dict[str, Any]:
+        """As the admin API and `--json` show it: the limits flat beside the times."""
+        record = SecretRecord(self.id, self.name, self.created_at, self.revoked_at)
+        return {**record.to_json(), **self.limits.to_json()}
+
+
+@dataclass(frozen=True, slots=True)
+class LiveKeys:
+    """The live API keys, as the request path reads them."""
+
+    ids: dict[str, str]  # SHA-256 hex digest of the secret -> key id
+    limits: dict[str, KeyLimits]  # key id -> limits, only for keys that have any
+    epoch: int  # api_keys_epoch when read: bumped by a trigger on every change to api_keys
+
+
+@dataclass(frozen=True, slots=True)
 class _Kind:
     """One table of hashed secrets and the shape of its ids and secrets."""
 
@@ -100,7 +207,6 @@ class _Kind:
 
 _PROVIDER_TOKENS: Final = _Kind(table="provider_tokens", id_prefix="pt_", secret_prefix="dpt_")
 _API_KEYS: Final = _Kind(table="api_keys", id_prefix="key_", secret_prefix="dk_")
-_KINDS: Final = (_PROVIDER_TOKENS, _API_KEYS)
 
 
 def database_path(data_dir: Path) -> Path:
@@ -197,6 +303,141 @@ def _insert(conn: sqlite3.Connection, kind: _Kind, id_: str, name: str, digest: 
     )
 
 
+_KEY_COLUMNS: Final = "id, name, created_at, revoked_at, " + ", ".join(LIMIT_FIELDS)
+
+
+def _limit_columns(limits: KeyLimits) -> tuple[Any, ...]:
+    models = limits.allowed_models
+    return (
+        *(getattr(limits, name) for name in COUNT_FIELDS),
+        None if models is None else json.dumps(sorted(models)),
+        limits.expires_at,
+    )
+
+
+def _limits_of(row: tuple[Any, ...]) -> KeyLimits:
+    """KeyLimits from the limit columns, in LIMIT_FIELDS order."""
+    rpm, tpm, daily_tokens, max_concurrency, models, expires_at = row
+    return KeyLimits(
+        rpm=rpm,
+        tpm=tpm,
+        daily_tokens=daily_tokens,
+        max_concurrency=max_concurrency,
+        allowed_models=None if models is None else frozenset(json.loads(models)),
+        expires_at=expires_at,
+    )
+
+
+def _key_record(row: tuple[Any, ...]) -> KeyRecord:
+    id_, name, created_at, revoked_at, *limits = row
+    return KeyRecord(id_, name, created_at, revoked_at, _limits_of(tuple(limits)))
+
+
+def _insert_key(
+    conn: sqlite3.Connection, id_: str, name: str, digest: str, limits: KeyLimits
+) -> None:
+    marks = ", ".join("?" * (4 + len(LIMIT_FIELDS)))
+    conn.execute(
+        f"INSERT INTO api_keys (id, name, secret_hash, created_at, {', '.join(LIMIT_FIELDS)}) "
+        f"VALUES ({marks})",
+        (id_, name, digest, time.time(), *_limit_columns(limits)),
+    )
+
+
+def _live_keys(conn: sqlite3.Connection) -> LiveKeys:
+    conn.execute("BEGIN")  # the epoch and the rows from one snapshot
+    try:
+        return _read_live_keys(conn)
+    finally:
+        conn.execute("COMMIT")
+
+
+def _keys_epoch(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT n FROM api_keys_epoch").fetchone()[0])
+
+
+def _live_keys_since(conn: sqlite3.Connection, epoch: int) -> LiveKeys | None:
+    """The live keys, or None when nothing in api_keys changed since `epoch` (another table's
+    commit, such as usage rows, moves data_version too)."""
+    return None if _keys_epoch(conn) == epoch else _live_keys(conn)
+
+
+def _read_live_keys(conn: sqlite3.Connection) -> LiveKeys:
+    epoch = _keys_epoch(conn)
+    rows = conn.execute(
+        f"SELECT secret_hash, id, {', '.join(LIMIT_FIELDS)} FROM api_keys WHERE revoked_at IS NULL"
+    ).fetchall()
+    ids = {digest: id_ for digest, id_, *_ in rows}
+    limits = {id_: _limits_of(tuple(rest)) for _, id_, *rest in rows}
+    return LiveKeys(ids, {id_: lim for id_, lim in limits.items() if not lim.empty}, epoch)
+
+
+def _list(conn: sqlite3.Connection, kind: _Kind) -> list[SecretRecord]:
+    rows = conn.execute(
+        f"SELECT id, name, created_at, revoked_at FROM {kind.table} ORDER BY created_at, id"
+    )
+    return [SecretRecord(*row) for row in rows.fetchall()]
+
+
+def _list_keys(conn: sqlite3.Connection) -> list[KeyRecord]:
+    rows = conn.execute(f"SELECT {_KEY_COLUMNS} FROM api_keys ORDER BY created_at, id")
+    return [_key_record(row) for row in rows.fetchall()]
+
+
+def _get_key(conn: sqlite3.Connection, id_: str) -> KeyRecord | None:
+    row = conn.execute(f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE id = ?", (id_,)).fetchone()
+    return None if row is None else _key_record(row)
+
+
+def _transaction(conn: sqlite3.Connection, fn: Callable[[], T]) -> T:
+    """`fn` in one write transaction, so a concurrent CLI cannot interleave with it."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn()
+    except BaseException:
+        _rollback(conn)
+        raise
+    conn.execute("COMMIT")
+    return result
+
+
+def _update_key(
+    conn: sqlite3.Connection, id_: str, name: str | None, changes: Mapping[str, Any]
+) -> KeyRecord | None:
+    """Apply limit changes (and a new name) to a live key; None when unknown or revoked."""
+
+    def update() -> KeyRecord | None:
+        old = _get_key(conn, id_)
+        if old is None or old.revoked_at is not None:
+            return None
+        new = KeyRecord(
+            old.id, name or old.name, old.created_at, None, old.limits.with_changes(changes)
+        )
+        sets = ", ".join(f"{column} = ?" for column in ("name", *LIMIT_FIELDS))
+        conn.execute(
+            f"UPDATE api_keys SET {sets} WHERE id = ?",
+            (new.name, *_limit_columns(new.limits), id_),
+        )
+        return new
+
+    return _transaction(conn, update)
+
+
+def _rehash(conn: sqlite3.Connection, id_: str, digest: str) -> str | None:
+    """Give a live key a new secret digest; its old digest, or None when unknown or revoked."""
+
+    def rehash() -> str | None:
+        row = conn.execute(
+            "SELECT secret_hash FROM api_keys WHERE id = ? AND revoked_at IS NULL", (id_,)
+        ).fetchone()
+        if row is None:
+            return None
+        conn.execute("UPDATE api_keys SET secret_hash = ? WHERE id = ?", (digest, id_))
+        return str(row[0])
+
+    return _transaction(conn, rehash)
+
+
 def _mark_revoked(conn: sqlite3.Connection, kind: _Kind, id_: str) -> str | None:
     """Revoke a live row; return its hash, or None when unknown or already revoked."""
     row = conn.execute(
@@ -213,12 +454,18 @@ def _mark_revoked(conn: sqlite3.Connection, kind: _Kind, id_: str) -> str | None
 class Store:
     """The daemon's persistent state. Get one from `open_store`."""
 
-    def __init__(self, conns: _Connections, live: dict[_Kind, dict[str, str]]) -> None:
+    def __init__(
+        self, conns: _Connections, tokens: dict[str, str], keys: LiveKeys, path: Path
+    ) -> None:
+        self.path = path  # the database file, for the usage ledger's own connections
         self._conn = conns.main
         self._watch = conns.watch
         self._lock = trio.Lock()
         # Per kind: SHA-256 hex digest of a live secret -> its id.
-        self._live = live
+        self._live = {_PROVIDER_TOKENS: tokens, _API_KEYS: keys.ids}
+        self._key_limits = keys.limits  # live key id -> its limits, for keys that have any
+        self._keys_epoch = keys.epoch
+        self._hits_checked_at = -math.inf  # when a hit last asked data_version
         # The watch connection's data_version when the live API keys were read.
         self._keys_version = conns.version_at_load
         self._reloading: trio.Event | None = None
@@ -227,14 +474,18 @@ class Store:
         async with self._lock:
             return await trio.to_thread.run_sync(fn, self._conn)
 
-    async def _create(self, kind: _Kind, name: str) -> IssuedSecret:
+    async def _create(self, kind: _Kind, name: str, limits: KeyLimits = NO_LIMITS) -> IssuedSecret:
         _check_name(name)
         issued = IssuedSecret(
             id=kind.id_prefix + secrets.token_hex(6),
             secret=kind.secret_prefix + secrets.token_urlsafe(32),
         )
         digest = hash_secret(issued.secret)
-        await self._run(lambda conn: _insert(conn, kind, issued.id, name, digest))
+        if kind is _API_KEYS:
+            await self._run(lambda conn: _insert_key(conn, issued.id, name, digest, limits))
+            self._set_limits(issued.id, limits)
+        else:
+            await self._run(lambda conn: _insert(conn, kind, issued.id, name, digest))
         self._live[kind][digest] = issued.id
         return issued
 
@@ -243,11 +494,19 @@ class Store:
         if digest is None:
             return False
         self._live[kind].pop(digest, None)
+        if kind is _API_KEYS:
+            self._key_limits.pop(id_, None)
         return True
 
     def _lookup(self, kind: _Kind, secret: str) -> str | None:
         # A dict probe on the digest leaks nothing useful about the secret through timing.
         return self._live[kind].get(hash_secret(secret))
+
+    def _set_limits(self, id_: str, limits: KeyLimits) -> None:
+        if limits.empty:
+            self._key_limits.pop(id_, None)
+        else:
+            self._key_limits[id_] = limits
 
     async def create_provider_token(self, name: str) -> IssuedSecret:
         """Issue a provider token (`dpt_...`); raise ValueError for a bad name."""
@@ -261,44 +520,95 @@ class Store:
         """The id of the live token `secret`, else None. Synchronous: served from memory."""
         return self._lookup(_PROVIDER_TOKENS, secret)
 
-    async def create_api_key(self, name: str) -> IssuedSecret:
+    async def list_provider_tokens(self) -> list[SecretRecord]:
+        """Every provider token, live and revoked, oldest first."""
+        return await self._run(lambda conn: _list(conn, _PROVIDER_TOKENS))
+
+    async def create_api_key(self, name: str, limits: KeyLimits = NO_LIMITS) -> IssuedSecret:
         """Issue a consumer API key (`dk_...`); raise ValueError for a bad name."""
-        return await self._create(_API_KEYS, name)
+        return await self._create(_API_KEYS, name, limits)
 
     async def revoke_api_key(self, id: str) -> bool:
         """Revoke a key by id; False when it is unknown or already revoked."""
         return await self._revoke(_API_KEYS, id)
 
+    async def list_api_keys(self) -> list[KeyRecord]:
+        """Every API key, live and revoked, oldest first, with its limits."""
+        return await self._run(_list_keys)
+
+    async def get_api_key(self, id: str) -> KeyRecord | None:
+        return await self._run(lambda conn: _get_key(conn, id))
+
+    async def update_api_key(
+        self, id: str, changes: Mapping[str, Any], *, name: str | None = None
+    ) -> KeyRecord | None:
+        """Apply `changes` (from `key_policy.parse_changes`) to a live key's limits, and a new
+        name if given; the key as it now is, or None when unknown or revoked."""
+        if name is not None:
+            _check_name(name)
+        record = await self._run(lambda conn: _update_key(conn, id, name, changes))
+        if record is not None:
+            self._set_limits(id, record.limits)
+        return record
+
+    async def rotate_api_key(self, id: str) -> IssuedSecret | None:
+        """A new secret for a live key, same id and limits; the old secret is dead on return.
+        None when the key is unknown or revoked."""
+        issued = IssuedSecret(id=id, secret=_API_KEYS.secret_prefix + secrets.token_urlsafe(32))
+        digest = hash_secret(issued.secret)
+        old = await self._run(lambda conn: _rehash(conn, id, digest))
+        if old is None:
+            return None
+        self._live[_API_KEYS].pop(old, None)
+        self._live[_API_KEYS][digest] = id
+        return issued
+
     def lookup_api_key(self, secret: str) -> str | None:
         """The id of the live key `secret`, else None. Synchronous: served from memory."""
         return self._lookup(_API_KEYS, secret)
 
+    def api_key_limits(self, id: str) -> KeyLimits | None:
+        """The live key's limits, None when it has none. One dict probe."""
+        return self._key_limits.get(id)
+
     async def find_api_key(self, secret: str) -> str | None:
-        """lookup_api_key, and on a miss the database, if it changed since the keys were read.
+        """lookup_api_key, first reloading the live keys if the database changed since.
 
         Finds keys that `dinfer keys create` wrote from another process without a restart;
-        hits, and misses while nothing changed, never leave memory (see the module docstring).
+        sees a `dinfer keys set`, `rotate` or `revoke` within HIT_RECHECK_S; while nothing
+        changed, hits and misses never leave memory (see the module docstring).
         """
         digest = hash_secret(secret)
         found = self._live[_API_KEYS].get(digest)
-        if found is None and self._keys_may_be_stale():
+        if (found is None or self._hit_recheck_due()) and self._keys_may_be_stale():
             await self._reload_api_keys()
             found = self._live[_API_KEYS].get(digest)
         return found
+
+    def _hit_recheck_due(self) -> bool:
+        now = trio.current_time()
+        if now - self._hits_checked_at < HIT_RECHECK_S:
+            return False
+        self._hits_checked_at = now
+        return True
 
     def _keys_may_be_stale(self) -> bool:
         version = self._keys_version
         return version is None or _data_version(self._watch) != version
 
     async def _reload_api_keys(self) -> None:
-        if self._reloading is not None:  # one reload answers every miss that waits for it
+        if self._reloading is not None:  # one reload answers every lookup that waits for it
             await self._reloading.wait()
             return
         self._reloading = done = trio.Event()
         try:
             # Read before the keys: a commit in between shows as a change next time.
             version = _data_version(self._watch)
-            self._live[_API_KEYS] = await self._run(lambda conn: _live_hashes(conn, _API_KEYS))
+            epoch = self._keys_epoch
+            keys = await self._run(lambda conn: _live_keys_since(conn, epoch))
+            if keys is not None:
+                self._live[_API_KEYS], self._key_limits = keys.ids, keys.limits
+                self._keys_epoch = keys.epoch
             self._keys_version = version
         finally:
             self._reloading = None
@@ -312,7 +622,7 @@ class _Connections:
     version_at_load: int | None
 
 
-def _open(path: Path) -> tuple[_Connections, dict[_Kind, dict[str, str]]]:
+def _open(path: Path) -> tuple[_Connections, dict[str, str], LiveKeys]:
     conn = _connect(path)
     try:
         watch = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0)
@@ -322,7 +632,7 @@ def _open(path: Path) -> tuple[_Connections, dict[_Kind, dict[str, str]]]:
     try:
         version = _data_version(watch)
         conns = _Connections(conn, watch, version)
-        return conns, {kind: _live_hashes(conn, kind) for kind in _KINDS}
+        return conns, _live_hashes(conn, _PROVIDER_TOKENS), _live_keys(conn)
     except BaseException:
         watch.close()
         conn.close()
@@ -337,9 +647,10 @@ def _close(conns: _Connections) -> None:
 @asynccontextmanager
 async def open_store(data_dir: Path) -> AsyncIterator[Store]:
     """Open (creating if needed) `<data_dir>/dinfer.sqlite3`, migrate it, close it at exit."""
-    conns, live = await trio.to_thread.run_sync(_open, database_path(data_dir))
+    path = database_path(data_dir)
+    conns, tokens, keys = await trio.to_thread.run_sync(_open, path)
     try:
-        yield Store(conns, live)
+        yield Store(conns, tokens, keys, path)
     finally:
         # Closing checkpoints the WAL; it must finish even when the owner is being cancelled.
         with trio.CancelScope(shield=True):

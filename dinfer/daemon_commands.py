@@ -1,4 +1,5 @@
-"""`dinfer serve`, `dinfer keys` and `dinfer config check`: the daemon's subcommands."""
+"""`dinfer serve` and `dinfer config check`: the daemon's subcommands (with `dinfer keys` and
+`dinfer tokens` from `keys_commands`, and `dinfer providers` from its own module)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ from daemon.config import (
     resolve,
     unknown_variables,
 )
+from daemon.log_format import configure_logging
+from dinfer.keys_commands import add_subcommands as add_store_commands
+from dinfer.providers_command import add_providers_command
+from dinfer.usage_command import add_usage_command
 
 MASK = "********"
 
@@ -39,12 +44,7 @@ def add_subcommands(subparsers: Any) -> None:
     )
     _config_option(serve)
     serve.set_defaults(run=run_serve)
-    keys = subparsers.add_parser("keys", help="manage consumer API keys")
-    _config_option(keys)
-    actions = keys.add_subparsers(dest="action", metavar="ACTION", required=True)
-    create = actions.add_parser("create", help="create a consumer API key and print it once")
-    create.add_argument("--name", required=True, help="who the key is for")
-    create.set_defaults(run=run_keys_create)
+    add_store_commands(subparsers)
     config = subparsers.add_parser("config", help="inspect the daemon's configuration")
     checks = config.add_subparsers(dest="action", metavar="ACTION", required=True)
     check = checks.add_parser(
@@ -53,6 +53,8 @@ def add_subcommands(subparsers: Any) -> None:
     )
     _config_option(check)
     check.set_defaults(run=run_config_check)
+    add_providers_command(subparsers)
+    add_usage_command(subparsers)
 
 
 def _config_option(parser: argparse.ArgumentParser) -> None:
@@ -66,10 +68,7 @@ def settings_or_exit(path: Path | None) -> Settings:
         settings = load_settings(os.environ, path)
     except ConfigError as exc:
         sys.exit(f"dinfer: {exc}")
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level, settings.log_format)
     for name in unknown_variables(os.environ):
         logging.getLogger("dinfer").warning("ignoring unknown variable %s", name)
     return settings
@@ -83,23 +82,6 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         trio.run(partial(serve, settings, config_path=args.config))
     except DataDirInUse as exc:
-        sys.exit(f"dinfer: {exc}")
-    return 0
-
-
-def run_keys_create(args: argparse.Namespace) -> int:
-    from daemon.store import open_store
-
-    settings = settings_or_exit(args.config)
-
-    async def create() -> None:
-        async with open_store(settings.data_dir) as store:
-            issued = await store.create_api_key(args.name)
-        print(f"id:  {issued.id}\nkey: {issued.secret}")
-
-    try:
-        trio.run(create)
-    except ValueError as exc:
         sys.exit(f"dinfer: {exc}")
     return 0
 

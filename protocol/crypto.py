@@ -16,6 +16,7 @@ from typing import Final
 
 import nacl.exceptions
 import nacl.utils
+from nacl.bindings import crypto_box_easy_afternm, crypto_box_open_easy_afternm
 from nacl.public import Box, PrivateKey, PublicKey
 from nacl.signing import SigningKey, VerifyKey
 
@@ -152,12 +153,18 @@ def _open(box: Box, ciphertext: str) -> bytes:
 
 
 class ChunkOpener:
-    """Daemon side of one dispatch attempt: opens the provider's response chunks."""
+    """Daemon side of one dispatch attempt: opens the provider's response chunks.
 
-    __slots__ = ("_box", "_provider_key", "_provider_key_b64")
+    The hot path of every relayed chunk: the box's shared key is computed once (`Box`), and
+    each chunk costs one strict base64 decode and one `crypto_box_open_easy_afternm`, without
+    `Box.decrypt`'s wrapping (a third of the cost of opening a short chunk).
+    """
+
+    __slots__ = ("_box", "_provider_key", "_provider_key_b64", "_shared_key")
 
     def __init__(self, box: Box, provider_key: PublicKey) -> None:
         self._box = box
+        self._shared_key = box.shared_key()
         self._provider_key = bytes(provider_key)
         self._provider_key_b64 = b64encode(self._provider_key)
 
@@ -171,7 +178,22 @@ class ChunkOpener:
 
     def open(self, payload: EncryptedPayload) -> bytes:
         self._check_sender(payload.ephemeral_public_key)
-        return _open(self._box, payload.ciphertext)
+        text = payload.ciphertext
+        try:
+            # Strict: the alphabet and the padding are checked, as b64decode's validate=True.
+            raw = binascii.a2b_base64(text, strict_mode=True)
+        except (binascii.Error, ValueError, TypeError):
+            raw = b64decode(text, "ciphertext")  # raises KeyEncodingError, naming the fault
+        if len(raw) < NONCE_BYTES + MAC_BYTES:
+            return _open(self._box, text)  # raises NonceError
+        try:
+            return crypto_box_open_easy_afternm(
+                raw[NONCE_BYTES:], raw[:NONCE_BYTES], self._shared_key
+            )
+        except nacl.exceptions.CryptoError:
+            raise DecryptionError(
+                "ciphertext failed authentication (tampered or wrong key)"
+            ) from None
 
     def _check_sender(self, sender: str) -> None:
         # The canonical encoding matches as a string (the hot path); anything else must
@@ -185,18 +207,31 @@ class ChunkOpener:
 
 
 class ChunkSealer:
-    """Provider side of one request: seals response chunks for the daemon's ephemeral key."""
+    """Provider side of one request: seals response chunks for the daemon's ephemeral key.
 
-    __slots__ = ("_box", "_own_key_b64")
+    The nonces of one request are a random 24-byte number, then that number plus one per
+    chunk (libsodium's `sodium_increment` scheme): as unique under the request's key as a
+    fresh random nonce each, without a system call for randomness per chunk. The wire is the
+    same (nonce || box output) and openers need no change.
+    """
+
+    __slots__ = ("_key", "_nonce", "_own_key_b64")
 
     def __init__(self, box: Box, own_public_key: PublicKey) -> None:
-        self._box = box
+        self._key = box.shared_key()
+        self._nonce = int.from_bytes(nacl.utils.random(NONCE_BYTES), "little")
         self._own_key_b64 = encode_key(own_public_key)
 
     def seal(self, plaintext: bytes) -> EncryptedPayload:
+        nonce = self._nonce.to_bytes(NONCE_BYTES, "little")
+        self._nonce = (self._nonce + 1) & _NONCE_MASK
+        boxed = crypto_box_easy_afternm(plaintext, nonce, self._key)
         return EncryptedPayload(
-            ephemeral_public_key=self._own_key_b64, ciphertext=_seal(self._box, plaintext)
+            ephemeral_public_key=self._own_key_b64, ciphertext=b64encode(nonce + boxed)
         )
+
+
+_NONCE_MASK: Final = (1 << (8 * NONCE_BYTES)) - 1
 
 
 def seal_request(plaintext: bytes, provider_key: PublicKey) -> tuple[EncryptedPayload, ChunkOpener]:

@@ -28,6 +28,13 @@ MAX_MODELS: Final = 256  # models one provider may serve
 MAX_MODEL_ID_CHARS: Final = 256  # a model id
 MAX_LABEL_CHARS: Final = 64  # version, backend, quantization: short labels
 MAX_CONCURRENCY: Final = 1024  # slots; more would only game the load-aware choice
+MAX_EXTENSIONS: Final = 32  # extension names one `register` may ask for
+
+# Optional protocol extensions (docs/protocol-extensions.md). A node asks in `register`, the
+# daemon acknowledges the ones it speaks in `trust_status`; either side that does not know the
+# field ignores it (msgspec ignores unknown fields), so old nodes and old daemons keep working.
+# MULTI_SSE: one `inference_response_chunk` may seal several SSE lines, joined by "\n".
+MULTI_SSE: Final = "multi_sse"
 
 
 class CloseCode(enum.IntEnum):
@@ -47,6 +54,7 @@ Concurrency = Annotated[int, Meta(ge=1, le=MAX_CONCURRENCY)]
 # Advertised tokens per second; 0 is "no opinion". A negative speed made the expected time
 # negative, and the provider the choice of every request until its first completion.
 Speed = Annotated[float, Meta(ge=0)]
+Extensions = Annotated[list[Label], Meta(max_length=MAX_EXTENSIONS)]
 
 
 class _Message(msgspec.Struct, frozen=True, omit_defaults=True, tag_field="type"):
@@ -97,6 +105,10 @@ class Usage(_Part, frozen=True):
     prompt_tokens: NonNegative
     completion_tokens: NonNegative
     reasoning_tokens: NonNegative | None = None
+    # An extension (docs/protocol-extensions.md): true when the prompt count is the node's
+    # estimate, not the backend's. Absent otherwise; old daemons ignore it (unknown fields are
+    # ignored by msgspec), and old nodes never send it.
+    estimated: bool | None = None
 
 
 # Provider -> daemon -------------------------------------------------------------------------
@@ -114,6 +126,7 @@ class Register(_Message, frozen=True, tag="register"):
     decode_tps: Speed | None = None
     prefill_tps: Speed | None = None
     hardware: Hardware | None = None
+    extensions: Extensions | None = None  # optional extensions this node speaks
 
 
 class AttestationResponse(_Message, frozen=True, tag="attestation_response"):
@@ -179,6 +192,7 @@ class AttestationChallenge(_Message, frozen=True, tag="attestation_challenge"):
 class TrustStatus(_Message, frozen=True, tag="trust_status"):
     status: str  # "trusted" | "untrusted" | "rejected"
     reason: str | None = None
+    extensions: list[str] | None = None  # the node's `register` extensions this daemon speaks
 
 
 class InferenceRequest(_Message, frozen=True, tag="inference_request"):
@@ -239,6 +253,8 @@ def _decode(decoder: msgspec.json.Decoder[Any], frame: bytes | str) -> Any:
         return _malformed(exc)
     except RecursionError:  # msgspec's answer to very deep nesting
         return ProtocolError("malformed JSON: nested too deeply")
+    except UnicodeEncodeError:  # a `str` holding a lone surrogate, which UTF-8 cannot carry
+        return ProtocolError("frame is not valid UTF-8")
 
 
 def _utf8_size(frame: bytes | str) -> int:

@@ -70,7 +70,9 @@ def classify(payload: str | bytes) -> Classified:
         return _DONE_CHUNK
     try:
         event = _decoder.decode(payload)
-    except (msgspec.DecodeError, RecursionError):  # msgspec's answer to very deep nesting
+    # RecursionError is msgspec's answer to very deep nesting; UnicodeEncodeError to a `str`
+    # holding a lone surrogate.
+    except (msgspec.DecodeError, RecursionError, UnicodeEncodeError):
         # Text we cannot parse is still output the backend produced: it commits.
         return _OPAQUE_CONTENT
     if not isinstance(event, dict):

@@ -1,14 +1,18 @@
 """The HTTP client of the local OpenAI-compatible model server.
 
-Owns every use of httpx: the client's timeouts, `GET /v1/models`, the streaming `POST` of a
-request, and the small JSON calls of the servers' own APIs (llama-server's `/props`, the
-tokenizers). httpx's exceptions are translated here, at the edge, into `RequestFailure`, so the
-rest of the node never sees a library type. httpx runs under Trio through anyio, and
-cancelling the calling task closes the HTTP stream: that is how `cancel` reaches the backend.
+Owns every use of httpx and of the lean client (`provider.http1`): the clients' timeouts,
+`GET /v1/models`, the streaming `POST` of a request, and the small JSON calls of the servers'
+own APIs (llama-server's `/props`, the tokenizers). The streaming POST to a plain `http://`
+server goes over the lean client's kept-alive connections, which cost a tenth of httpx's CPU
+per request; httpx streams for every other server (`https`, credentials in the URL) and makes
+the small calls. Both clients' exceptions are translated here, at the edge, into
+`RequestFailure`, so the rest of the node never sees a library type. Cancelling the calling
+task closes the HTTP stream: that is how `cancel` reaches the backend.
 
 A request the server drops without a byte of answer (closing or resetting the connection it
-had promised to keep alive) is sent once more (`_send`): llama-cpp-python does that to the
-request after any stream its generator broke off, and that request must not fail with it.
+had promised to keep alive) is sent once more (`_send`, `_lean_send`): llama-cpp-python does
+that to the request after any stream its generator broke off, and that request must not fail
+with it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from typing import Any, Final
 import httpx
 import trio
 
-from provider.failures import RequestFailure, from_backend_error, from_transport
+from provider import http1
+from provider.failures import RequestFailure, from_backend_error, from_link, from_transport
+from provider.http1 import Http1Origin, Timeouts
 
 CONNECT_TIMEOUT: Final = 10.0
 WRITE_TIMEOUT: Final = 60.0
@@ -31,14 +37,56 @@ POOL_TIMEOUT: Final = 10.0
 ERROR_BODY_LIMIT: Final = 64 * 1024
 # Raised by `send` before any answer: the connection broke under the request.
 _UNANSWERED: Final = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+_ACCEPT_SSE: Final = "text/event-stream"
 
 
-def open_client(read_timeout: float) -> httpx.AsyncClient:
+class NodeClient(httpx.AsyncClient):
+    """httpx's client, plus the lean client's kept-alive connections (`provider.http1`) for
+    the streaming POSTs to plain `http://` servers; closing it closes those too."""
+
+    def __init__(self, timeout: httpx.Timeout) -> None:
+        super().__init__(timeout=timeout, trust_env=False)
+        self._origins: dict[str, Http1Origin | None] = {}
+
+    def origin(self, base_url: str) -> Http1Origin | None:
+        """The lean client's pool for `base_url`; None where httpx must stream (`https`, ...)."""
+        if base_url not in self._origins:
+            timeouts = Timeouts(
+                connect=_seconds(self.timeout.connect, CONNECT_TIMEOUT),
+                read=_seconds(self.timeout.read, 1e9),
+                write=_seconds(self.timeout.write, WRITE_TIMEOUT),
+            )
+            self._origins[base_url] = Http1Origin.for_url(base_url, timeouts)
+        return self._origins[base_url]
+
+    async def aclose(self) -> None:
+        await self._close_origins()
+        await super().aclose()
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        # httpx's own __aexit__ closes its transports without calling aclose().
+        try:
+            await self._close_origins()
+        finally:
+            await super().__aexit__(*exc_info)
+
+    async def _close_origins(self) -> None:
+        origins, self._origins = self._origins, {}
+        for origin in origins.values():
+            if origin is not None:
+                await origin.aclose()
+
+
+def _seconds(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+def open_client(read_timeout: float) -> NodeClient:
     """The node's one client. `trust_env=False`: a system proxy must not capture loopback."""
     timeout = httpx.Timeout(
         connect=CONNECT_TIMEOUT, read=read_timeout, write=WRITE_TIMEOUT, pool=POOL_TIMEOUT
     )
-    return httpx.AsyncClient(timeout=timeout, trust_env=False)
+    return NodeClient(timeout)
 
 
 @dataclass(frozen=True)
@@ -60,6 +108,7 @@ class Backend:
     def __init__(self, client: httpx.AsyncClient, base_url: str) -> None:
         self._client = client
         self.base_url = base_url.rstrip("/")
+        self._origin = client.origin(self.base_url) if isinstance(client, NodeClient) else None
 
     async def list_models(self) -> ModelListing:
         response = await self._send(self._client.build_request("GET", self._url("/v1/models")))
@@ -83,6 +132,10 @@ class Backend:
 
         Leaving the block (normally, by an error or by cancellation) closes the stream.
         """
+        if self._origin is not None:
+            async with _lean_stream(self._origin, endpoint, body) as lean:
+                yield lean
+            return
         request = self._client.build_request(
             "POST",
             self._url(endpoint),
@@ -112,6 +165,68 @@ class Backend:
                 # Broken before the status line: no answer came, so none is lost by asking
                 # again. The dead connection has left the pool; this goes out on another.
                 return await self._client.send(request, stream=stream)
+
+
+@asynccontextmanager
+async def _lean_stream(
+    origin: Http1Origin, endpoint: str, body: bytes
+) -> AsyncIterator[_LeanLines]:
+    response = await _lean_send(origin, endpoint, body)
+    try:
+        if not 200 <= response.status < 300:
+            raise from_backend_error(response.status, await _lean_error_document(response))
+        lines = _LeanLines(response.lines())
+        try:
+            yield lines
+        finally:
+            await lines.raw.aclose()
+    finally:
+        await response.aclose()
+
+
+async def _lean_send(origin: Http1Origin, endpoint: str, body: bytes) -> http1.Response:
+    try:
+        try:
+            return await origin.send(endpoint, body, _ACCEPT_SSE)
+        except http1.Unanswered:
+            # As in `Backend._send`: no answer came, so none is lost by asking again, on a
+            # new connection (the broken one is closed).
+            return await origin.send(endpoint, body, _ACCEPT_SSE)
+    except http1.TransportError as exc:
+        raise from_link(exc) from exc
+
+
+async def _lean_error_document(response: http1.Response) -> Any:
+    body = bytearray()
+    pieces = response.pieces()
+    try:
+        async for piece in pieces:
+            body += piece
+            if len(body) >= ERROR_BODY_LIMIT:
+                break
+    except http1.TransportError as exc:
+        raise from_link(exc) from exc
+    finally:
+        await pieces.aclose()
+    return _document(bytes(body))
+
+
+class _LeanLines:
+    """The lean client's lines, with its errors translated as each line is read."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, lines: http1.Lines) -> None:
+        self.raw = lines
+
+    def __aiter__(self) -> _LeanLines:
+        return self
+
+    async def __anext__(self) -> str:
+        try:
+            return await self.raw.__anext__()
+        except http1.TransportError as exc:
+            raise from_link(exc) from exc
 
 
 class _Lines:

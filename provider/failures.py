@@ -15,6 +15,7 @@ from typing import Any, Final
 import httpx
 
 from protocol.messages import InferenceError
+from provider import http1
 from provider.overflow import overflow_message
 
 # Codes that say the request itself is wrong: passed through with the backend's own message.
@@ -89,6 +90,23 @@ def from_transport(exc: httpx.RequestError) -> RequestFailure:
             )
         case httpx.DecodingError():
             return RequestFailure(502, "backend sent an undecodable body", "backend_disconnected")
+    return RequestFailure(500, f"cannot talk to the backend: {_detail(exc)}", "backend_error")
+
+
+def from_link(exc: http1.TransportError) -> RequestFailure:
+    """A lean-client transport error (`provider.http1`) as this node's failure; the same
+    answers as `from_transport` gives for httpx's errors of the same kind."""
+    match exc:
+        case http1.ConnectFailed():
+            return RequestFailure(
+                502, f"backend unreachable: {_detail(exc)}", "backend_unreachable"
+            )
+        case http1.TimedOut():
+            return RequestFailure(504, "backend timed out", "backend_timeout")
+        case http1.Broken():
+            return RequestFailure(
+                502, f"backend connection broke: {_detail(exc)}", "backend_disconnected"
+            )
     return RequestFailure(500, f"cannot talk to the backend: {_detail(exc)}", "backend_error")
 
 

@@ -2,9 +2,10 @@
 
 `ProviderNode.run` owns two things for the node's whole life: the model poller (`GET
 /v1/models` at start and every 30 s, and llama-server's `GET /props` for its context size;
-each model with a `--chat-template` self-checked once (`provider.selfcheck`); a change
-reaches the daemon as `models_update` through the live session) and the reconnect loop (one
-session at a time, forever, with exponential backoff and full jitter between them). `serve` is
+each model with a `--chat-template` self-checked once (`provider.selfcheck`) and kept for
+counting its prompts (`provider.rendered`); a change reaches the daemon as `models_update`
+through the live session) and the reconnect loop (one session at a time, forever, with
+exponential backoff and full jitter between them). `serve` is
 the process: the HTTP client, the node, the signal watcher that turns SIGTERM into a drain,
 and its reports to systemd (`READY=1` once the first model poll answered, `WATCHDOG=1` from the
 event loop, `STOPPING=1` when the drain starts).
@@ -37,7 +38,7 @@ from provider.models import (
     model_infos,
     props_context_length,
 )
-from provider.selfcheck import self_check
+from provider.selfcheck import self_check_loaded
 from provider.session import SessionSettings, run_session
 from provider.state import NodeState
 
@@ -138,7 +139,9 @@ class ProviderNode:
         for model in models:
             source = self._templates.get(model.id)
             if source is not None and model not in self._checked:
-                self._checked[model] = await self_check(model, source)
+                self._checked[model], templates = await self_check_loaded(model, source)
+                if templates is not None:  # for counting its prompts (`provider.rendered`)
+                    self.state.tokenizer.templates[model.id] = templates
             checked.append(self._checked.get(model, model))
         return tuple(checked)
 

@@ -44,8 +44,18 @@ class PreparedRequest:
     prompt_chars: int
 
     def prompt_text(self) -> str:
-        """The prompt's text, one message per line; decoded again, as only failures need it."""
+        """The prompt's text, one message per line; decoded again, as only counting it needs it."""
         return "\n".join(_prompt_pieces(_body(self.body)))
+
+    def chat(self) -> tuple[list[Any], list[Any] | None] | None:
+        """A chat request's messages and tools, plainly decoded for a template; else None."""
+        if self.endpoint != "/v1/chat/completions":
+            return None
+        body = msgspec.json.decode(self.body)  # valid: `prepare` decoded it
+        messages, tools = body.get("messages"), body.get("tools")
+        if not isinstance(messages, list):
+            return None
+        return messages, tools if isinstance(tools, list) and tools else None
 
 
 def prepare(plaintext: bytes) -> PreparedRequest:

@@ -11,7 +11,9 @@ Two kinds of line are never relayed:
   for a stream that is about to fail (llama-cpp-python ends interrupted streams that way).
 
 A stream that breaks off before any content may be a prompt too long for the model, said the
-only way some backends can say it (`provider.fit`).
+only way some backends can say it (`provider.fit`). A stream that succeeded without the
+backend's prompt count gets it from the backend's tokenizer before the terminal frame
+(`provider.tokenizer.counted`).
 
 Cancelling the caller's scope aborts everything, closes the backend stream and sends nothing
 more, which is what `cancel` asks for.
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Final
 
+import trio
 from nacl.public import PrivateKey
 
 from protocol import crypto
@@ -38,11 +42,49 @@ from provider.backend import Backend
 from provider.failures import RequestFailure, from_error_event
 from provider.repair import PreparedRequest, prepare
 from provider.stream import StreamAccount
+from provider.tokenizer import Tokenizer, counted
 
 log = logging.getLogger(__name__)
 
-Send = Callable[[ProviderMessage], Awaitable[None]]
 Emit = Callable[[str], Awaitable[None]]
+# The most characters of lines one multi_sse frame carries: far inside the 10 MiB frame.
+MAX_BATCH_CHARS: Final = 256 * 1024
+
+
+class ChunkBatch:
+    """multi_sse (docs/protocol-extensions.md): the lines of one request not yet sent.
+
+    The request queues the batch once and keeps adding lines to it; the session's writer
+    seals them into one `inference_response_chunk` when it takes the batch (`frame()`), so a
+    frame carries what piled up while the writer was busy and no line waits for another.
+    A batch at MAX_BATCH_CHARS holds the request until the writer has taken it.
+    """
+
+    def __init__(self, request_id: str, sealer: crypto.ChunkSealer) -> None:
+        self._request_id = request_id
+        self._sealer = sealer
+        self._lines: list[str] = []
+        self._chars = 0
+        self._taken = trio.Event()
+
+    async def add(self, line: str, send: Send) -> None:
+        while self._lines and self._chars + len(line) > MAX_BATCH_CHARS:
+            await self._taken.wait()
+        self._lines.append(line)
+        self._chars += len(line)
+        if len(self._lines) == 1:  # not queued yet: the writer takes it when it gets to it
+            await send(self)
+
+    def frame(self) -> InferenceResponseChunk:
+        """The queued lines as one sealed frame; the batch is empty again."""
+        lines, self._lines, self._chars = self._lines, [], 0
+        self._taken.set()
+        self._taken = trio.Event()
+        payload = self._sealer.seal("\n".join(lines).encode("utf-8"))
+        return InferenceResponseChunk(request_id=self._request_id, encrypted_data=payload)
+
+
+Send = Callable[[ProviderMessage | ChunkBatch], Awaitable[None]]
 # A model's context length in tokens, as advertised; None when nobody knows it.
 ContextLength = Callable[[str | None], int | None]
 
@@ -58,13 +100,21 @@ async def serve_request(
     backend: Backend,
     send: Send,
     context_length: ContextLength = _unknown,
+    tokenizer: Tokenizer | None = None,
+    multi_sse: bool = False,
 ) -> None:
-    """Serve `request` and send its chunks and exactly one terminal frame."""
+    """Serve `request` and send its chunks and exactly one terminal frame.
+
+    `tokenizer` is the backend's, shared across requests so what it learnt about the backend's
+    routes is kept; without one, a fresh one is used for this request. `multi_sse`: the daemon
+    acknowledged that extension, so the chunks go as a `ChunkBatch`.
+    """
     request_id = request.request_id
+    tokens = tokenizer or Tokenizer(backend)
     try:
         plaintext, sealer = _open(request, box)
         prepared = prepare(plaintext)
-        usage = await _serve(request_id, prepared, sealer, backend, send, context_length)
+        usage = await _serve(request_id, prepared, sealer, tokens, send, context_length, multi_sse)
     except RequestFailure as failure:
         # The message may quote the backend; only the status and reason are logged.
         log.info("request %s failed: %d %s", request_id, failure.status_code, failure.reason)
@@ -78,27 +128,35 @@ async def _serve(
     request_id: str,
     prepared: PreparedRequest,
     sealer: crypto.ChunkSealer,
-    backend: Backend,
+    tokenizer: Tokenizer,
     send: Send,
     context_length: ContextLength,
+    multi_sse: bool,
 ) -> Usage:
     account = StreamAccount(prepared.prompt_chars)
+    backend = tokenizer.backend
+    batch = ChunkBatch(request_id, sealer)
 
     async def emit(line: str) -> None:
+        if multi_sse:
+            await batch.add(line, send)
+            return
         payload = sealer.seal(line.encode("utf-8"))
         await send(InferenceResponseChunk(request_id=request_id, encrypted_data=payload))
 
     try:
         async with backend.stream(prepared.endpoint, prepared.body) as lines:
             await relay(lines, account, emit)
-        return account.outcome()
+        usage = account.outcome()
     except RequestFailure as failure:
         if account.produced_output:
             raise  # the prompt fit: the backend answered it before it failed
-        explained = await fit.explain(failure, prepared, backend, context_length(prepared.model))
+        context = context_length(prepared.model)
+        explained = await fit.explain(failure, prepared, tokenizer, context)
         if explained is failure:
             raise
         raise explained from failure
+    return await counted(tokenizer, usage, prepared)
 
 
 def _open(request: InferenceRequest, box: PrivateKey) -> tuple[bytes, crypto.ChunkSealer]:

@@ -35,7 +35,7 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -60,6 +60,7 @@ __all__ = [
     "render_chat",
     "render_fixtures",
     "self_check",
+    "self_check_loaded",
     "tool_fixtures",
     "with_verdict",
 ]
@@ -228,7 +229,14 @@ def render_chat(
     template: str, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None = None
 ) -> str:
     """Render like `apply_chat_template(messages, tools, add_generation_prompt=True)`; may raise."""
-    return _render(_environment().from_string(template), messages, tools)
+    return _render(_compiled(template), messages, tools)
+
+
+@lru_cache(maxsize=16)
+def _compiled(template: str) -> jinja2.Template:
+    # The node renders each uncounted prompt with its model's template (`provider.rendered`):
+    # compiling takes milliseconds, rendering microseconds.
+    return _environment().from_string(template)
 
 
 def _render(
@@ -396,14 +404,22 @@ async def self_check(model: ModelInfo, source: str | os.PathLike[str] | None) ->
 
     No source, or no template found there (logged), gives no verdict.
     """
+    checked, _ = await self_check_loaded(model, source)
+    return checked
+
+
+async def self_check_loaded(
+    model: ModelInfo, source: str | os.PathLike[str] | None
+) -> tuple[ModelInfo, TemplateSet | None]:
+    """`self_check`, and the templates it loaded (the node keeps them for counting prompts)."""
     if source is None:
-        return with_verdict(model, None)
+        return with_verdict(model, None), None
     try:
         templates = await trio.to_thread.run_sync(load_template, source)
     except TemplateLoadError as exc:
         log.warning("model %s: no chat-template verdict: %s", model.id, exc)
-        return with_verdict(model, None)
+        return with_verdict(model, None), None
     verdict = await check_template(templates, vision=bool(model.is_vision))
     for shape, reason in verdict.reasons.items():
         log.warning("model %s: chat template fails the %s shape: %s", model.id, shape, reason)
-    return with_verdict(model, verdict)
+    return with_verdict(model, verdict), templates

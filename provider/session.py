@@ -26,6 +26,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from protocol import crypto
 from protocol.messages import (
+    MULTI_SSE,
     PROTOCOL_VERSION,
     AttestationChallenge,
     AttestationResponse,
@@ -46,8 +47,8 @@ from protocol.messages import (
 from provider.ending import EndKind, SessionEnd, from_close
 from provider.failures import RequestFailure
 from provider.keys import NodeKeys
-from provider.link import CLOSE_TIMEOUT, LinkError, connected
-from provider.request import serve_request
+from provider.link import CLOSE_TIMEOUT, LinkError, connected, send_frames
+from provider.request import ChunkBatch, serve_request
 from provider.slots import Slots
 from provider.state import NodeState
 
@@ -92,7 +93,8 @@ class _Session:
         self._opened = trio.current_time()
         self._end: SessionEnd | None = None
         self._rejection: str | None = None
-        self._outbox, self._frames = trio.open_memory_channel[str](OUTBOX_FRAMES)
+        self._multi_sse = False  # the daemon acknowledged the multi_sse extension
+        self._outbox, self._frames = trio.open_memory_channel[str | ChunkBatch](OUTBOX_FRAMES)
 
     async def run(self) -> SessionEnd:
         async with trio.open_nursery() as outer:
@@ -132,12 +134,34 @@ class _Session:
     async def _send(self, message: ProviderMessage) -> None:
         await self._outbox.send(encode(message))
 
+    async def _queue_for_request(self, message: ProviderMessage) -> None:
+        """Queue a request's frame, without a task switch while the outbox has room.
+
+        A request relaying a fast stream then queues all the chunks one backend read gave
+        before the writer runs, and the writer sends them in one write (`_write`). Only a
+        full outbox waits: the backpressure is the same.
+        """
+        frame = encode(message)
+        try:
+            self._outbox.send_nowait(frame)
+        except trio.WouldBlock:
+            await self._outbox.send(frame)
+
     async def _write(self) -> None:
-        async for frame in self._frames:
+        async for item in self._frames:
             try:
-                await self._ws.send_message(frame)
+                await send_frames(self._ws, [_frame_of(item), *self._queued()])
             except ConnectionClosed:
                 pass  # the reader sees the same close and reports why
+
+    def _queued(self) -> list[str]:
+        """Every frame already waiting in the outbox (at most OUTBOX_FRAMES)."""
+        frames = []
+        while True:
+            try:
+                frames.append(_frame_of(self._frames.receive_nowait()))
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return frames
 
     def _register(self, models: tuple[ModelInfo, ...]) -> Register:
         keys = self._settings.keys
@@ -150,6 +174,7 @@ class _Session:
             auth_token=self._settings.token,
             models=list(models),
             max_concurrency=self._settings.capacity,
+            extensions=[MULTI_SSE],
         )
 
     # --- reading ---------------------------------------------------------------------------
@@ -179,6 +204,7 @@ class _Session:
                 log.warning("ignoring a frame the daemon sent: %s", reason)
 
     def _on_trust(self, status: TrustStatus) -> None:
+        self._multi_sse = MULTI_SSE in (status.extensions or ())
         reason = f" ({status.reason})" if status.reason else ""
         match status.status:
             case "trusted":
@@ -215,17 +241,22 @@ class _Session:
                     backend=self._state.backend,
                     send=self._send_for_request,
                     context_length=self._state.context_length,
+                    tokenizer=self._state.tokenizer,
+                    multi_sse=self._multi_sse,
                 )
         finally:
             self._slots.release(request.request_id)
             self._slots.task_done()
 
-    async def _send_for_request(self, message: ProviderMessage) -> None:
+    async def _send_for_request(self, message: ProviderMessage | ChunkBatch) -> None:
+        if isinstance(message, ChunkBatch):
+            await self._outbox.send(message)
+            return
         if isinstance(message, InferenceComplete | InferenceError):
             # Free the slot before the terminal leaves: the daemon may send the next request
             # the moment it reads it, and that one must not be refused as over the limit.
             self._slots.release(message.request_id)
-        await self._send(message)
+        await self._queue_for_request(message)
 
     # --- background duties -----------------------------------------------------------------
 
@@ -275,3 +306,9 @@ class _Session:
 
 def _differs_from(models: tuple[ModelInfo, ...]) -> Callable[[tuple[ModelInfo, ...]], bool]:
     return lambda candidate: candidate != models
+
+
+def _frame_of(item: str | ChunkBatch) -> str:
+    """An outbox item as its frame: a request's ChunkBatch is sealed as it leaves, holding
+    every line added to it so far."""
+    return item if isinstance(item, str) else encode(item.frame())

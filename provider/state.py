@@ -16,6 +16,7 @@ from trio_util import AsyncBool, AsyncValue
 from protocol.messages import ModelInfo
 from provider.backend import Backend
 from provider.models import GENERIC_KIND
+from provider.tokenizer import Tokenizer
 
 
 @dataclass
@@ -26,6 +27,11 @@ class NodeState:
     draining: AsyncBool = field(default_factory=AsyncBool)
     # When draining, in-flight requests get until this (trio clock) time to finish.
     drain_deadline: float = math.inf
+    # The backend's tokenizer, shared by every request so its routes are learnt once.
+    tokenizer: Tokenizer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tokenizer = Tokenizer(self.backend)
 
     def context_length(self, model_id: str | None) -> int | None:
         """The advertised context of `model_id`, in tokens; None when it is not known."""

@@ -6,8 +6,10 @@ raises and ends an interrupted stream with `[DONE]` but no finish reason; Ollama
 empty chunk and EOF. Any of those is a 502, never an `inference_complete`.
 
 Usage: the backend's own usage chunk when it sent one; otherwise completion tokens are counted
-as the deltas that carried output and prompt tokens are estimated as characters / 4, so a
-stream that produced content never reports zero tokens.
+as the deltas that carried output (llama.cpp's servers stream one token per delta) and prompt
+tokens are estimated as characters / 4, so a stream that produced content never reports zero
+tokens. An estimated prompt count is marked `estimated`; the request then asks the backend's
+tokenizer for the real one (`provider.tokenizer.counted`).
 """
 
 from __future__ import annotations
@@ -74,15 +76,18 @@ class StreamAccount:
         )
 
     def _reported_usage(self) -> Usage:
-        usage = self._usage
-        if usage is not None and (usage.completion_tokens > 0 or self._output_deltas == 0):
-            if usage.prompt_tokens > 0 or self._prompt_chars == 0:
-                return usage
-            return Usage(self._estimated_prompt(), usage.completion_tokens, usage.reasoning_tokens)
-        return Usage(prompt_tokens=self._estimated_prompt(), completion_tokens=self._output_deltas)
+        usage = self._usage or Usage(0, 0)
+        if usage.completion_tokens == 0 and self._output_deltas > 0:
+            usage = Usage(usage.prompt_tokens, self._output_deltas)
+        if usage.prompt_tokens > 0 or self._prompt_chars == 0:
+            return usage
+        estimate = estimated_tokens(self._prompt_chars)
+        return Usage(estimate, usage.completion_tokens, usage.reasoning_tokens, estimated=True)
 
-    def _estimated_prompt(self) -> int:
-        return -(-self._prompt_chars // CHARS_PER_TOKEN)  # rounded up: 1 char is 1 token
+
+def estimated_tokens(chars: int) -> int:
+    """Characters / 4, rounded up: 1 character is 1 token."""
+    return -(-chars // CHARS_PER_TOKEN)
 
 
 def _usage(value: Any) -> Usage | None:

@@ -54,7 +54,7 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import trio
 import trio_websocket
@@ -357,6 +357,7 @@ def daemon_env(port: int, data_dir: Path) -> dict[str, str]:
         **{k: v for k, v in os.environ.items() if not k.startswith("DINFER_")},
         "PYTHONPATH": str(REPO),
         "DINFER_LISTEN": f"127.0.0.1:{port}",
+        "DINFER_METRICS_LISTEN": "127.0.0.1:0",  # on, as in production, on a free port
         "DINFER_PROVIDER_AUTH": "open",
         "DINFER_ADMIN_KEY": ADMIN_KEY,
         "DINFER_DATA_DIR": str(data_dir),
@@ -787,13 +788,18 @@ async def httpx_loop(target: Target, concurrency: int, count: int) -> Run:
     return run
 
 
-async def create_api_key(port: int) -> str:
+# Limits on the benchmark's key, every one checked per request and none ever reached: the cost
+# of a limited key, which a daemon with accounts pays on every request.
+KEY_LIMITS: Final = {"rpm": 10**9, "tpm": 10**12, "daily_tokens": 10**15, "max_concurrency": 10**6}
+
+
+async def create_api_key(port: int, limits: bool) -> str:
     import httpx
 
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
         response = await client.post(
             "/v1/admin/keys",
-            json={"name": "bench"},
+            json={"name": "bench", **(KEY_LIMITS if limits else {})},
             headers={"Authorization": f"Bearer {ADMIN_KEY}"},
         )
         response.raise_for_status()
@@ -1009,11 +1015,12 @@ async def bench(plan: Plan, phases: set[str], daemon: Target, base: Target, res:
 
 
 async def main_async(
-    plan: Plan, phases: set[str], daemon: Target, base: Target, res: Results
+    plan: Plan, phases: set[str], daemon: Target, base: Target, res: Results, limits: bool
 ) -> None:
     await wait_listening(daemon.port)
     await wait_listening(base.port)
-    daemon.token = base.token = await create_api_key(daemon.port)  # identical request bytes
+    # The same token for both: identical request bytes.
+    daemon.token = base.token = await create_api_key(daemon.port, limits)
     async with fake_providers(daemon.port):
         await bench(plan, phases, daemon, base, res)
 
@@ -1071,6 +1078,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=BAD_KEY_RATE,
         help=f"bad-key requests/s of the badkeys flood (default {BAD_KEY_RATE:g})",
     )
+    parser.add_argument(
+        "--no-key-limits",
+        action="store_true",
+        help="a key without limits (a daemon from before per-key limits takes no others)",
+    )
     parser.add_argument("--serve-baseline", type=int, metavar="PORT", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -1099,7 +1111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ):
             daemon, base = Target("daemon", dport, dpid), Target("baseline", bport, bpid)
             try:
-                trio.run(main_async, plan, phases, daemon, base, res)
+                trio.run(main_async, plan, phases, daemon, base, res, not args.no_key_limits)
             except BaseException:
                 print((work / "daemon.log").read_text(errors="replace")[-3000:], file=sys.stderr)
                 raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shlex
 import socket
 import sys
 from collections.abc import Mapping
@@ -133,6 +134,11 @@ class Daemon:
             response.raise_for_status()
             providers: list[dict[str, object]] = response.json()["providers"]
             return providers
+
+    def keys_command(self, name: str = "NAME") -> str:
+        """The exact `dinfer keys create` for this daemon's own store (works with it down)."""
+        argv = [*DINFER, "keys", "create", "--data-dir", str(self.data_dir), "--name", name]
+        return shlex.join(argv)
 
     def _admin(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.admin_key}"}

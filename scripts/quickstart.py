@@ -27,6 +27,9 @@ from localnet import (
 )
 
 STATE = Path(".dinfer/quickstart").resolve()
+# The model's chat template as the model server applies it (`--chat_format gemma`): the node
+# counts a prompt's tokens with it, as the server does, since the server streams no usage.
+CHAT_TEMPLATE = Path(__file__).resolve().parent.parent / "tests/data/templates/gemma3-it.jinja"
 
 
 async def main() -> None:
@@ -42,17 +45,22 @@ async def main() -> None:
         daemon = await nursery.start(run_daemon, STATE / "daemon", STATE / "daemon.log", None, port)
         say(f"daemon listening on {daemon.url}")
         node = await nursery.start(
-            run_provider, daemon, backend.url, STATE / "provider", STATE / "provider.log"
+            run_provider,
+            daemon,
+            backend.url,
+            STATE / "provider",
+            STATE / "provider.log",
+            ["--chat-template", f"{MODEL_ALIAS}={CHAT_TEMPLATE}"],
         )
         say(f"provider {node.provider_id} connected and trusted")
         key = await daemon.create_key()
-        print(_instructions(daemon.url, key, daemon.admin_key), flush=True)
+        print(_instructions(daemon.url, key, daemon.admin_key, daemon.keys_command()), flush=True)
         await _until_interrupted()
         say("stopping...")
         nursery.cancel_scope.cancel()
 
 
-def _instructions(url: str, key: str, admin_key: str) -> str:
+def _instructions(url: str, key: str, admin_key: str, keys_command: str) -> str:
     body = (
         f'{{"model": "{MODEL_ALIAS}", "stream": true, "max_tokens": 64, '
         '"messages": [{"role": "user", "content": "Write a haiku about the sea."}]}'
@@ -71,6 +79,11 @@ Stream an answer (the model is a 270M base model: expect gibberish, fast):
     -d '{body}'
 
 See the providers:  curl -s {url}/v1/admin/providers -H "Authorization: Bearer {admin_key}"
+
+Another API key, in this daemon's own store (a plain `dinfer keys create` run elsewhere
+would use another store, and this daemon would refuse its key):
+
+  {keys_command}
 Press Ctrl-C to stop.
 """
 

@@ -20,6 +20,7 @@ FAST_ENV = {
     "DINFER_PROVIDER_AUTH": "open",
     "DINFER_REGISTER_TIMEOUT_S": "2",
     "DINFER_HEARTBEAT_TIMEOUT_S": "30",
+    "DINFER_METRICS_LISTEN": "127.0.0.1:0",
 }
 
 StartDaemon = Callable[..., Awaitable[RunningDaemon]]

@@ -96,6 +96,7 @@ async def run_daemon_process(
             "NOTIFY_SOCKET": notify.address,
             "WATCHDOG_USEC": "1000000",
             "DINFER_LISTEN": "127.0.0.1:0",
+            "DINFER_METRICS_LISTEN": "127.0.0.1:0",
             "DINFER_DATA_DIR": str(tmp_path / "data"),
             "DINFER_ADMIN_KEY": ADMIN_KEY,
             "DINFER_PROVIDER_AUTH": "open",

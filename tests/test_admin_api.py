@@ -27,10 +27,18 @@ AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 ADMIN_CALLS: list[tuple[str, str, dict[str, Any] | None]] = [
     ("POST", "/v1/admin/provider-tokens", {"name": "rig"}),
     ("DELETE", "/v1/admin/provider-tokens/pt_000000000000", None),
+    ("GET", "/v1/admin/provider-tokens", None),
     ("POST", "/v1/admin/keys", {"name": "app"}),
+    ("GET", "/v1/admin/keys", None),
+    ("GET", "/v1/admin/keys/key_000000000000", None),
+    ("PATCH", "/v1/admin/keys/key_000000000000", {"rpm": 5}),
+    ("POST", "/v1/admin/keys/key_000000000000/rotate", None),
     ("DELETE", "/v1/admin/keys/key_000000000000", None),
     ("GET", "/v1/admin/providers", None),
     ("GET", "/v1/admin/hedging", None),
+    ("DELETE", "/v1/admin/providers/p_0/cooldowns", None),
+    ("POST", "/v1/admin/providers/p_0/drain", None),
+    ("DELETE", "/v1/admin/providers/p_0/drain", None),
 ]
 ADMIN_CALL_IDS = [f"{method} {path}" for method, path, _ in ADMIN_CALLS]
 
@@ -91,7 +99,7 @@ async def test_an_unknown_route_answers_404_in_the_openai_error_shape(
 async def test_a_wrong_method_answers_405_in_the_openai_error_shape(
     client: httpx.AsyncClient,
 ) -> None:
-    reply = await client.get("/v1/admin/provider-tokens", headers=AUTH)
+    reply = await client.put("/v1/admin/provider-tokens", headers=AUTH)
     assert_openai_error(reply, 405, "invalid_request_error", "method_not_allowed")
 
 
@@ -309,7 +317,9 @@ async def test_the_provider_view_describes_each_provider(
     (view,) = reply.json()["providers"]
     cooldown = daemon.supervisor.settings.breaker_cooldown_s
     (until,) = [c.pop("until") for c in view["cooldowns"]]
+    (left,) = [c.pop("seconds_left") for c in view["cooldowns"]]
     assert view.pop("cooldowns") == [{"model": "m", "shape": "base"}]
+    assert cooldown - 5 <= left <= cooldown
     assert before + cooldown - 1 <= until <= after + cooldown + 1
     last_challenge_at = view.pop("last_challenge_at")
     assert before <= last_challenge_at <= after
@@ -332,16 +342,29 @@ async def test_the_provider_view_describes_each_provider(
             {"id": "q", "template_render": {}, "is_vision": False},
         ],
         "in_flight": 1,
+        "in_flight_by_model": {"m": 1},
         "max_concurrency": 3,
         "trusted": True,
         "draining": False,
+        "drained": False,
+        # Entering the cooldown forgot the strikes that caused it.
+        "strikes": [],
+        "decode_tps": {"m": 40.0},
         "speed": [
-            {"model": "m", "prompt": "<1k", "samples": 1, "ttft_p50_ms": 250.0, "decode_tps": 40.0},
+            {
+                "model": "m",
+                "prompt": "<1k",
+                "samples": 1,
+                "ttft_p50_ms": 250.0,
+                "ttft_p95_ms": 250.0,
+                "decode_tps": 40.0,
+            },
             {
                 "model": "m",
                 "prompt": "4k-16k",
                 "samples": 1,
                 "ttft_p50_ms": 1500.0,
+                "ttft_p95_ms": 1500.0,
                 "decode_tps": 40.0,
             },
         ],

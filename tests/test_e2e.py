@@ -539,6 +539,74 @@ async def test_a_prompt_the_daemon_can_see_is_too_long_is_refused_before_any_pro
         assert_whole_answer(await user.complete(8), 8)
 
 
+SAY_HI: Final[list[ChatCompletionMessageParam]] = [{"role": "user", "content": "Say hi."}]
+
+
+async def streamed_payloads(user: Consumer, body: dict[str, Any]) -> list[dict[str, Any]]:
+    async with user.client.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        sse = Sse(response)
+        try:
+            payloads = await sse.rest()
+        finally:
+            await sse.finish()
+    assert payloads[-1] == "[DONE]"
+    return [json.loads(payload) for payload in payloads[:-1]]
+
+
+async def say_hi(user: Consumer) -> tuple[list[dict[str, Any]], httpx.Response]:
+    """ "Say hi." streamed with usage, then whole: the parsed chunks and the whole answer."""
+    body = {**chat(4, stream=True), "messages": SAY_HI}
+    with trio.fail_after(BOUND_S):
+        streamed = await streamed_payloads(
+            user, {**body, "stream_options": {"include_usage": True}}
+        )
+        whole = await user.client.post("/v1/chat/completions", json={**body, "stream": False})
+    finishes = [c["finish_reason"] for chunk in streamed for c in chunk["choices"]]
+    assert finishes[-1] == "length"  # counting after the stream never cut it short
+    return streamed, whole
+
+
+async def server_count(url: str, **request: Any) -> int:
+    """The model server's own count: its tokenizer, or its usage of a whole answer."""
+    async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=BOUND_S) as direct:
+        if "input" in request:
+            answer = await direct.post("/extras/tokenize", json=request)
+            return len(answer.json()["tokens"])
+        answer = await direct.post("/v1/chat/completions", json=request)
+        count: int = answer.json()["usage"]["prompt_tokens"]
+        return count
+
+
+@pytest.mark.parametrize("template", [True, False], ids=["with-template", "text-only"])
+async def test_a_prompt_streamed_without_usage_is_counted_by_the_models_tokenizer(
+    model: Path, tmp_path: Path, template: bool
+) -> None:
+    # llama-cpp-python streams no usage; "Say hi." is 2 tokens by characters / 4. Given the
+    # model's chat template the node counts the prompt as the server does (12 for Gemma 3);
+    # without it, the server's tokenizer counts the text alone (4, with BOS).
+    # The GGUF carries no template (the server is run with --chat_format gemma): this is the
+    # same one as Jinja.
+    gemma = REPO / "tests" / "data" / "templates" / "gemma3-it.jinja"
+    args = ["--chat-template", f"{MODEL_ALIAS}={gemma}"] if template else []
+    async with open_net(model, tmp_path) as net:
+        backend = await net.backend("model", n_threads=2)
+        # A test of counting, not of deadlines: a loaded machine must not time out its answer.
+        daemon = await net.daemon({"DINFER_TTFT_BASE_S": str(BOUND_S)})
+        await net.node(daemon, backend, "node", *args)
+        async with consumer(daemon) as user:
+            streamed, whole = await say_hi(user)
+        if template:
+            request = {"model": MODEL_ALIAS, "messages": SAY_HI, "max_tokens": 1}
+            expected = await server_count(backend.url, **request)
+            assert expected == 12
+        else:
+            expected = await server_count(backend.url, input="Say hi.")
+            assert expected == 4
+    assert streamed[-1]["usage"]["prompt_tokens"] == expected
+    assert whole.json()["usage"]["prompt_tokens"] == expected
+
+
 def sdk_responses_stream(client: openai.OpenAI, max_tokens: int) -> tuple[str, list[Any]]:
     """Stream a Responses API request; the serving provider and the typed events."""
     stream = client.responses.create(

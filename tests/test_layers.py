@@ -4,8 +4,9 @@
     daemon/api/        HTTP routes, the admin API, the server
     daemon/nursery/    the supervisor and the per-request dispatch
     daemon/routing/    registry, eligibility, breaker, admission queue, provider sessions
-    daemon/config.py, daemon/store.py, daemon/serve_lock.py
-                       settings, the store and its directory's lock, beside every daemon layer
+    daemon/config.py, daemon/store.py, daemon/serve_lock.py, daemon/accounts/
+                       settings, the store and its directory's lock, the usage ledger,
+                       beside every daemon layer
     protocol/          the wire protocol, shared by both sides
     hosting/           what the host gives a process (systemd's notify socket), shared too
     daemon/config_file.py
@@ -32,7 +33,11 @@ RANK = {
     "daemon.config": 1,
     "daemon.config_file": 0,  # the TOML reader below the settings, knowing nothing of them
     "daemon.store": 1,
+    "daemon.key_policy": 0,  # the limits a key carries, below the store and the limiter
+    "daemon.accounts": 1,
     "daemon.serve_lock": 1,
+    "daemon.metrics": 1,
+    "daemon.log_format": 1,
     "daemon.routing": 2,
     "daemon.nursery": 3,
     "daemon.api": 4,

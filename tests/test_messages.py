@@ -28,6 +28,7 @@ PROVIDER_MESSAGES = [
     m.InferenceAccepted(request_id="r"),
     m.InferenceResponseChunk(request_id="r", encrypted_data=PAYLOAD),
     m.InferenceComplete(request_id="r", usage=m.Usage(prompt_tokens=3, completion_tokens=5)),
+    m.InferenceComplete("r", m.Usage(prompt_tokens=3, completion_tokens=5, estimated=True)),
     m.InferenceError(request_id="r", error="boom", status_code=500, error_reason="backend"),
 ]
 DAEMON_MESSAGES = [
@@ -61,6 +62,49 @@ def test_template_render_ok_is_tri_state_on_the_wire(verdict: bool | None) -> No
     decoded = m.decode_provider_frame(wire)
     assert isinstance(decoded, m.ModelsUpdate)
     assert decoded.models[0].template_render_ok is verdict
+
+
+class _OldUsage(msgspec.Struct, frozen=True):
+    """`Usage` as daemons before the `estimated` extension declare it."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int | None = None
+
+
+class _OldComplete(msgspec.Struct, frozen=True, tag_field="type", tag="inference_complete"):
+    request_id: str
+    usage: _OldUsage
+
+
+@pytest.mark.parametrize("estimated", [True, False])
+def test_an_old_daemon_decodes_a_usage_that_says_it_is_estimated(estimated: bool) -> None:
+    frame = m.encode(m.InferenceComplete("r", m.Usage(2, 5, estimated=estimated)))
+    assert f'"estimated":{str(estimated).lower()}' in frame
+    assert msgspec.json.decode(frame, type=_OldComplete) == _OldComplete("r", _OldUsage(2, 5))
+
+
+def test_usage_decodes_with_and_without_estimated() -> None:
+    old = (
+        '{"type":"inference_complete","request_id":"r",'
+        '"usage":{"prompt_tokens":2,"completion_tokens":5}}'
+    )
+    new = old.replace("5}", '5,"estimated":true}')
+    assert m.decode_provider_frame(old) == m.InferenceComplete("r", m.Usage(2, 5))
+    assert m.decode_provider_frame(new) == m.InferenceComplete("r", m.Usage(2, 5, estimated=True))
+
+
+def test_a_usage_not_estimated_is_sent_as_before() -> None:
+    frame = m.encode(m.InferenceComplete("r", m.Usage(2, 5)))
+    assert "estimated" not in frame
+
+
+def test_a_usage_field_this_daemon_does_not_know_is_ignored() -> None:
+    frame = (
+        '{"type":"inference_complete","request_id":"r",'
+        '"usage":{"prompt_tokens":2,"completion_tokens":5,"cached_tokens":1}}'
+    )
+    assert m.decode_provider_frame(frame) == m.InferenceComplete("r", m.Usage(2, 5))
 
 
 def test_explicit_null_optional_means_absent() -> None:

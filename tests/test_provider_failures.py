@@ -283,4 +283,4 @@ def test_estimates_round_up_and_never_report_zero_for_content() -> None:
     account = StreamAccount(prompt_chars=1)
     account.observe(choice(reasoning_content="thinking"))
     account.observe(choice(finish_reason="length"))
-    assert account.outcome() == Usage(prompt_tokens=1, completion_tokens=1)
+    assert account.outcome() == Usage(prompt_tokens=1, completion_tokens=1, estimated=True)

@@ -33,6 +33,7 @@ from trio_websocket import (
 from protocol import crypto
 from protocol.messages import (
     MAX_FRAME_BYTES,
+    MULTI_SSE,
     AttestationChallenge,
     AttestationResponse,
     Cancel,
@@ -58,9 +59,15 @@ from provider.config import ProviderConfig, node_version
 from provider.keys import load_or_create_keys
 from provider.node import ProviderNode
 from tests.fakes.backend import (
+    DONE,
     MODEL,
     FakeBackend,
+    Raw,
+    Reply,
+    chunk,
+    content_lines,
     cut_reply,
+    data,
     empty_reply,
     slow_reply,
     stream_reply,
@@ -122,8 +129,9 @@ class Link:
         self.closed_at = trio.current_time()
         self.done.set()
 
-    async def trust(self, register: Register) -> None:
-        """Challenge the node and check its signature, as the daemon does."""
+    async def trust(self, register: Register, extensions: list[str] | None = None) -> None:
+        """Challenge the node and check its signature, as the daemon does; `extensions`: the
+        ones to acknowledge (None: a daemon from before extensions)."""
         challenge = AttestationChallenge(
             nonce=crypto.new_challenge_nonce(), timestamp=crypto.challenge_timestamp()
         )
@@ -134,7 +142,7 @@ class Link:
         assert crypto.verify_challenge(
             identity, challenge.nonce, challenge.timestamp, answer.signature
         )
-        await self.send(TrustStatus(status="trusted"))
+        await self.send(TrustStatus(status="trusted", extensions=extensions))
 
 
 class FakeDaemon:
@@ -288,6 +296,105 @@ async def test_full_session_registers_passes_the_challenge_and_relays_a_request(
         None,
     ]
     assert backend.completions[0].json == BODY
+
+
+# 5 words (5 tokens by the fake's tokenizer) in 24 characters (6 by the estimate).
+SAY_HI = {**BODY, "messages": [{"role": "user", "content": "Say hi to everyone here."}]}
+
+
+async def completed(link: Link, register: Register, request_id: str) -> InferenceComplete:
+    """Send one request and read it to its terminal, which must be a completion."""
+    request, _ = sealed(register, request_id, SAY_HI)
+    await link.send(request)
+    while isinstance(frame := await link.receive(), InferenceResponseChunk):
+        pass
+    assert isinstance(frame, InferenceComplete), frame
+    return frame
+
+
+async def test_a_backend_that_streams_no_usage_has_its_prompt_counted_by_its_tokenizer(
+    backend, daemon, run_node
+) -> None:
+    backend.tokenizer = "/extras/tokenize"  # llama-cpp-python: no usage in its streams
+    await run_node()
+    link, register = await daemon.connection()
+    await link.trust(register)
+    frame = await completed(link, register, "r1")
+    assert frame == InferenceComplete("r1", Usage(prompt_tokens=5, completion_tokens=2))
+
+
+async def test_a_backend_without_a_tokenizer_is_asked_once_per_route_across_requests(
+    backend, daemon, run_node
+) -> None:
+    await run_node()
+    link, register = await daemon.connection()
+    await link.trust(register)
+    for n in range(4):
+        frame = await completed(link, register, f"r{n}")
+        assert frame.usage == Usage(prompt_tokens=6, completion_tokens=2, estimated=True)
+    assert [s.path for s in backend.tokenized] == ["/extras/tokenize", "/tokenize"]
+
+
+async def test_with_the_models_template_the_prompt_is_counted_as_the_backend_renders_it(
+    backend, daemon, run_node, tmp_path
+) -> None:
+    # Not on the virtual clock: the self-check renders in child processes under a real bound.
+    template = tmp_path / "chat_template.jinja"
+    template.write_text(
+        "{% for m in messages %}<turn> {{ m['role'] }} {{ m['content'] }} </turn>\n{% endfor %}"
+        "<turn> model"
+    )
+    backend.tokenizer = "/extras/tokenize"
+    await run_node(chat_templates=((MODEL, template),))
+    link, register = await daemon.connection()
+    await link.trust(register)
+    frame = await completed(link, register, "r1")
+    # "<turn> user" + 5 words + "</turn>", then "<turn> model": 10 tokens where the text is 5.
+    assert frame == InferenceComplete("r1", Usage(prompt_tokens=10, completion_tokens=2))
+    (count,) = backend.tokenized
+    assert count.json["input"] == "<turn> user Say hi to everyone here. </turn>\n<turn> model"
+
+
+# All of a reply's lines in one write: the node reads them together.
+TOGETHER = [*content_lines(["Hello", " world"]), data(chunk(finish_reason="stop"))]
+TOGETHER_REPLY = Reply(
+    steps=(Raw("".join(f"{line.text}\n\n" for line in [*TOGETHER, DONE]).encode()),)
+)
+
+
+async def _relayed_frames(link: Link, register: Register) -> list[str]:
+    """The plaintexts of the chunk frames of one request, until its `inference_complete`."""
+    request, opener = sealed(register)
+    await link.send(request)
+    texts = []
+    while not isinstance(frame := await link.receive(), InferenceComplete):
+        assert isinstance(frame, InferenceResponseChunk)
+        texts.append(opener.open(frame.encrypted_data).decode())
+    return texts
+
+
+async def test_with_multi_sse_acknowledged_lines_read_together_share_a_frame(
+    backend, daemon, run_node
+) -> None:
+    backend.script(TOGETHER_REPLY)
+    await run_node()
+    link, register = await daemon.connection()
+    assert register.extensions == [MULTI_SSE]
+    await link.trust(register, extensions=[MULTI_SSE])
+    texts = await _relayed_frames(link, register)
+    assert "\n".join(texts).split("\n") == [line.text for line in TOGETHER]
+    assert len(texts) < len(TOGETHER)
+
+
+async def test_without_the_acknowledgement_each_line_is_its_own_frame(
+    backend, daemon, run_node
+) -> None:
+    # A daemon from before the extension: its trust_status never acknowledges one.
+    backend.script(TOGETHER_REPLY)
+    await run_node()
+    link, register = await daemon.connection()
+    await link.trust(register)
+    assert await _relayed_frames(link, register) == [line.text for line in TOGETHER]
 
 
 async def test_heartbeats_every_five_seconds_with_active_requests(

@@ -28,7 +28,10 @@ from protocol.messages import (
     Usage,
 )
 from provider.backend import Backend, open_client
+from provider.rendered import MAX_RENDERED_BYTES
 from provider.request import serve_request
+from provider.templates import TemplateSet
+from provider.tokenizer import COUNT_TIMEOUT, ROUTE_RETRY, Tokenizer
 from tests.fakes.backend import (
     DONE,
     MODEL,
@@ -93,6 +96,7 @@ async def serve(
     endpoint: str = CHAT,
     *,
     context: int | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> Outcome:
     request, opener = sealed(body, endpoint)
     frames: list[ProviderMessage] = []
@@ -103,9 +107,14 @@ async def serve(
     def context_length(model: str | None) -> int | None:
         return context if model == MODEL else None
 
-    backend = Backend(client, url)
+    backend = Backend(client, url) if tokenizer is None else tokenizer.backend
     await serve_request(
-        request, box=NODE_KEY, backend=backend, send=send, context_length=context_length
+        request,
+        box=NODE_KEY,
+        backend=backend,
+        send=send,
+        context_length=context_length,
+        tokenizer=tokenizer,
     )
     return outcome(frames, opener)
 
@@ -154,7 +163,7 @@ async def test_completions_endpoint_is_served_too(fake, client) -> None:
     )
     assert fake.completions[0].path == "/v1/completions"
     assert result.terminal == InferenceComplete(
-        "req-1", Usage(prompt_tokens=2, completion_tokens=1)
+        "req-1", Usage(prompt_tokens=2, completion_tokens=1, estimated=True)
     )
 
 
@@ -333,10 +342,13 @@ async def test_a_stream_that_broke_off_after_content_is_never_blamed_on_the_prom
     assert fake.tokenized == []
 
 
-async def test_a_served_request_never_pays_for_counting_its_prompt(fake, client) -> None:
+async def test_a_request_served_with_the_backends_usage_never_pays_for_counting_its_prompt(
+    fake, client
+) -> None:
     fake.tokenizer = "/extras/tokenize"
+    fake.script(stream_reply(usage={"prompt_tokens": 80, "completion_tokens": 2}))
     result = await serve(client, fake.url, LONG_BODY, context=CONTEXT)
-    assert isinstance(result.terminal, InferenceComplete)
+    assert result.terminal == InferenceComplete("req-1", Usage(80, 2))
     assert fake.tokenized == []
 
 
@@ -382,15 +394,116 @@ async def test_usage_is_estimated_when_the_backend_sends_none(fake, client) -> N
     fake.script(stream_reply(["a", "b", "c"], usage=None))
     result = await serve(client, fake.url)
     assert result.terminal == InferenceComplete(
-        "req-1", Usage(prompt_tokens=9, completion_tokens=3)
+        "req-1", Usage(prompt_tokens=9, completion_tokens=3, estimated=True)
     )
+
+
+# PROMPT is 6 words: 6 tokens by the fake's tokenizer, where the estimate says 9.
+
+
+async def test_without_the_backends_usage_llama_cpp_python_counts_the_prompt(fake, client) -> None:
+    fake.tokenizer = "/extras/tokenize"
+    fake.script(stream_reply(["a", "b", "c"], usage=None))
+    result = await serve(client, fake.url)
+    assert result.terminal == InferenceComplete("req-1", Usage(6, 3))
+    (count,) = fake.tokenized
+    assert (count.path, count.json) == ("/extras/tokenize", {"model": MODEL, "input": PROMPT})
+
+
+async def test_without_the_backends_usage_llama_server_counts_the_prompt_from_then_on(
+    fake, client
+) -> None:
+    # One round trip per request at most: the first learns that /extras/tokenize is not here.
+    fake.tokenizer = "/tokenize"
+    tokenizer = Tokenizer(Backend(client, fake.url))
+    first = await serve(client, fake.url, tokenizer=tokenizer)
+    second = await serve(client, fake.url, tokenizer=tokenizer)
+    assert first.terminal == InferenceComplete("req-1", Usage(9, 2, estimated=True))
+    assert second.terminal == InferenceComplete("req-1", Usage(6, 2))
+    assert [(s.path, s.json) for s in fake.tokenized] == [
+        ("/extras/tokenize", {"model": MODEL, "input": PROMPT}),
+        ("/tokenize", {"model": MODEL, "content": PROMPT, "add_special": True}),
+    ]
+
+
+async def test_a_backend_without_a_tokenizer_is_asked_once_per_route_then_left_alone(
+    fake, client, autojump_clock
+) -> None:
+    tokenizer = Tokenizer(Backend(client, fake.url))
+    for _ in range(5):
+        result = await serve(client, fake.url, tokenizer=tokenizer)
+        assert result.terminal == InferenceComplete("req-1", Usage(9, 2, estimated=True))
+    assert [s.path for s in fake.tokenized] == ["/extras/tokenize", "/tokenize"]
+    await trio.sleep(ROUTE_RETRY)  # it may have been replaced by a server with one
+    fake.tokenizer = "/extras/tokenize"
+    result = await serve(client, fake.url, tokenizer=tokenizer)
+    assert result.terminal == InferenceComplete("req-1", Usage(6, 2))
+    assert len(fake.tokenized) == 3
+
+
+async def test_a_slow_tokenizer_delays_the_terminal_two_seconds_at_most(
+    fake, client, autojump_clock
+) -> None:
+    fake.tokenizer = "/extras/tokenize"
+    fake.tokenizer_gate = trio.Event()  # never set: the count never comes
+    tokenizer = Tokenizer(Backend(client, fake.url))
+    result = await serve(client, fake.url, tokenizer=tokenizer)
+    assert result.terminal == InferenceComplete("req-1", Usage(9, 2, estimated=True))
+    assert trio.current_time() == COUNT_TIMEOUT == 2.0
+    # Slow is not absent: the next request asks the same route again.
+    fake.tokenizer_gate.set()
+    again = await serve(client, fake.url, tokenizer=tokenizer)
+    assert again.terminal == InferenceComplete("req-1", Usage(6, 2))
+    assert [s.path for s in fake.tokenized] == ["/extras/tokenize"] * 2
+
+
+def with_template(client: httpx.AsyncClient, url: str, template: str) -> Tokenizer:
+    tokenizer = Tokenizer(Backend(client, url))
+    tokenizer.templates[MODEL] = TemplateSet(default=template)
+    return tokenizer
+
+
+async def test_a_chat_prompt_is_counted_as_its_template_renders_it(fake, client) -> None:
+    fake.tokenizer = "/extras/tokenize"
+    template = "{% for m in messages %}<turn> {{ m.content }} </turn> {% endfor %}<turn>"
+    result = await serve(client, fake.url, tokenizer=with_template(client, fake.url, template))
+    assert result.terminal == InferenceComplete("req-1", Usage(9, 2))  # 6 words and 3 markers
+    (count,) = fake.tokenized
+    assert count.json["input"] == f"<turn> {PROMPT} </turn> <turn>"
+
+
+async def test_a_template_that_raises_on_a_request_leaves_the_text_to_count(fake, client) -> None:
+    fake.tokenizer = "/extras/tokenize"
+    template = "{{ raise_exception('not this one') }}"
+    result = await serve(client, fake.url, tokenizer=with_template(client, fake.url, template))
+    assert result.terminal == InferenceComplete("req-1", Usage(6, 2))
+
+
+async def test_a_request_too_big_to_render_is_counted_as_its_text(fake, client) -> None:
+    fake.tokenizer = "/extras/tokenize"
+    words = " ".join(["word"] * (MAX_RENDERED_BYTES // 5 + 1))
+    body = {**BODY, "messages": [{"role": "user", "content": words}]}
+    tokenizer = with_template(client, fake.url, "{{ messages[0].content }} rendered")
+    result = await serve(client, fake.url, body, tokenizer=tokenizer)
+    assert isinstance(result.terminal, InferenceComplete)
+    assert result.terminal.usage.prompt_tokens == MAX_RENDERED_BYTES // 5 + 1
+
+
+async def test_a_reported_prompt_count_is_kept_when_only_completion_is_missing(
+    fake, client
+) -> None:
+    fake.tokenizer = "/extras/tokenize"
+    fake.script(stream_reply(["a", "b"], usage={"prompt_tokens": 12, "completion_tokens": 0}))
+    result = await serve(client, fake.url)
+    assert result.terminal == InferenceComplete("req-1", Usage(12, 2))
+    assert fake.tokenized == []
 
 
 async def test_zero_completion_usage_is_replaced_when_content_streamed(fake, client) -> None:
     fake.script(stream_reply(["a", "b"], usage={"prompt_tokens": 0, "completion_tokens": 0}))
     result = await serve(client, fake.url)
     assert result.terminal == InferenceComplete(
-        "req-1", Usage(prompt_tokens=9, completion_tokens=2)
+        "req-1", Usage(prompt_tokens=9, completion_tokens=2, estimated=True)
     )
 
 
@@ -406,7 +519,7 @@ async def test_tool_call_deltas_count_as_output(fake, client) -> None:
     fake.script(Reply(steps=steps))
     result = await serve(client, fake.url)
     assert result.terminal == InferenceComplete(
-        "req-1", Usage(prompt_tokens=9, completion_tokens=1)
+        "req-1", Usage(prompt_tokens=9, completion_tokens=1, estimated=True)
     )
 
 

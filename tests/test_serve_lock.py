@@ -36,6 +36,7 @@ def child_env(data_dir: Path) -> dict[str, str]:
         **env,
         "PYTHONPATH": str(REPO),
         "DINFER_LISTEN": "127.0.0.1:0",
+        "DINFER_METRICS_LISTEN": "off",
         "DINFER_DATA_DIR": str(data_dir),
         "DINFER_LOG_LEVEL": "warning",
     }

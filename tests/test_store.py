@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from daemon import store as store_module
-from daemon.store import MIGRATIONS, StoreError, database_path, open_store
+from daemon.key_policy import KeyLimits
+from daemon.store import HIT_RECHECK_S, MIGRATIONS, StoreError, database_path, open_store
 
 
 def query(data_dir: Path, sql: str) -> list[Any]:
@@ -48,12 +50,12 @@ async def test_a_new_migration_is_applied_once_on_the_next_open(
 ) -> None:
     async with open_store(tmp_path):
         pass
-    extra = "CREATE TABLE usage (id INTEGER PRIMARY KEY); INSERT INTO usage VALUES (7);"
+    extra = "CREATE TABLE later (id INTEGER PRIMARY KEY); INSERT INTO later VALUES (7);"
     monkeypatch.setattr(store_module, "MIGRATIONS", (*MIGRATIONS, extra))
     for _ in range(2):
         async with open_store(tmp_path):
             pass
-    assert query(tmp_path, "SELECT id FROM usage") == [(7,)]
+    assert query(tmp_path, "SELECT id FROM later") == [(7,)]
     assert query(tmp_path, "SELECT max(version) FROM schema_version") == [(len(MIGRATIONS) + 1,)]
 
 
@@ -77,7 +79,8 @@ def test_a_migration_another_opener_already_applied_is_skipped(tmp_path: Path) -
     with closing(store_module._connect(database_path(tmp_path))) as conn:
         store_module._apply_migration(conn, 1)
         assert not conn.in_transaction
-        assert conn.execute("SELECT count(*) FROM schema_version").fetchone() == (1,)
+        count = (len(MIGRATIONS),)
+        assert conn.execute("SELECT count(*) FROM schema_version").fetchone() == count
 
 
 async def test_a_database_from_a_newer_dinfer_is_refused(tmp_path: Path) -> None:
@@ -284,3 +287,119 @@ async def test_concurrent_misses_after_a_change_share_one_database_trip(
 
         assert found.count(None) == 50 and issued.id in found
         assert len(hops) == 1
+
+
+# Key limits ----------------------------------------------------------------------------------
+
+
+async def test_keys_of_a_version_1_database_survive_the_upgrade_with_no_limits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The database as the dinfer before limits left it: schema version 1, one key.
+    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS[:1])
+    with closing(store_module._connect(database_path(tmp_path))) as conn:
+        conn.execute(
+            "INSERT INTO api_keys (id, name, secret_hash, created_at) VALUES (?, ?, ?, 0)",
+            ("key_000000000001", "from before limits", store_module.hash_secret("dk_old")),
+        )
+    monkeypatch.undo()
+    async with open_store(tmp_path) as store:
+        assert await store.find_api_key("dk_old") == "key_000000000001"
+        assert store.api_key_limits("key_000000000001") is None
+        record = await store.get_api_key("key_000000000001")
+        assert record is not None and record.name == "from before limits"
+        assert record.limits == KeyLimits()
+
+
+async def test_limits_are_stored_cached_and_cleared(tmp_path: Path) -> None:
+    limits = KeyLimits(rpm=5, allowed_models=frozenset({"a", "b"}), expires_at=1.8e9)
+    async with open_store(tmp_path) as store:
+        issued = await store.create_api_key("limited", limits)
+        plain = await store.create_api_key("plain")
+        assert store.api_key_limits(issued.id) == limits
+        assert store.api_key_limits(plain.id) is None  # no entry: one dict miss
+        changed = await store.update_api_key(issued.id, {"rpm": None, "tpm": 9})
+        assert changed is not None and changed.limits == KeyLimits(
+            tpm=9, allowed_models=limits.allowed_models, expires_at=1.8e9
+        )
+        assert store.api_key_limits(issued.id) == changed.limits
+        assert await store.update_api_key("key_000000000000", {"rpm": 1}) is None
+    async with open_store(tmp_path) as store:
+        assert store.api_key_limits(issued.id) == changed.limits
+        cleared = await store.update_api_key(
+            issued.id, {"tpm": None, "allowed_models": None, "expires_at": None}
+        )
+        assert cleared is not None and cleared.limits.empty
+        assert store.api_key_limits(issued.id) is None
+
+
+async def test_a_rotated_secret_replaces_the_old_one_at_once(tmp_path: Path) -> None:
+    async with open_store(tmp_path) as store:
+        issued = await store.create_api_key("app", KeyLimits(rpm=3))
+        rotated = await store.rotate_api_key(issued.id)
+        assert rotated is not None and rotated.id == issued.id
+        assert store.lookup_api_key(issued.secret) is None
+        assert await store.find_api_key(rotated.secret) == issued.id
+        assert store.api_key_limits(issued.id) == KeyLimits(rpm=3)
+        await store.revoke_api_key(issued.id)
+        assert await store.rotate_api_key(issued.id) is None
+
+
+async def test_changes_by_another_process_reach_hits_within_the_recheck_interval(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with open_store(tmp_path) as daemon, open_store(tmp_path) as cli:
+        issued = await daemon.create_api_key("app")
+        assert await daemon.find_api_key(issued.secret) == issued.id
+        await cli.update_api_key(issued.id, {"rpm": 2})
+        await trio.sleep(HIT_RECHECK_S)
+        assert await daemon.find_api_key(issued.secret) == issued.id
+        assert daemon.api_key_limits(issued.id) == KeyLimits(rpm=2)
+        rotated = await cli.rotate_api_key(issued.id)
+        assert rotated is not None
+        assert await daemon.find_api_key(rotated.secret) == issued.id  # a miss: at once
+        await trio.sleep(HIT_RECHECK_S)
+        assert await daemon.find_api_key(issued.secret) is None
+        await cli.revoke_api_key(issued.id)
+        await trio.sleep(HIT_RECHECK_S)
+        assert await daemon.find_api_key(rotated.secret) is None
+
+
+async def test_hits_ask_data_version_at_most_every_recheck_interval(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with open_store(tmp_path) as daemon:
+        issued = await daemon.create_api_key("app")
+        asked = []
+        real = store_module._data_version
+        monkeypatch.setattr(
+            store_module, "_data_version", lambda conn: asked.append(1) or real(conn)
+        )
+        for _ in range(100):
+            assert await daemon.find_api_key(issued.secret) == issued.id
+        assert len(asked) <= 2  # the first hit, and perhaps the reload after our own write
+        await trio.sleep(HIT_RECHECK_S)
+        before = len(asked)
+        assert await daemon.find_api_key(issued.secret) == issued.id
+        assert len(asked) == before + 1
+
+
+async def test_commits_to_other_tables_do_not_reread_the_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with open_store(tmp_path) as daemon:
+        issued = await daemon.create_api_key("app")
+        assert await daemon.find_api_key(issued.secret) == issued.id
+        read = []
+        real = store_module._read_live_keys
+        monkeypatch.setattr(
+            store_module, "_read_live_keys", lambda conn: read.append(1) or real(conn)
+        )
+        with closing(sqlite3.connect(database_path(tmp_path))) as other, other:
+            # What a ledger's commit is: a row written to another table.
+            other.execute(
+                "INSERT INTO usage (request_id, key_id, route, started_at)"
+                " VALUES ('r', 'k', 'chat', 0)"
+            )
+        assert await daemon.find_api_key(issued.secret) == issued.id
+        assert read == []

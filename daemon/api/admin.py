@@ -1,7 +1,14 @@
-"""The admin API (`/v1/admin/...`): provider tokens, consumer keys, the provider and hedging views.
+"""The admin API (`/v1/admin/...`): provider tokens, consumer keys, the provider and hedging views,
+and an operator's hands on a provider (clear its breaker cooldowns, drain it and undrain it),
+and the usage ledger's summaries (`GET /v1/admin/usage`).
 
 Every route takes `Authorization: Bearer $DINFER_ADMIN_KEY`, compared in constant time;
 without an admin key configured, every call is refused.
+
+Keys: list, get, create (with limits), `PATCH` (set limits; null clears one), rotate (a new
+secret, shown once; the old one is refused from then on), revoke. A key is never shown with
+its secret or digest, only when issued. Limit values are validated by `daemon.key_policy`
+(the CLI uses the same), and a bad one is a 400 naming the field in `param`.
 """
 
 from __future__ import annotations
@@ -16,8 +23,10 @@ import msgspec
 import trio
 from quart import Blueprint, Response, current_app, request
 
-from daemon.api.errors import error_body
+from daemon.api.errors import ApiError, error_body
 from daemon.api.handler import timing_for
+from daemon.api.usage import query_from, usage_groups
+from daemon.key_policy import NO_LIMITS, LimitError, parse_changes
 from daemon.nursery.hedging import Hedger
 from daemon.nursery.supervisor import Supervisor
 from daemon.routing.latency import BAND_LABELS, BAND_LIMITS, LatencyKey, TtftWindow
@@ -34,8 +43,11 @@ def supervisor() -> Supervisor:
     return sup
 
 
-def json_error(status: int, message: str, code: str | None = None) -> Response:
-    return Response(error_body(status, message, code), status, content_type="application/json")
+def json_error(
+    status: int, message: str, code: str | None = None, param: str | None = None
+) -> Response:
+    body = error_body(status, message, code, param)
+    return Response(body, status, content_type="application/json")
 
 
 def requires_admin(handler: Handler) -> Handler:
@@ -97,18 +109,111 @@ async def revoke_provider_token(token_id: str) -> Response:
     return _json({"id": token_id, "revoked": True, "disconnected": sup.kick_token(token_id)})
 
 
+@admin.get("/provider-tokens")
+@requires_admin
+async def list_provider_tokens() -> Response:
+    tokens = await supervisor().store.list_provider_tokens()
+    return _json({"tokens": [token.to_json() for token in tokens]})
+
+
+@admin.get("/keys")
+@requires_admin
+async def list_api_keys() -> Response:
+    keys = await supervisor().store.list_api_keys()
+    return _json({"keys": [key.to_json() for key in keys]})
+
+
+@admin.get("/keys/<key_id>")
+@requires_admin
+async def get_api_key(key_id: str) -> Response:
+    record = await supervisor().store.get_api_key(key_id)
+    if record is None:
+        return _no_key(key_id)
+    return _json(record.to_json())
+
+
 @admin.post("/keys")
 @requires_admin
 async def create_api_key() -> Response:
-    return await _issue(supervisor().store.create_api_key, "key")
+    body = await request.get_json(force=True, silent=True)
+    name = body.pop("name", None) if isinstance(body, dict) else None
+    if not isinstance(body, dict) or not isinstance(name, str) or not name.strip():
+        return json_error(
+            400, 'the body must be a JSON object with a non-empty "name"', "invalid_name", "name"
+        )
+    try:
+        limits = NO_LIMITS.with_changes(parse_changes(body))
+        issued = await supervisor().store.create_api_key(name, limits)
+    except LimitError as exc:
+        return _bad_limit(exc)
+    except ValueError as exc:
+        return json_error(400, str(exc), "invalid_name", "name")
+    record = await supervisor().store.get_api_key(issued.id)
+    assert record is not None  # just created; keys are never deleted
+    return _json({**record.to_json(), "key": issued.secret}, 201)
+
+
+@admin.patch("/keys/<key_id>")
+@requires_admin
+async def update_api_key(key_id: str) -> Response:
+    body = await _object_body()
+    if isinstance(body, Response):
+        return body
+    name = body.pop("name", None)
+    if name is not None and not isinstance(name, str):
+        return json_error(400, '"name" must be a string', "invalid_name", "name")
+    try:
+        record = await supervisor().store.update_api_key(key_id, parse_changes(body), name=name)
+    except LimitError as exc:
+        return _bad_limit(exc)
+    except ValueError as exc:
+        return json_error(400, str(exc), "invalid_name", "name")
+    if record is None:
+        return _no_key(key_id)
+    return _json(record.to_json())
+
+
+@admin.post("/keys/<key_id>/rotate")
+@requires_admin
+async def rotate_api_key(key_id: str) -> Response:
+    issued = await supervisor().store.rotate_api_key(key_id)
+    if issued is None:
+        return _no_key(key_id)
+    return _json({"id": issued.id, "key": issued.secret})
 
 
 @admin.delete("/keys/<key_id>")
 @requires_admin
 async def revoke_api_key(key_id: str) -> Response:
     if not await supervisor().store.revoke_api_key(key_id):
-        return json_error(404, f"no live API key {key_id!r}", "key_not_found")
+        return _no_key(key_id)
     return _json({"id": key_id, "revoked": True})
+
+
+async def _object_body() -> dict[str, Any] | Response:
+    body = await request.get_json(force=True, silent=True)
+    if not isinstance(body, dict):
+        return json_error(400, "the body must be a JSON object", "invalid_body")
+    return body
+
+
+def _bad_limit(exc: LimitError) -> Response:
+    return json_error(400, str(exc), "invalid_limit", exc.field)
+
+
+def _no_key(key_id: str) -> Response:
+    return json_error(404, f"no live API key {key_id!r}", "key_not_found")
+
+
+@admin.get("/usage")
+@requires_admin
+async def usage() -> Response:
+    """Requests, outcomes, token sums and TTFT percentiles per group; see daemon/api/usage.py."""
+    try:
+        query = query_from(request.query_string, allow_key_id=True)
+    except ApiError as error:
+        return json_error(error.status, error.message, error.code)
+    return _json(await usage_groups(supervisor(), query))
 
 
 @admin.get("/providers")
@@ -119,6 +224,47 @@ async def list_providers() -> Response:
     return _json({"providers": [_describe(entry, registry, now) for entry in registry.providers()]})
 
 
+def _provider(provider_id: str) -> ProviderEntry | Response:
+    entry = supervisor().registry.get(provider_id)
+    if entry is None:
+        return json_error(404, f"no connected provider {provider_id!r}", "provider_not_found")
+    return entry
+
+
+@admin.delete("/providers/<provider_id>/cooldowns")
+@requires_admin
+async def clear_cooldowns(provider_id: str) -> Response:
+    """Forget the provider's strikes and cooldowns: it serves every shape again at once."""
+    entry = _provider(provider_id)
+    if isinstance(entry, Response):
+        return entry
+    registry = supervisor().registry
+    cleared = len(registry.breaker.cooldowns(provider_id, trio.current_time()))
+    registry.clear_cooldowns(entry)
+    return _json({"provider_id": provider_id, "cleared": cleared})
+
+
+@admin.post("/providers/<provider_id>/drain")
+@requires_admin
+async def drain_provider(provider_id: str) -> Response:
+    """No new requests for the provider; those in flight finish. A reconnect undrains it."""
+    return _set_held(provider_id, True)
+
+
+@admin.delete("/providers/<provider_id>/drain")
+@requires_admin
+async def undrain_provider(provider_id: str) -> Response:
+    return _set_held(provider_id, False)
+
+
+def _set_held(provider_id: str, held: bool) -> Response:
+    entry = _provider(provider_id)
+    if isinstance(entry, Response):
+        return entry
+    supervisor().registry.set_held(entry, held)
+    return _json({"provider_id": provider_id, "drained": held, "in_flight": entry.in_flight})
+
+
 def _describe(entry: ProviderEntry, registry: Registry, now: float) -> dict[str, Any]:
     wall_offset = time.time() - now
     return {
@@ -127,16 +273,32 @@ def _describe(entry: ProviderEntry, registry: Registry, now: float) -> dict[str,
         "backend": entry.backend,
         "models": [_describe_model(info) for info in entry.models.values()],
         "in_flight": entry.in_flight,
+        "in_flight_by_model": dict(sorted(entry.in_flight_by_model.items())),
         "max_concurrency": entry.max_concurrency,
         "trusted": entry.trusted,
         "draining": entry.draining,
+        "drained": entry.held,
         "last_challenge_at": entry.last_challenge_at,
+        "strikes": [
+            {"model": model, "shape": shape, "strikes": count}
+            for model, shape, count in registry.breaker.strikes(entry.provider_id, now)
+        ],
         "cooldowns": [
-            {"model": model, "shape": shape, "until": until + wall_offset}
+            {
+                "model": model,
+                "shape": shape,
+                "until": until + wall_offset,
+                "seconds_left": round(until - now, 1),
+            }
             for model, shape, until in registry.breaker.cooldowns(entry.provider_id, now)
         ],
+        "decode_tps": {model: round(tps, 1) for model, tps in sorted(entry.decode_tps.items())},
         "speed": [
-            {**_observed(key, window, now), "decode_tps": entry.decode_tps.get(key[0])}
+            {
+                **_observed(key, window, now),
+                "ttft_p95_ms": _ms(window.quantile(0.95, now)),
+                "decode_tps": entry.decode_tps.get(key[0]),
+            }
             for key, window in sorted(entry.ttft.items())
             if window.count(now)
         ],

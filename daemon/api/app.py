@@ -28,6 +28,7 @@ from daemon.api.messages import REQUEST_ID_HEADERS, CountTokensRoute, MessagesCo
 from daemon.api.models import ModelsRoute
 from daemon.api.provider_socket import ProviderSocket
 from daemon.api.responses import ResponsesCodec
+from daemon.api.usage import UsageRoute
 from daemon.nursery.supervisor import Supervisor
 
 ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
@@ -151,14 +152,15 @@ def create_router(sup: Supervisor) -> Router:
     """Every route the daemon serves (the security suite enumerates them from here)."""
     models = ModelsRoute(sup)
     routes: dict[tuple[str, str], ASGIApp] = {
-        ("http", "/v1/chat/completions"): InferenceRoute(sup, ChatCodec),
-        ("http", "/v1/responses"): InferenceRoute(sup, ResponsesCodec()),
-        ("http", "/v1/completions"): InferenceRoute(sup, CompletionsCodec),
+        ("http", "/v1/chat/completions"): InferenceRoute(sup, ChatCodec, route="chat"),
+        ("http", "/v1/responses"): InferenceRoute(sup, ResponsesCodec(), route="responses"),
+        ("http", "/v1/completions"): InferenceRoute(sup, CompletionsCodec, route="completions"),
         ("http", "/v1/models"): models,
         ("http", "/v1/messages"): InferenceRoute(
-            sup, MessagesCodec(), id_headers=REQUEST_ID_HEADERS
+            sup, MessagesCodec(), route="messages", id_headers=REQUEST_ID_HEADERS
         ),
         ("http", "/v1/messages/count_tokens"): CountTokensRoute(sup),
+        ("http", "/v1/usage"): UsageRoute(sup),
         ("websocket", "/ws/provider"): ProviderSocket(sup),
     }
     prefixes: dict[tuple[str, str], ASGIApp] = {("http", "/v1/models/"): models}

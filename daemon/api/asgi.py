@@ -6,8 +6,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-import trio
-
 from daemon.api.errors import ApiError, error_body, openai_error, retry_headers
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -61,13 +59,6 @@ async def drain(receive: Receive) -> None:
             return
 
 
-async def watch_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
-    """Cancel `scope` when the client goes away (run only after the body was read)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    scope.cancel(reason="the client disconnected")
-
-
 async def send_json(
     send: Send, status: int, body: bytes, headers: Iterable[tuple[bytes, bytes]] = ()
 ) -> None:
@@ -102,4 +93,4 @@ async def send_api_error(
 ) -> None:
     """The one place an `ApiError` becomes a response: `render` gives the route's body."""
     extra = [(k.lower().encode(), v.encode()) for k, v in retry_headers(error.retry_after).items()]
-    await send_json(send, error.status, render(error), [*extra, *headers])
+    await send_json(send, error.status, render(error), [*extra, *headers, *error.headers])

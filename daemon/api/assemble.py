@@ -23,8 +23,8 @@ class _ToolCall:
     arguments: list[str] = field(default_factory=list)
 
     def merge(self, delta: dict[str, Any]) -> None:
-        self.id = delta.get("id") or self.id
-        self.type = delta.get("type") or self.type
+        self.id = _text(delta.get("id")) or self.id
+        self.type = _text(delta.get("type")) or self.type
         function = delta.get("function")
         if not isinstance(function, dict):
             return  # a provider's malformed delta must not turn the answer into a 500
@@ -56,8 +56,10 @@ class CompletionAssembler:
     def add(self, event: dict[str, Any] | None) -> None:
         if not event:
             return
-        self.id = self.id or event.get("id")
-        self.created = self.created or event.get("created")
+        self.id = self.id or _text(event.get("id"))
+        created = event.get("created")
+        if self.created is None and isinstance(created, int) and not isinstance(created, bool):
+            self.created = created
         if isinstance(event.get("usage"), dict):
             self.usage = event["usage"]
         choices = event.get("choices")
@@ -124,6 +126,12 @@ def finish_reason_of(choice: dict[str, Any]) -> str | None:
     route that looks it up)."""
     reason = choice.get("finish_reason")
     return reason if isinstance(reason, str) and reason else None
+
+
+def _text(value: Any) -> str | None:
+    """A provider's string field; any other type is as if it were absent (the answer's shape
+    is the route's promise, whatever a provider sent)."""
+    return value if isinstance(value, str) and value else None
 
 
 def _append(parts: list[str], value: Any) -> None:

@@ -65,7 +65,13 @@ def _media_parts(message: Any, types: frozenset[str] = MEDIA_PART_TYPES) -> int:
     content = message.get("content") if isinstance(message, dict) else None
     if not isinstance(content, list):
         return 0
-    return sum(1 for part in content if isinstance(part, dict) and part.get("type") in types)
+    return sum(1 for part in content if isinstance(part, dict) and _part_type(part) in types)
+
+
+def _part_type(part: dict[str, Any]) -> str | None:
+    # Only a string is looked up: an unhashable `type` ([] or {}) must not raise (a 500).
+    kind = part.get("type")
+    return kind if isinstance(kind, str) else None
 
 
 def estimate_prompt_tokens(messages: list[Any]) -> int:

@@ -8,6 +8,7 @@ Anthropic's, `{"type": "error", "error": {"type", "message"}}`) and `Retry-After
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final
 
 import msgspec
@@ -37,6 +38,7 @@ class ApiError(Exception):
         *,
         param: str | None = None,
         retry_after: int | None = None,
+        headers: Sequence[tuple[bytes, bytes]] = (),
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -44,6 +46,7 @@ class ApiError(Exception):
         self.message = message
         self.param = param
         self.retry_after = retry_after
+        self.headers = headers  # sent with the error (the key's x-ratelimit-* headers)
 
 
 class ErrorDetail(msgspec.Struct, frozen=True):

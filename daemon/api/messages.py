@@ -29,7 +29,7 @@ from daemon.api.messages_request import (
 )
 from daemon.api.messages_response import EventStream, Stop, assembled_message, message_id
 from daemon.api.relay import collect, relay, send_failure
-from daemon.nursery.dispatch import Committed, Finished, InBandError
+from daemon.nursery.dispatch import Committed, Finished, InBandError, RelayEnd
 from daemon.nursery.supervisor import Supervisor
 
 REQUEST_ID_HEADERS: Final = (b"x-request-id", b"request-id")
@@ -47,17 +47,16 @@ class MessagesCodec:
 
     async def respond(
         self, send: Send, committed: Committed, headers: Headers, options: MessagesOptions
-    ) -> None:
+    ) -> RelayEnd:
         if options.stream:
             events = EventStream(options, message_id(committed.request_id))
-            await relay(send, committed, headers, events)
-        else:
-            await _complete(send, committed, headers, options)
+            return await relay(send, committed, headers, events)
+        return await _complete(send, committed, headers, options)
 
 
 async def _complete(
     send: Send, committed: Committed, headers: Headers, options: MessagesOptions
-) -> None:
+) -> RelayEnd:
     assembler = CompletionAssembler(options.model)
     stop = Stop(options.stop_sequences)
 
@@ -65,7 +64,8 @@ async def _complete(
         assembler.add(data)
         stop.observe(data)
 
-    match await collect(committed, add):
+    end = await collect(committed, add)
+    match end:
         case Finished(usage=usage):
             completion = assembler.result(usage)
             ident = message_id(committed.request_id)
@@ -73,8 +73,9 @@ async def _complete(
             await send_json(send, 200, _encoder.encode(message), headers)
         case InBandError() as failure:
             await send_failure(send, failure, headers, anthropic_error)
-        case end:
+        case _:
             assert_never(end)
+    return end
 
 
 class CountTokensRoute:
@@ -86,7 +87,8 @@ class CountTokensRoute:
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         ident = request_id_headers(REQUEST_ID_HEADERS)
         try:
-            tokens = count_input_tokens(await read_consumer_body(self._sup, scope, receive))
+            raw, _ = await read_consumer_body(self._sup, scope, receive)
+            tokens = count_input_tokens(raw)
         except ClientGone:
             return
         except ApiError as error:

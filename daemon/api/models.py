@@ -25,7 +25,7 @@ import msgspec
 
 from daemon.api.asgi import Receive, Send, drain, header, send_api_error, send_json
 from daemon.api.errors import ApiError, anthropic_error, openai_error
-from daemon.api.handler import ID_HEADERS, consumer_key, request_id_headers
+from daemon.api.handler import ID_HEADERS, authenticate, request_id_headers
 from daemon.api.messages import REQUEST_ID_HEADERS
 from daemon.nursery.supervisor import Supervisor
 from daemon.routing.registry import Registry, shown
@@ -74,9 +74,7 @@ class ModelsRoute:
         if scope["method"] != "GET":
             await drain(receive)
             raise ApiError(405, "method_not_allowed", "use GET")
-        key = consumer_key(scope)
-        if key is None or await self._sup.store.find_api_key(key) is None:
-            raise ApiError(401, "invalid_api_key", shape.auth_hint)
+        await authenticate(self._sup, scope, shape.auth_hint)
         models = catalogue(self._sup.registry)
         path: str = scope["path"]
         if path == LIST_PATH:

@@ -2,13 +2,15 @@
 
 Every streaming route writes through `relay()` with its own `StreamEncoder`; `OpenAIChunks` is
 the OpenAI-shaped routes' (chat and text completions relay the provider's chunks as they are,
-a failure after the commit is one `data: {"error": ...}` event, and `data: [DONE]` ends it).
+each as one event and only JSON objects, a failure after the commit is one
+`data: {"error": ...}` event, and `data: [DONE]` ends it).
 `collect` feeds every chunk to an assembler for a one-object answer; `send_failure` is that
 answer's error after the commit.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,8 +25,9 @@ from daemon.api.body import StreamOptions
 from daemon.api.errors import ApiError, openai_error
 from daemon.api.handler import Parsed
 from daemon.nursery.attempt import Chunk
-from daemon.nursery.dispatch import Committed, Finished, InBandError
+from daemon.nursery.dispatch import Committed, Finished, InBandError, RelayEnd
 from protocol.messages import Usage
+from protocol.sse import parse_data_line
 
 DONE: Final = b"data: [DONE]\n\n"
 EVENT_STREAM_HEADERS: Final = [
@@ -36,6 +39,7 @@ EVENT_STREAM_HEADERS: Final = [
 MAX_ASSEMBLED_CHARS: Final = 64 * 1024 * 1024
 _encoder: Final = msgspec.json.Encoder()
 _FAILURE_STATUS: Final = {"timeout": 504, "server_shutting_down": 503}
+_LINE_BREAKS: Final = re.compile(r"\r\n|\r|\n")  # what ends a line in an event stream
 
 # The route's own usage-only chunk, for a usage `inference_complete` reported.
 UsageChunk = Callable[[Usage], dict[str, Any]]
@@ -66,9 +70,12 @@ class StreamEncoder(Protocol):
     def fail(self, kind: str, message: str) -> bytes: ...
 
 
-async def relay(send: Send, committed: Committed, headers: Headers, encoder: StreamEncoder) -> None:
+async def relay(
+    send: Send, committed: Committed, headers: Headers, encoder: StreamEncoder
+) -> RelayEnd:
     """Write the committed stream as `encoder`'s events, one write per batch of what is
-    already buffered: under load that saves a send, an HTTP chunk and a task switch per chunk."""
+    already buffered: under load that saves a send, an HTTP chunk and a task switch per chunk.
+    Returns how the stream ended."""
     await send(
         {
             "type": "http.response.start",
@@ -82,10 +89,10 @@ async def relay(send: Send, committed: Committed, headers: Headers, encoder: Str
         match event:
             case Chunk():
                 parts.append(encoder.chunk(event))
-            case Finished(usage=usage):
+            case Finished(usage=usage) as end:
                 parts.append(encoder.finish(usage))
                 break
-            case InBandError(kind=kind, message=message):
+            case InBandError(kind=kind, message=message) as end:
                 parts.append(encoder.fail(kind, message))
                 break
             case _:
@@ -99,6 +106,7 @@ async def relay(send: Send, committed: Committed, headers: Headers, encoder: Str
         else:
             event = polled
     await body(send, b"".join(parts), more=False)
+    return end
 
 
 class OpenAIChunks:
@@ -117,10 +125,14 @@ class OpenAIChunks:
         return b""
 
     def chunk(self, chunk: Chunk) -> bytes:
+        if chunk.event is None:
+            # Not a JSON object (opaque text, `null`, a number): every OpenAI client fails on
+            # such an event, and one holding `\n\ndata: [DONE]` would end the stream twice.
+            return b""
         usage_only = _usage_only(chunk.event)
         self._usage_sent = self._usage_sent or usage_only
         if self._include_usage or not usage_only:
-            return chunk.line.encode() + b"\n\n"
+            return _relayed_line(chunk.line)
         return b""
 
     def finish(self, usage: Usage) -> bytes:
@@ -132,6 +144,17 @@ class OpenAIChunks:
         return sse({"error": {"type": kind, "message": message}}) + DONE
 
 
+def _relayed_line(line: str) -> bytes:
+    """A provider's `data:` line as one event: as it is, unless it breaks lines inside (JSON
+    may, between tokens), which would end the event early; then each piece is a `data:` line
+    of its own, and a consumer's SSE parser joins them back with LF."""
+    if "\n" not in line and "\r" not in line:
+        return line.encode() + b"\n\n"
+    payload = parse_data_line(line) or ""
+    pieces = _LINE_BREAKS.split(payload)
+    return b"".join(b"data: " + piece.encode() + b"\n" for piece in pieces) + b"\n"
+
+
 def _usage_only(event: dict[str, Any] | None) -> bool:
     """The usage chunk the daemon always asks providers for, unasked by this consumer."""
     return event is not None and not event.get("choices") and event.get("usage") is not None
@@ -141,9 +164,7 @@ async def body(send: Send, data: bytes, *, more: bool) -> None:
     await send({"type": "http.response.body", "body": data, "more_body": more})
 
 
-async def collect(
-    committed: Committed, add: Callable[[dict[str, Any] | None], None]
-) -> Finished | InBandError:
+async def collect(committed: Committed, add: Callable[[dict[str, Any] | None], None]) -> RelayEnd:
     """Feed every chunk to `add`; the stream's end.
 
     A one-object answer is held whole until its end, so it is bounded: past
@@ -201,20 +222,22 @@ class OpenAICodec:
 
     async def respond(
         self, send: Send, committed: Committed, headers: Headers, options: StreamOptions
-    ) -> None:
+    ) -> RelayEnd:
         if options.stream:
             usage_chunk = partial(self._usage_chunk, committed.request_id, options.model)
-            await relay(send, committed, headers, OpenAIChunks(options.include_usage, usage_chunk))
-            return
+            encoder = OpenAIChunks(options.include_usage, usage_chunk)
+            return await relay(send, committed, headers, encoder)
         assembler = CompletionAssembler(options.model)
-        match await collect(committed, assembler.add):
+        end = await collect(committed, assembler.add)
+        match end:
             case Finished(usage=usage):
                 answer = self.answer(assembler, usage, committed.request_id)
                 await send_json(send, 200, _encoder.encode(answer), headers)
             case InBandError() as failure:
                 await send_failure(send, failure, headers)
-            case end:
+            case _:
                 assert_never(end)
+        return end
 
     def _usage_chunk(self, request_id: str, model: str, usage: Usage) -> dict[str, Any]:
         """The usage chunk the consumer asked for, built from `inference_complete`."""

@@ -23,7 +23,7 @@ from daemon.api.relay import collect, relay, send_failure
 from daemon.api.responses_output import Frame, from_completion, usage_object
 from daemon.api.responses_request import ResponsesOptions, parse_responses_request
 from daemon.api.responses_stream import ResponseEvents
-from daemon.nursery.dispatch import Committed, Finished, InBandError
+from daemon.nursery.dispatch import Committed, Finished, InBandError, RelayEnd
 
 _encoder: Final = msgspec.json.Encoder(decimal_format="number")
 
@@ -39,22 +39,23 @@ class ResponsesCodec:
 
     async def respond(
         self, send: Send, committed: Committed, headers: Headers, options: ResponsesOptions
-    ) -> None:
+    ) -> RelayEnd:
         frame = Frame.open(committed.request_id, options)
         if options.stream:
-            await relay(send, committed, headers, ResponseEvents(frame))
-        else:
-            await _complete(send, committed, headers, frame)
+            return await relay(send, committed, headers, ResponseEvents(frame))
+        return await _complete(send, committed, headers, frame)
 
 
-async def _complete(send: Send, committed: Committed, headers: Headers, frame: Frame) -> None:
+async def _complete(send: Send, committed: Committed, headers: Headers, frame: Frame) -> RelayEnd:
     assembler = CompletionAssembler(frame.options.model)
-    match await collect(committed, assembler.add):
+    end = await collect(committed, assembler.add)
+    match end:
         case Finished(usage=usage):
             completion = assembler.result(usage)
             response = from_completion(frame, completion, usage_object(assembler.usage, usage))
             await send_json(send, 200, _encoder.encode(response), headers)
         case InBandError() as failure:
             await send_failure(send, failure, headers)
-        case end:
+        case _:
             assert_never(end)
+    return end

@@ -1,5 +1,6 @@
 """`dinfer serve`: the data directory's serve lock, the store, the supervisor nursery and one
-Hypercorn server on one port; the process's signals and its reports to systemd.
+Hypercorn server on one port; the `/metrics` listener on its own (DINFER_METRICS_LISTEN); the
+process's signals and its reports to systemd.
 
 Signals: SIGTERM or SIGINT drains (`/readyz` 503 at once, new requests 503, requests in flight
 get `drain_grace_s`, then end in band; providers close with 1001); a second one stops at once.
@@ -25,6 +26,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from trio_util import wait_any
 
 from daemon.api.app import create_app
+from daemon.api.metrics_server import serve_metrics
 from daemon.config import ConfigError, Settings, load_settings, reload
 from daemon.nursery.supervisor import Supervisor, open_supervisor
 from daemon.serve_lock import hold_serve_lock
@@ -131,6 +133,7 @@ class RunningDaemon:
 
     binds: list[str]
     supervisor: Supervisor
+    metrics_url: str | None = None  # the /metrics listener's base URL; None when off
 
     @property
     def base_url(self) -> str:
@@ -196,6 +199,11 @@ async def _run(
 
     server = partial(_serve_http, create_app(sup), hypercorn_config(settings), shut_down, stopped)
     binds[:] = await sup.nursery.start(server)
+    metrics_url = None
+    if settings.metrics_listen is not None:
+        host, port = settings.metrics_listen
+        metrics_url = await sup.nursery.start(serve_metrics, sup.metrics, host, port)
+        log.info("metrics on %s/metrics", metrics_url)
     await trio.to_thread.run_sync(lock.record, "listening on " + ", ".join(binds))
     sup.ready = True
     await sup.nursery.start(report_status, sup, notifier, binds)
@@ -205,7 +213,7 @@ async def _run(
         ", ".join(binds),
         settings.provider_auth,
     )
-    task_status.started(RunningDaemon(binds, sup))
+    task_status.started(RunningDaemon(binds, sup, metrics_url))
     await stopped.wait()
 
 

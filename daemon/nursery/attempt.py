@@ -86,6 +86,8 @@ class ProviderStream:
         self._session = lease.entry.session
         self._frames: trio.MemoryReceiveChannel[Any] | None = None
         self._opener: crypto.ChunkOpener | None = None
+        # The rest of a frame that sealed several SSE lines (multi_sse), in reverse order.
+        self._backlog: list[Chunk] = []
         self.ended = False
         self.closed = False
 
@@ -106,6 +108,8 @@ class ProviderStream:
 
     async def next_event(self) -> Event:
         assert self._frames is not None
+        if self._backlog:
+            return self._backlog.pop()
         try:
             frame = await self._frames.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
@@ -115,6 +119,8 @@ class ProviderStream:
     def poll_event(self) -> Event | None:
         """next_event without waiting: None when no frame is buffered."""
         assert self._frames is not None
+        if self._backlog:
+            return self._backlog.pop()
         try:
             frame = self._frames.receive_nowait()
         except trio.WouldBlock:
@@ -148,15 +154,16 @@ class ProviderStream:
     def _chunk(self, frame: InferenceResponseChunk) -> Chunk | Failure:
         assert self._opener is not None
         try:
-            line = self._opener.open_chunk(frame).decode()
+            text = self._opener.open_chunk(frame).decode()
         except (crypto.CryptoError, UnicodeDecodeError):
             self._registry.ban(self.entry, INVALID_CHUNK.message)
             return INVALID_CHUNK
-        data = parse_data_line(line)
-        if data is None:  # an SSE comment or event: line: nothing to relay
-            return Chunk(ChunkKind.DONE, line, None)
-        kind, event = classify(data)
-        return Chunk(kind, line, event)
+        if not self.entry.multi_sse or "\n" not in text:
+            return _classified(text)
+        # multi_sse (docs/protocol-extensions.md): the frame's lines, in order, one event each.
+        first, *rest = text.split("\n")
+        self._backlog[:0] = [_classified(line) for line in reversed(rest)]
+        return _classified(first)
 
     def close(self) -> None:
         """Stop the provider if the request is still running, free the slot; idempotent."""
@@ -168,6 +175,14 @@ class ProviderStream:
             self._session.finish(self.request_id)
             return
         self._session.cancel(self.request_id)
+
+
+def _classified(line: str) -> Chunk:
+    data = parse_data_line(line)
+    if data is None:  # an SSE comment or event: line: nothing to relay
+        return Chunk(ChunkKind.DONE, line, None)
+    kind, event = classify(data)
+    return Chunk(kind, line, event)
 
 
 def provider_text(text: str) -> str:

@@ -53,6 +53,8 @@ class DispatchFailed:
     message: str
     code: str
     retry_after: int | None = None
+    providers_tried: tuple[str, ...] = ()  # in the order they were tried
+    attempts: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +99,8 @@ class Finished:
 
 
 RelayEvent = Chunk | InBandError | Finished
+# How a relayed stream ended, as a codec's `respond` reports it.
+RelayEnd = Finished | InBandError
 
 
 @dataclass(eq=False)
@@ -109,8 +113,14 @@ class Committed:
     inference_timeout: float
     phases: Phases
     attempts: int
+    # Chunks handed to the relay, for the metrics (added once, at the request's end).
+    chunks: int = 0
+    providers_tried: tuple[str, ...] = ()  # the failed ones in order, then the winner
+    # Content chunks handed out so far: the completion estimate when no usage comes.
+    content_chunks: int = 0
     _pending: list[Chunk | Completed] = field(default_factory=list)
     _ending: InBandError = RELEASED  # what the relay reports once this side closed the stream
+    _ended: bool = False  # the stream's end was handed out (its in-band error counted once)
 
     def __post_init__(self) -> None:
         c = self.content
@@ -135,7 +145,7 @@ class Committed:
             relayable = self._relayable(event)
             if relayable is not None:
                 return relayable
-        return self._ending
+        return self._end(self._ending)
 
     def poll(self) -> RelayEvent | None:
         """next_event without waiting: None when no frame is waiting right now.
@@ -150,21 +160,26 @@ class Committed:
             relayable = self._relayable(event)
             if relayable is not None:
                 return relayable
-        return self._ending
+        return self._end(self._ending)
 
     def _relayable(self, event: object) -> RelayEvent | None:
         match event:
             case Chunk(kind=ChunkKind.DONE):
                 return None
             case Chunk(kind=ChunkKind.ERROR):
-                return self._fail(Failure(502, error_message(event.event)))
+                return self._end(self._fail(Failure(502, error_message(event.event))))
+            case Chunk(kind=ChunkKind.CONTENT):
+                self.chunks += 1
+                self.content_chunks += 1
+                return event
             case Chunk():
+                self.chunks += 1
                 return event
             case Completed(usage=usage):
                 self._succeed(usage)
-                return Finished(usage)
+                return self._end(Finished(usage))
             case Failure():
-                return self._fail(event)
+                return self._end(self._fail(event))
         return None  # Accepted after the commit carries nothing
 
     async def _receive(self) -> object:
@@ -173,6 +188,13 @@ class Committed:
         return Failure(
             504, f"no data from the provider for {self.inference_timeout:g} s", "timeout"
         )
+
+    def _end(self, event: Finished | InBandError) -> Finished | InBandError:
+        if not self._ended:
+            self._ended = True
+            if isinstance(event, InBandError):
+                self.registry.metrics.in_band_error(event.kind)
+        return event
 
     def _succeed(self, usage: Usage) -> None:
         elapsed = trio.current_time() - self.content.first_token_at
@@ -210,10 +232,12 @@ async def dispatch(
     """Run attempts until one commits, or say why none could."""
     started = trio.current_time()
     admitted = await queue.admit(job.traits)
+    metrics = registry.metrics
+    metrics.queue_wait.observe(trio.current_time() - started)
     if not isinstance(admitted, Lease):
         return DispatchFailed(
             admitted.status, admitted.message, admitted.code, admitted.retry_after
-        )
+        )  # refused before any provider was tried
     lease: Lease | None = admitted
     queued = trio.current_time() - started
     failures: list[RacerFailure] = []
@@ -224,30 +248,55 @@ async def dispatch(
         race = Race(registry, hedger, job.traits, job.plaintext, job.timing, _tried(failures))
         match await race.run(lease):
             case Won(content, lost):
+                metrics.attempt("success")
                 _strike(registry, job.traits, [*failures, *lost])
                 phases = Phases(queued, routed, content.first_token_at - started)
+                tried = (*_ids([*failures, *lost]), content.stream.provider_id)
                 return Committed(
-                    content, registry, job.traits, job.timing.inference, phases, attempts
+                    content,
+                    registry,
+                    job.traits,
+                    job.timing.inference,
+                    phases,
+                    attempts,
+                    providers_tried=tried,
                 )
-            case RequestInvalid(failure, _):
+            case RequestInvalid(failure, lost):
+                metrics.attempt("failure")
                 # A provider said the request is bad: the others' failures on it are no
                 # proof against them (nobody is struck), as when two versions fail alike.
                 return DispatchFailed(
-                    failure.status, failure.message, failure.reason or "invalid_request"
+                    failure.status,
+                    failure.message,
+                    failure.reason or "invalid_request",
+                    providers_tried=_ids([*failures, *lost]),
+                    attempts=attempts,
                 )
             case AllFailed(lost):
                 failures += lost
             case outcome:
                 assert_never(outcome)
         if _request_at_fault(failures):
+            metrics.attempt(_last_result(lost))
             return _failed_alike(failures, attempts)
-        if attempts >= job.max_attempts:
-            break
-        lease = registry.reserve(
-            job.traits, exclude=_tried(failures), avoid_version=failures[-1].entry.version
-        )
+        lease = None
+        if attempts < job.max_attempts:
+            lease = registry.reserve(
+                job.traits, exclude=_tried(failures), avoid_version=failures[-1].entry.version
+            )
+        metrics.attempt("retry" if lease is not None else _last_result(lost))
     _strike(registry, job.traits, failures)
     return _exhausted(failures, attempts)
+
+
+def _last_result(lost: Sequence[RacerFailure]) -> str:
+    """The metrics' result of a request's last attempt, which failed before content."""
+    timed_out = lost and all(f.failure.kind == "timeout" for f in lost)
+    return "timeout" if timed_out else "failure"
+
+
+def _ids(failures: Sequence[RacerFailure]) -> tuple[str, ...]:
+    return tuple(f.entry.provider_id for f in failures)
 
 
 def _tried(failures: Sequence[RacerFailure]) -> frozenset[str]:
@@ -290,19 +339,22 @@ def _failed_alike(failures: Sequence[RacerFailure], attempts: int) -> DispatchFa
         f"{last.message} (the same failure on {len(failures)} providers of different versions:"
         " the request itself is the likely cause)"
     )
-    return _answer(last, message)
+    return _answer(last, message, failures, attempts)
 
 
 def _exhausted(failures: Sequence[RacerFailure], attempts: int) -> DispatchFailed:
     last = failures[-1].failure if failures else Failure(503, "no provider could take the request")
     tried = f"{attempts} attempt{'s' if attempts != 1 else ''}"
-    return _answer(last, f"{last.message} (gave up after {tried} on {len(failures)} provider(s))")
+    message = f"{last.message} (gave up after {tried} on {len(failures)} provider(s))"
+    return _answer(last, message, failures, attempts)
 
 
-def _answer(last: Failure, message: str) -> DispatchFailed:
+def _answer(
+    last: Failure, message: str, failures: Sequence[RacerFailure], attempts: int
+) -> DispatchFailed:
     code = {503: "provider_capacity", 504: "provider_timeout"}.get(last.status, "provider_error")
     retry_after = 5 if last.status == 503 else None
     # A provider's own 500 is a bad gateway from the consumer's side: a 500 would read as the
     # daemon crashing.
     status = last.status if last.status in {502, 503, 504} else 502
-    return DispatchFailed(status, message, code, retry_after)
+    return DispatchFailed(status, message, code, retry_after, _ids(failures), attempts)

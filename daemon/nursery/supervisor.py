@@ -1,9 +1,10 @@
 """The supervisor: the daemon's one long-lived nursery and everything it owns.
 
 `open_supervisor` opens the service nursery and starts, each with `nursery.start()`, the
-admission queue's pump and the cooldown timer; provider sessions are adopted into the same
-nursery by `host_session`. It is the only owner of background tasks: when it closes, every
-session closes with 1001 and nothing keeps running.
+usage ledger's writer, the admission queue's pump and the cooldown timer; provider sessions
+are adopted into the same nursery by `host_session`. It is the only owner of background
+tasks: when it closes, the ledger writes every row it was sent, every session closes with
+1001 and nothing keeps running.
 
 It also holds the live `Settings`: a reload (`retune`) swaps them and pushes the new knobs into
 the breaker, the eligibility gates and the queue; each request and each new provider session
@@ -18,12 +19,16 @@ import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Final
+from functools import partial
+from typing import Final, Protocol
 
 import trio
 from trio_util import AsyncValue
 
+from daemon.accounts.ledger import Ledger, run_ledger
+from daemon.accounts.limits import Limiter
 from daemon.config import Settings
+from daemon.metrics import Metrics, ProviderSample, Sampled
 from daemon.nursery.hedging import HedgePolicy, Hedger
 from daemon.routing.admission import AdmissionQueue
 from daemon.routing.breaker import CircuitBreaker
@@ -36,8 +41,18 @@ from protocol.messages import CloseCode
 
 log = logging.getLogger("dinfer.supervisor")
 
+
+class InFlight(Protocol):
+    """A consumer request in flight, as the drain sees it."""
+
+    def end(self) -> None:
+        """End it now: the drain's grace is over."""
+
+
 # Time for provider sessions to send their close frames during shutdown.
 CLOSE_GRACE_S: Final = 2.0
+# Time for the usage ledger's writer to commit what it holds at shutdown.
+LEDGER_FLUSH_S: Final = 10.0
 
 
 @dataclass
@@ -50,6 +65,7 @@ class Supervisor:
     queue: AdmissionQueue
     hedger: Hedger
     nursery: trio.Nursery
+    ledger: Ledger
     ready: bool = False
     draining: bool = False
     sessions: AsyncValue[int] = field(default_factory=lambda: AsyncValue(0))
@@ -57,6 +73,14 @@ class Supervisor:
     requests: AsyncValue[int] = field(default_factory=lambda: AsyncValue(0))
     # Set when the drain grace is over: every open request ends with `server_shutting_down`.
     grace_over: trio.Event = field(default_factory=trio.Event)
+    # The requests in flight, each ended by `end()` once the drain's grace is over.
+    in_flight: set[InFlight] = field(default_factory=set)
+    # Every consumer key's rate, token and concurrency counters.
+    limiter: Limiter = field(default_factory=Limiter)
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.registry.metrics
 
     async def host_session(self, transport: Transport) -> None:
         """Run a provider session in the service nursery until it ends or the caller is cancelled.
@@ -88,6 +112,8 @@ class Supervisor:
         if self.requests.value:
             log.warning("drain grace over: ending %d request(s) in flight", self.requests.value)
         self.grace_over.set()
+        for request in list(self.in_flight):
+            request.end()
         with trio.move_on_after(CLOSE_GRACE_S):  # for them to write their error and end
             await self.requests.wait_value(0)
         for entry in self.registry.connected():
@@ -146,6 +172,19 @@ async def _wake_on_cooldown_expiry(
         registry.cooldown_expired()
 
 
+def sample(registry: Registry, queue: AdmissionQueue, hedger: Hedger) -> Sampled:
+    """The state the metrics read at scrape time."""
+    return Sampled(
+        providers=[
+            ProviderSample(e.provider_id, e.version, e.trusted, e.in_flight)
+            for e in registry.providers()
+        ],
+        queued=queue.depths(),
+        backups_started=hedger.counters.started,
+        backups_won=hedger.counters.won,
+    )
+
+
 def build_registry(settings: Settings, *, seed: int | None = None) -> Registry:
     breaker = CircuitBreaker(
         settings.breaker_threshold, settings.breaker_window_s, settings.breaker_cooldown_s
@@ -166,8 +205,16 @@ async def open_supervisor(
         registry, max_per_model=settings.queue_max, timeout=settings.queue_timeout_s
     )
     hedger = Hedger(HedgePolicy.from_settings(settings), registry, queue)
+    registry.metrics.watch(partial(sample, registry, queue, hedger))
     async with trio.open_nursery() as nursery:
+        ledger: Ledger = await nursery.start(run_ledger, store.path)
         await nursery.start(queue.run)
         await nursery.start(_wake_on_cooldown_expiry, registry)
-        yield Supervisor(settings, store, registry, queue, hedger, nursery)
-        nursery.cancel_scope.cancel(reason="daemon shutting down")
+        try:
+            yield Supervisor(settings, store, registry, queue, hedger, nursery, ledger)
+        finally:
+            # Every request has settled by now (the server ran in this nursery): write them.
+            with trio.move_on_after(LEDGER_FLUSH_S) as flushing:
+                flushing.shield = True
+                await ledger.aclose()
+            nursery.cancel_scope.cancel(reason="daemon shutting down")

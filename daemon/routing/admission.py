@@ -91,6 +91,10 @@ class AdmissionQueue:
     def waiting(self, model: str) -> int:
         return len(self._waiting.get(model, ()))
 
+    def depths(self) -> dict[str, int]:
+        """Requests waiting per model (the metrics' queue depth)."""
+        return {model: len(queue) for model, queue in self._waiting.items()}
+
     async def admit(self, traits: RequestTraits) -> Lease | Refusal:
         """A slot on the best capable provider, waiting in the queue if all are busy."""
         # Earlier waiters get first pick of anything already free; what they leave, none of

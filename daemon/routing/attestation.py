@@ -23,6 +23,7 @@ from daemon.routing.registry import Registry
 from daemon.routing.types import ProviderEntry, SessionGone
 from protocol import crypto
 from protocol.messages import (
+    MULTI_SSE,
     AttestationChallenge,
     AttestationResponse,
     DaemonMessage,
@@ -105,7 +106,8 @@ class Attestation:
 
     def _trust_status(self) -> TrustStatus:
         entry = self._entry
+        extensions = [MULTI_SSE] if entry.multi_sse else None
         if entry.trusted:
-            return TrustStatus(status="trusted")
+            return TrustStatus(status="trusted", extensions=extensions)
         reason = entry.banned_reason or f"{entry.challenge_failures} failed challenge(s)"
-        return TrustStatus(status="untrusted", reason=reason)
+        return TrustStatus(status="untrusted", reason=reason, extensions=extensions)

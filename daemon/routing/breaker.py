@@ -112,6 +112,16 @@ class CircuitBreaker:
             if pid == provider_id and now < until
         )
 
+    def strikes(self, provider_id: str, now: float) -> list[tuple[str, Shape, int]]:
+        """The admin view: `(model, shape, strikes in the window)` of each struck key, sorted."""
+        found = []
+        for (pid, model, shape), strikes in self._strikes.items():
+            if pid == provider_id:
+                count = sum(1 for at in strikes if now - at < self._window)
+                if count:
+                    found.append((model, shape, count))
+        return sorted(found)
+
     def next_expiry(self, now: float) -> float | None:
         """The earliest cooldown end after `now`, for the task that wakes the admission queue."""
         return min((until for until in self._until.values() if now < until), default=None)

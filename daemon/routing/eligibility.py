@@ -55,6 +55,7 @@ def refusal(entry: ProviderEntry, traits: RequestTraits, gates: Gates, now: floa
         _model_refusal(entry, traits)
         or _capability_refusal(entry, traits, gates)
         or _breaker_refusal(entry, traits, gates, now)
+        or _held_refusal(entry)
         or _trust_refusal(entry, gates, now)
     )
 
@@ -76,6 +77,10 @@ def _trust_refusal(entry: ProviderEntry, gates: Gates, now: float) -> str | None
     if entry.draining:
         return "draining"
     return None
+
+
+def _held_refusal(entry: ProviderEntry) -> str | None:
+    return "drained by the operator" if entry.held else None
 
 
 def _model_refusal(entry: ProviderEntry, traits: RequestTraits) -> str | None:

@@ -18,7 +18,7 @@ from daemon.routing.registry import Registry
 from daemon.routing.transport import Transport, decode_frame
 from daemon.routing.types import ProviderEntry, ProviderLink
 from protocol import crypto
-from protocol.messages import PROTOCOL_VERSION, ModelInfo, ProtocolError, Register
+from protocol.messages import MULTI_SSE, PROTOCOL_VERSION, ModelInfo, ProtocolError, Register
 
 TokenLookup = Callable[[str], str | None]
 
@@ -66,6 +66,7 @@ def validate(
         advertised_prefill_tps=register.prefill_tps,
         advertised_decode_tps=register.decode_tps,
         token_id=_check_token(register.auth_token, settings, lookup_token),
+        multi_sse=MULTI_SSE in (register.extensions or ()),
     )
 
 

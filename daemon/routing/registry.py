@@ -16,6 +16,11 @@ Speed is observed here: each first token's time goes into the provider's window 
 fleet's for the request's (model, prompt band) (`record_ttft`), each completion's decode speed
 into the provider's EWMA for the model. Selection (`selection.py`) reads the medians, hedging
 the high percentiles.
+
+An operator may drain a live entry (`set_held`): the eligibility predicate then refuses it,
+so no new request routes there, while those in flight finish; a reconnect is a new entry and
+routable again. The registry also holds the daemon's `Metrics`: it is the one object every
+layer that counts an event already has, and it says which models are advertised.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import trio
 from nacl.public import PublicKey
 from trio_util import AsyncValue
 
+from daemon.metrics import Metrics
 from daemon.routing.breaker import CircuitBreaker, Shape
 from daemon.routing.eligibility import AWAITING_ATTESTATION, Gates, refusal, too_short
 from daemon.routing.latency import LatencyKey, TtftWindow
@@ -63,8 +69,12 @@ class Preflight:
 
 
 class Registry:
-    def __init__(self, gates: Gates, *, seed: int | None = None) -> None:
+    def __init__(
+        self, gates: Gates, *, seed: int | None = None, metrics: Metrics | None = None
+    ) -> None:
         self.gates = gates
+        self.metrics = metrics or Metrics()
+        self.metrics.watch_models(self.serves)
         self.generation = AsyncValue(0)
         self._providers: dict[str, ProviderEntry] = {}
         self._candidates: set[ProviderEntry] = set()
@@ -95,6 +105,10 @@ class Registry:
 
     def get(self, provider_id: str) -> ProviderEntry | None:
         return self._providers.get(provider_id)
+
+    def serves(self, model: str) -> bool:
+        """Does a live provider advertise `model`?"""
+        return any(model in entry.models for entry in self._providers.values())
 
     # Membership -----------------------------------------------------------------------------
 
@@ -189,6 +203,17 @@ class Registry:
             entry.draining = draining
             self._bump()
 
+    def set_held(self, entry: ProviderEntry, held: bool) -> None:
+        """An operator's drain (held) or undrain of a live entry; requests in flight go on."""
+        if entry.held != held:
+            entry.held = held
+            self._bump()  # an undrain may make queued requests routable; a drain hopeless
+
+    def clear_cooldowns(self, entry: ProviderEntry) -> None:
+        """An operator's reset of every breaker key of `entry`'s provider: it serves at once."""
+        self.breaker.forget_provider(entry.provider_id)
+        self._bump()
+
     # Routing --------------------------------------------------------------------------------
 
     def refusal(self, entry: ProviderEntry, traits: RequestTraits) -> str | None:
@@ -248,6 +273,8 @@ class Registry:
             return None
         entry = self._selector.pick(candidates, traits, now, explore=explore)
         entry.in_flight += 1
+        by_model = entry.in_flight_by_model
+        by_model[traits.model] = by_model.get(traits.model, 0) + 1
         return Lease(entry, traits.model)
 
     def slots(self, traits: RequestTraits) -> tuple[int, int]:
@@ -262,7 +289,11 @@ class Registry:
     def release(self, lease: Lease) -> None:
         if not lease.released:
             lease.released = True
-            lease.entry.in_flight -= 1
+            entry = lease.entry
+            entry.in_flight -= 1
+            left = entry.in_flight_by_model.pop(lease.model, 1) - 1
+            if left:
+                entry.in_flight_by_model[lease.model] = left
             self._bump()
 
     # Outcomes -------------------------------------------------------------------------------
@@ -294,6 +325,7 @@ class Registry:
             (entry.provider_id, model, shape), status, trio.current_time()
         )
         if opened:
+            self.metrics.cooldown_entered(shape)
             self._bump()  # the cooldown timer must learn the new expiry; waiters may be hopeless
         return opened
 

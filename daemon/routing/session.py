@@ -43,6 +43,7 @@ from protocol.messages import (
     InferenceComplete,
     InferenceError,
     InferenceRequest,
+    InferenceResponseChunk,
     ModelsUpdate,
     ProtocolError,
     ProviderMessage,
@@ -192,6 +193,8 @@ class ProviderSession:
         message: ProviderMessage | ProtocolError,
     ) -> None:
         match message:
+            case InferenceResponseChunk():  # first: nearly every frame is one
+                self._streams.route(message.request_id, message, final=False)
             case InferenceComplete() | InferenceError():
                 self._streams.route(message.request_id, message, final=True)
             case ProtocolError() | Register():

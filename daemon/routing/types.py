@@ -93,7 +93,10 @@ class ProviderEntry:
     challenge_failures: int = 0
     last_challenge_pass: float | None = None
     last_challenge_at: float | None = None  # wall clock, for the admin view
-    draining: bool = False
+    draining: bool = False  # the node said it is draining (PROTOCOL.md)
+    held: bool = False  # an operator drained it (admin API): no new requests until undrained
+    in_flight_by_model: dict[str, int] = field(default_factory=dict)
+    multi_sse: bool = False  # negotiated: a chunk frame may seal several SSE lines
     # Observed on this session: first-token times per (model, prompt band), decode speed per
     # model (an EWMA, tokens/s). They die with the session, as its load does.
     ttft: dict[LatencyKey, TtftWindow] = field(default_factory=dict)

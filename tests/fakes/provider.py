@@ -166,6 +166,7 @@ class FakeProvider:
     answer_challenges: bool = True
     sign_wrongly: bool = False
     heartbeat_every: float | None = None
+    extensions: list[str] | None = None  # asked for in `register` (docs/protocol-extensions.md)
     box_key: PrivateKey = field(default_factory=crypto.generate_box_key)
     identity: SigningKey = field(default_factory=crypto.generate_identity_key)
 
@@ -195,6 +196,7 @@ class FakeProvider:
             models=self.models,
             auth_token=self.auth_token,
             max_concurrency=self.max_concurrency,
+            extensions=self.extensions,
         )
 
     async def run(
