@@ -23,9 +23,9 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from daemon.api.serve import RunningDaemon, serve  # noqa: E402
-from daemon.config import load_settings  # noqa: E402
-from tests.attacks import (  # noqa: E402
+from daemon.api.serve import RunningDaemon, serve
+from daemon.config import load_settings
+from tests.attacks import (
     CATEGORIES,
     Target,
     Verdict,
@@ -36,7 +36,7 @@ from tests.attacks import (  # noqa: E402
 )
 
 
-async def run(log_path: Path) -> int:
+async def run(log_path: Path, log_format: str) -> int:
     admin_key = "adm_" + secrets.token_urlsafe(24)
     verdicts: list[Verdict] = []
     with tempfile.TemporaryDirectory() as data:
@@ -46,6 +46,7 @@ async def run(log_path: Path) -> int:
             "DINFER_PROVIDER_AUTH": "open",  # impostors must reach the challenge
             "DINFER_DATA_DIR": data,
             "DINFER_LOG_LEVEL": "debug",
+            "DINFER_LOG_FORMAT": log_format,
             **{f"DINFER_{k.upper()}": v for k, v in target_env().items()},
         }
         settings = load_settings(env)
@@ -61,7 +62,7 @@ async def run(log_path: Path) -> int:
                 verdicts += await attack(target)
             leaked = await settle(target, baseline)
             nursery.cancel_scope.cancel(reason="the attacks are over")
-    log_text = log_path.read_text(errors="replace")
+    log_text = await trio.Path(log_path).read_text(errors="replace")
     in_log = [s for s in target.secrets if s in log_text]
     verdicts.append(
         Verdict("logs", f"{len(target.secrets)} secrets grepped in the debug log", not in_log)
@@ -83,11 +84,14 @@ async def run(log_path: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--log", type=Path, default=Path(tempfile.gettempdir()) / "attack.log")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
     args = parser.parse_args()
     handler = logging.FileHandler(args.log, mode="w")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # The daemon's own formatters (daemon/log_format.py), to a file instead of stderr.
+    json_lines = args.log_format == "json"
+    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=logging.DEBUG, handlers=[handler], force=True)
-    sys.exit(trio.run(run, args.log))
+    sys.exit(trio.run(run, args.log, args.log_format))
 
 
 if __name__ == "__main__":

@@ -687,7 +687,10 @@ async def attack_bodies(target: Target) -> list[Verdict]:
     verdicts = []
     async with target.client() as client:
         for route in _body_routes(target):
-            headers = target.admin if route.admin else target.auth
+            # A fresh connection each: a route that answers without reading a body (404 for
+            # an unknown id) leaves Hypercorn closing the connection under the next request.
+            credential = target.admin if route.admin else target.auth
+            headers = {**credential, "connection": "close"}
             for name, body in bodies.items():
                 for method in [m for m in route.methods if m in ("POST", "PATCH")]:
                     response = await _call(client, method, route.path, headers, body)
