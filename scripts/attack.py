@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from daemon.api.serve import RunningDaemon, serve
 from daemon.config import load_settings
+from daemon.log_format import TEXT_FORMAT, JsonFormatter
 from tests.attacks import (
     CATEGORIES,
     Target,
