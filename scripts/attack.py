@@ -43,6 +43,7 @@ async def run(log_path: Path, log_format: str) -> int:
     with tempfile.TemporaryDirectory() as data:
         env = {
             "DINFER_LISTEN": "127.0.0.1:0",
+            "DINFER_METRICS_LISTEN": "127.0.0.1:0",
             "DINFER_ADMIN_KEY": admin_key,
             "DINFER_PROVIDER_AUTH": "open",  # impostors must reach the challenge
             "DINFER_DATA_DIR": data,
