@@ -55,3 +55,4 @@ async def daemon(start_daemon: StartDaemon) -> RunningDaemon:
 # The consumer-API harness's fixtures, for every test module that drives the chat API.
 from tests.consumer_harness import api, open_api  # noqa: E402, F401
 from tests.dispatch_harness import world  # noqa: E402, F401
+from tests.security_fixtures import target  # noqa: E402, F401

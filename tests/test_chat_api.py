@@ -272,7 +272,7 @@ async def test_early_errors_keep_the_connection_alive(open_api: OpenApi) -> None
             ("POST", good, {"Authorization": "Bearer dk_nope"}, 401, "invalid_api_key"),
             ("POST", json.dumps(chat_body(model="x")).encode(), api.auth, 404, "model_not_found"),
             ("POST", good + b" " * 5000, api.auth, 413, "request_too_large"),
-            ("POST", good + b" " * 5000, {}, 413, "request_too_large"),
+            ("POST", good + b" " * 5000, {}, 401, "invalid_api_key"),
             ("POST", b"{oops", api.auth, 400, "invalid_request"),
             ("GET", b"", api.auth, 405, "method_not_allowed"),
         ]

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, cast
 
 from quart import Response
+from quart.json.provider import DefaultJSONProvider
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
@@ -33,8 +34,21 @@ from daemon.nursery.supervisor import Supervisor
 ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 
 
+class _JsonProvider(DefaultJSONProvider):
+    """Quart's JSON, where a body nested too deeply to parse is invalid JSON (a 400, or None
+    for `get_json(silent=True)`) rather than a RecursionError and a 500."""
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        try:
+            return super().loads(s, **kwargs)
+        except RecursionError:
+            raise ValueError("the JSON is nested too deeply") from None
+
+
 def create_quart_app(sup: Supervisor) -> QuartTrio:
-    app = QuartTrio("dinfer")
+    # No static folder: quart's default `/static/<path>` route would serve files with no key.
+    app = QuartTrio("dinfer", static_folder=None)
+    app.json = _JsonProvider(app)
     app.config.update(
         DINFER_SUPERVISOR=sup,
         RESPONSE_TIMEOUT=None,
@@ -55,6 +69,11 @@ def create_quart_app(sup: Supervisor) -> QuartTrio:
         if sup.ready:
             return Response('{"status":"ready"}', 200, content_type="application/json")
         return json_error(503, "the daemon is starting", "not_ready")
+
+    @app.errorhandler(UnicodeDecodeError)
+    async def not_utf8(_exc: UnicodeDecodeError) -> Response:
+        # quart's get_json decodes the body before parsing it, outside its ValueError guard.
+        return json_error(400, "the request body is not valid UTF-8", "invalid_request")
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
@@ -105,6 +124,18 @@ class Router:
         self._routes = dict(routes)
         self._prefixes = dict(prefixes or {})
 
+    @property
+    def routes(self) -> Mapping[tuple[str, str], ASGIApp]:
+        return self._routes
+
+    @property
+    def prefixes(self) -> Mapping[tuple[str, str], ASGIApp]:
+        return self._prefixes
+
+    @property
+    def fallback(self) -> ASGIApp:
+        return self._fallback
+
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         key = (scope["type"], scope.get("path", ""))
         handler = self._routes.get(key) or self._by_prefix(*key)
@@ -117,7 +148,8 @@ class Router:
         return self._fallback
 
 
-def create_app(sup: Supervisor) -> ForwardedFor:
+def create_router(sup: Supervisor) -> Router:
+    """Every route the daemon serves (the security suite enumerates them from here)."""
     models = ModelsRoute(sup)
     routes: dict[tuple[str, str], ASGIApp] = {
         ("http", "/v1/chat/completions"): InferenceRoute(sup, ChatCodec, route="chat"),
@@ -132,6 +164,9 @@ def create_app(sup: Supervisor) -> ForwardedFor:
         ("websocket", "/ws/provider"): ProviderSocket(sup),
     }
     prefixes: dict[tuple[str, str], ASGIApp] = {("http", "/v1/models/"): models}
-    router = Router(cast(ASGIApp, create_quart_app(sup)), routes, prefixes)
-    edge = HttpEdge(router, body_timeout=sup.settings.body_read_timeout_s)
+    return Router(cast(ASGIApp, create_quart_app(sup)), routes, prefixes)
+
+
+def create_app(sup: Supervisor) -> ForwardedFor:
+    edge = HttpEdge(create_router(sup), body_timeout=sup.settings.body_read_timeout_s)
     return ForwardedFor(edge, sup.settings.trusted_proxies)

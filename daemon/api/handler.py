@@ -135,7 +135,7 @@ async def consumer_key_id(sup: Supervisor, scope: dict[str, Any]) -> str | None:
 async def read_consumer_body(
     sup: Supervisor, scope: dict[str, Any], receive: Receive
 ) -> tuple[bytes, str]:
-    """The first checks of every consumer POST route: the method, the body's size, the key;
+    """The first checks of every consumer POST route: the method, the key, the body's size;
     the body and the key's id."""
     key_id = await consumer_key_id(sup, scope)
     return await read_checked_body(sup, scope, receive, key_id), check_key(sup, key_id)
@@ -148,15 +148,19 @@ async def read_checked_body(
     if scope["method"] != "POST":
         await drain(receive)
         raise ApiError(405, "method_not_allowed", "use POST")
+    # The key before the body: a client without a valid one must not make the daemon buffer it.
+    try:
+        check_key(sup, key_id)
+    except ApiError:
+        await drain(receive)
+        raise
     limit = sup.settings.max_body_bytes
     try:
-        raw = await read_body(scope, receive, limit)
+        return await read_body(scope, receive, limit)
     except BodyTooLarge:
         raise ApiError(
             413, "request_too_large", f"the request body exceeds {limit} bytes"
         ) from None
-    check_key(sup, key_id)
-    return raw
 
 
 async def authenticate(sup: Supervisor, scope: dict[str, Any], hint: str = KEY_HINT) -> str:
