@@ -75,6 +75,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str
     log_format: LogFormat
     metrics_listen: tuple[str, int] | None
+    redis_url: str | None
 
     @property
     def listen(self) -> str:
@@ -167,6 +168,14 @@ def _ipv6(host: str) -> str:
 
 
 def _text(raw: str) -> str:
+    return raw
+
+
+def _redis_url(raw: str) -> str | None:
+    if not raw:
+        return None
+    if not raw.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("a URL such as redis://127.0.0.1:6379/0")
     return raw
 
 
@@ -490,6 +499,16 @@ ENV_VARS: Final[tuple[EnvVar, ...]] = (
         _optional_listen,
         table="server",
         live=False,
+    ),
+    _var(
+        "DINFER_REDIS_URL",
+        "",
+        "redis://host:port of the cluster's Redis (several daemons sharing providers, see "
+        "Running a cluster); unset runs alone",
+        _redis_url,
+        table="server",
+        live=False,
+        secret=True,
     ),
 )
 

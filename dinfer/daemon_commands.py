@@ -43,6 +43,15 @@ def add_subcommands(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _config_option(serve)
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N daemon processes on one port (SO_REUSEPORT), one cluster: needs "
+        "DINFER_REDIS_URL (see the README's Running a cluster)",
+    )
+    serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     serve.set_defaults(run=run_serve)
     add_store_commands(subparsers)
     config = subparsers.add_parser("config", help="inspect the daemon's configuration")
@@ -79,8 +88,16 @@ def run_serve(args: argparse.Namespace) -> int:
     from daemon.serve_lock import DataDirInUse
 
     settings = settings_or_exit(args.config)
+    if args.workers < 1:
+        sys.exit("dinfer: --workers must be at least 1")
+    if args.workers > 1 and settings.redis_url is None:
+        sys.exit("dinfer: --workers needs DINFER_REDIS_URL: the workers share providers through it")
     try:
-        trio.run(partial(serve, settings, config_path=args.config))
+        if args.workers > 1:
+            from dinfer.workers import run_workers
+
+            return trio.run(run_workers, settings, args.workers, args.config)
+        trio.run(partial(serve, settings, config_path=args.config, worker=args.worker))
     except DataDirInUse as exc:
         sys.exit(f"dinfer: {exc}")
     return 0

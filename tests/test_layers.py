@@ -3,6 +3,8 @@
     dinfer/            the command line: knows the daemon and the provider node
     daemon/api/        HTTP routes, the admin API, the server
     daemon/nursery/    the supervisor and the per-request dispatch
+    daemon/cluster/    several daemons sharing providers through Redis: a remote provider
+                       is a ProviderLink the dispatch cannot tell from a local session
     daemon/routing/    registry, eligibility, breaker, admission queue, provider sessions
     daemon/config.py, daemon/store.py, daemon/serve_lock.py, daemon/accounts/
                        settings, the store and its directory's lock, the usage ledger,
@@ -39,9 +41,10 @@ RANK = {
     "daemon.metrics": 1,
     "daemon.log_format": 1,
     "daemon.routing": 2,
-    "daemon.nursery": 3,
-    "daemon.api": 4,
-    "dinfer": 5,
+    "daemon.cluster": 3,
+    "daemon.nursery": 4,
+    "daemon.api": 5,
+    "dinfer": 6,
     "provider": 1,
 }
 # The provider node and the coordinator never import each other; only `dinfer` knows both.

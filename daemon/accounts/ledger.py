@@ -29,7 +29,11 @@ import trio
 log = logging.getLogger("dinfer.ledger")
 request_log = logging.getLogger("dinfer.request")
 
-Outcome = Literal["completed", "failed", "rejected", "in_band_error", "client_gone", "aborted"]
+# `orphaned`: a cluster owner's row for a request it relayed whose ingress daemon died
+# (daemon/cluster/node.py); the ingress's own row is closed as `aborted` at its next start.
+Outcome = Literal[
+    "completed", "failed", "rejected", "in_band_error", "client_gone", "aborted", "orphaned"
+]
 
 # Rows waiting for the writer; past this a settling request waits for it to catch up.
 CHANNEL_ROWS: Final = 4096

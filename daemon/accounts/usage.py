@@ -31,6 +31,7 @@ OUTCOMES: Final = (
     "in_band_error",
     "client_gone",
     "aborted",
+    "orphaned",
 )
 
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -150,6 +152,7 @@ async def serve(
     shutdown_trigger: ShutdownTrigger | None = None,
     config_path: Path | None = None,
     seed: int | None = None,
+    worker: bool = False,
     task_status: trio.TaskStatus[RunningDaemon] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the daemon until drained; report where it listens.
@@ -157,18 +160,50 @@ async def serve(
     Without `shutdown_trigger` the process's signals drive it (`Signals`); a test passes its
     own trigger instead, and the drain follows it the same way. Raises DataDirInUse, before
     opening anything else, when another daemon serves the same data directory.
+
+    `worker`: one of `dinfer serve --workers N` (dinfer/workers.py): its parent holds the
+    data directory's lock, and it listens on a socket of its own with SO_REUSEPORT, so the
+    kernel spreads the port's connections over the workers.
     """
     if settings.admin_key is None:
         log.warning("no admin key is set: the admin API refuses every call")
     async with (
-        hold_serve_lock(settings.data_dir, settings.listen) as lock,
+        _worker_lock() if worker else hold_serve_lock(settings.data_dir, settings.listen) as lock,
         open_store(settings.data_dir) as store,
         open_notifier(os.environ) as notifier,
     ):
         # Inside the store and the lock: even a stop "at once" closes those properly.
         with trio.CancelScope() as abort:
             async with open_supervisor(settings, store, seed=seed) as sup:
-                await _run(sup, lock, notifier, abort, shutdown_trigger, config_path, task_status)
+                # Hypercorn takes the descriptor over (and closes it).
+                listener = _reuse_port_socket(settings).detach() if worker else None
+                await _run(
+                    sup, lock, notifier, abort, shutdown_trigger, config_path, task_status, listener
+                )
+
+
+class _WorkerLock:
+    """A worker's stand-in for the serve lock, which its parent holds."""
+
+    def record(self, where: str) -> None:
+        pass
+
+
+@asynccontextmanager
+async def _worker_lock() -> AsyncIterator[_WorkerLock]:
+    yield _WorkerLock()
+
+
+def _reuse_port_socket(settings: Settings) -> socket.socket:
+    """The worker's own listening socket on the shared port (SO_REUSEPORT)."""
+    family = socket.AF_INET6 if ":" in settings.listen_host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((settings.listen_host, settings.listen_port))
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
 
 
 async def _run(
@@ -179,6 +214,7 @@ async def _run(
     shutdown_trigger: ShutdownTrigger | None,
     config_path: Path | None,
     task_status: trio.TaskStatus[RunningDaemon],
+    listener: int | None = None,
 ) -> None:
     settings = sup.settings
     stopped = trio.Event()
@@ -197,7 +233,10 @@ async def _run(
         await notifier.stopping(status_line(sup, binds))
         await sup.drain(grace)
 
-    server = partial(_serve_http, create_app(sup), hypercorn_config(settings), shut_down, stopped)
+    config = hypercorn_config(settings)
+    if listener is not None:
+        config.bind = [f"fd://{listener}"]
+    server = partial(_serve_http, create_app(sup), config, shut_down, stopped)
     binds[:] = await sup.nursery.start(server)
     metrics_url = None
     if settings.metrics_listen is not None:

@@ -100,7 +100,7 @@ class ProviderStream:
         payload, self._opener = crypto.seal_request(plaintext, self.entry.public_key)
         self._frames = self._session.open_stream(self.request_id)
         try:
-            self._session.start(self.request_id, payload)
+            self._session.start(self.request_id, payload, self.lease.model)
         except SessionGone:
             self.ended = True
             return DISCONNECTED

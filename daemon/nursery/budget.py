@@ -9,6 +9,10 @@ arrays however busy the daemon is, and a count leaves the window between
 
 With fewer than 1/share dispatches in a window there is no backup at all: a strict bound,
 which leaves a quiet daemon to the first-token deadline's failover.
+
+In a cluster the budget is the cluster's: `elsewhere` holds the other instances' window
+totals as they last published them (daemon/cluster/node.py, at most `REFRESH_S` old), and a
+backup must fit the sum.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class HedgeBudget:
         self._step: int | None = None  # the step the newest counts belong to
         self.dispatches = 0  # in the window
         self.backups = 0
+        self.elsewhere = (0, 0)  # (dispatches, backups) of the cluster's other instances
 
     def deposit(self, now: float) -> None:
         """A primary dispatch."""
@@ -40,7 +45,13 @@ class HedgeBudget:
     def allows(self, now: float) -> bool:
         """May one more backup start now?"""
         self._slot(now)
-        return self.backups + 1 <= self.share * self.dispatches + _EPSILON
+        dispatches, backups = self.elsewhere
+        return self.backups + backups + 1 <= self.share * (self.dispatches + dispatches) + _EPSILON
+
+    def totals(self, now: float) -> tuple[int, int]:
+        """(dispatches, backups) in this instance's window now."""
+        self._slot(now)
+        return self.dispatches, self.backups
 
     def spend(self, now: float) -> None:
         """A backup started (only after `allows`)."""

@@ -178,6 +178,14 @@ class Hedger:
     def _clamp(self, seconds: float, ratio: float) -> float:
         return min(max(seconds, self.policy.floor_s), ratio)
 
+    def budget_totals(self) -> tuple[int, int]:
+        """This instance's budget window, for the cluster's other instances."""
+        return self.budget.totals(trio.current_time())
+
+    def budget_elsewhere(self, dispatches: int, backups: int) -> None:
+        """The cluster's other instances' budget windows: the budget is shared."""
+        self.budget.elsewhere = (dispatches, backups)
+
     def dispatched(self) -> None:
         """A race started its primary: the budget grows."""
         self.budget.deposit(trio.current_time())

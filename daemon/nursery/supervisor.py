@@ -9,7 +9,9 @@ tasks: when it closes, the ledger writes every row it was sent, every session cl
 It also holds the live `Settings`: a reload (`retune`) swaps them and pushes the new knobs into
 the breaker, the eligibility gates and the queue; each request and each new provider session
 reads `supervisor.settings` when it starts, so none of them holds a stale copy for long. And
-it holds the one `Hedger`, whose budget and counters every request's races share.
+it holds the one `Hedger`, whose budget and counters every request's races share. With
+DINFER_REDIS_URL it starts this instance's `Cluster` (daemon/cluster/node.py) in the same
+nursery, before the first request: remote providers then join the registry.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 import trio
 from trio_util import AsyncValue
@@ -38,6 +40,9 @@ from daemon.routing.session import ProviderSession
 from daemon.routing.transport import Transport
 from daemon.store import Store
 from protocol.messages import CloseCode
+
+if TYPE_CHECKING:
+    from daemon.cluster.node import Cluster
 
 log = logging.getLogger("dinfer.supervisor")
 
@@ -77,6 +82,8 @@ class Supervisor:
     in_flight: set[InFlight] = field(default_factory=set)
     # Every consumer key's rate, token and concurrency counters.
     limiter: Limiter = field(default_factory=Limiter)
+    # This instance's part of a cluster (DINFER_REDIS_URL), None when it runs alone.
+    cluster: Cluster | None = None
 
     @property
     def metrics(self) -> Metrics:
@@ -210,8 +217,17 @@ async def open_supervisor(
         ledger: Ledger = await nursery.start(run_ledger, store.path)
         await nursery.start(queue.run)
         await nursery.start(_wake_on_cooldown_expiry, registry)
+        cluster = None
+        if settings.redis_url is not None:
+            from daemon.cluster.node import Cluster  # only a cluster pays for importing Redis
+
+            cluster = await nursery.start(
+                Cluster(settings.redis_url, registry, ledger, budget=hedger).run
+            )
         try:
-            yield Supervisor(settings, store, registry, queue, hedger, nursery, ledger)
+            yield Supervisor(
+                settings, store, registry, queue, hedger, nursery, ledger, cluster=cluster
+            )
         finally:
             # Every request has settled by now (the server ran in this nursery): write them.
             with trio.move_on_after(LEDGER_FLUSH_S) as flushing:

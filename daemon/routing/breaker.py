@@ -96,6 +96,11 @@ class CircuitBreaker:
             for key in [k for k in table if k[0] == provider_id]:
                 del table[key]
 
+    def impose(self, key: BreakerKey, until: float) -> None:
+        """A cooldown decided elsewhere (a cluster's owner of the provider): honour it."""
+        self._strikes.pop(key, None)
+        self._until[key] = max(self._until.get(key, until), until)
+
     def cooldown_until(self, key: BreakerKey, now: float) -> float | None:
         """When `key`'s cooldown ends, or None when it is not cooling down."""
         until = self._until.get(key)

@@ -56,6 +56,7 @@ def refusal(entry: ProviderEntry, traits: RequestTraits, gates: Gates, now: floa
         or _capability_refusal(entry, traits, gates)
         or _breaker_refusal(entry, traits, gates, now)
         or _held_refusal(entry)
+        or entry.unreachable
         or _trust_refusal(entry, gates, now)
     )
 

@@ -33,7 +33,7 @@ class Outbox:
             self._send.send_nowait(encode(message))
         except trio.WouldBlock:
             raise OutboxFull from None
-        except trio.ClosedResourceError:
+        except (trio.ClosedResourceError, trio.BrokenResourceError):  # closed, or writer gone
             raise SessionGone from None
 
     def close(self) -> None:

@@ -21,13 +21,17 @@ An operator may drain a live entry (`set_held`): the eligibility predicate then 
 so no new request routes there, while those in flight finish; a reconnect is a new entry and
 routable again. The registry also holds the daemon's `Metrics`: it is the one object every
 layer that counts an event already has, and it says which models are advertised.
+
+In a cluster (daemon/cluster) the registry also holds remote entries, providers whose socket
+another instance holds (`owner` set): routing sees them through the same predicate. Only
+their owner strikes or bans them: what happens to them here goes to `remote_report`.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -60,6 +64,11 @@ FLEET_WINDOW: Final = 1024
 MAX_SHOWN_MODEL_CHARS: Final = 80
 
 
+# What the ingress tells a remote provider's owner: (entry, model, shape, status) for a strike,
+# or (entry, "", "", 0) with the reason as the model for a ban. See daemon/cluster.
+RemoteReport = Callable[[ProviderEntry, str, Shape, int, str | None], None]
+
+
 @dataclass(frozen=True)
 class Preflight:
     """What can happen to a request right now, without waiting."""
@@ -81,6 +90,7 @@ class Registry:
         self._model_seen: dict[str, float] = {}
         self._selector = Selector(seed)
         self.ttft: dict[LatencyKey, TtftWindow] = {}  # the fleet's, per (model, prompt band)
+        self.remote_report: RemoteReport | None = None  # set by the cluster, when there is one
 
     @property
     def breaker(self) -> CircuitBreaker:
@@ -91,8 +101,10 @@ class Registry:
         return list(self._providers.values())
 
     def connected(self) -> list[ProviderEntry]:
-        """Every session's entry, live or a candidate: whom a shutdown or a revocation reaches."""
-        return [*self._providers.values(), *self._candidates]
+        """Every session's entry on this instance, live or a candidate: whom a shutdown or a
+        revocation reaches (a remote entry is its owner's to close)."""
+        local = [e for e in self._providers.values() if e.owner is None]
+        return [*local, *self._candidates]
 
     def holder_of(self, public_key: PublicKey) -> ProviderEntry | None:
         """The connected entry registered with this box key, if any."""
@@ -136,6 +148,17 @@ class Registry:
         self._providers[entry.provider_id] = entry
         self.breaker.forget_provider(entry.provider_id)
         self._remember_models(entry.models)
+        self._bump()
+
+    def add_remote(self, entry: ProviderEntry) -> bool:
+        """A provider another instance holds: live here unless this identity has an entry."""
+        if entry.provider_id in self._providers:
+            return False
+        self._install(entry)
+        return True
+
+    def touch(self) -> None:
+        """Something about a remote entry changed in place (trust, load, cooldowns)."""
         self._bump()
 
     def remove(self, entry: ProviderEntry) -> None:
@@ -194,6 +217,8 @@ class Registry:
 
     def ban(self, entry: ProviderEntry, reason: str) -> None:
         """Never route to this session again (it broke the protocol's crypto contract)."""
+        if entry.owner is not None and self.remote_report is not None:
+            self.remote_report(entry, "", "base", 0, reason)  # its owner bans it everywhere
         entry.banned_reason = reason
         entry.trusted = False
         self._bump()
@@ -286,6 +311,12 @@ class Registry:
         free = sum(max(0, e.max_concurrency - e.in_flight) for e in capable)
         return free, sum(e.max_concurrency for e in capable)
 
+    def take(self, entry: ProviderEntry, model: str) -> Lease:
+        """A slot on `entry` for a request another instance routed here (its owner's view)."""
+        entry.in_flight += 1
+        entry.in_flight_by_model[model] = entry.in_flight_by_model.get(model, 0) + 1
+        return Lease(entry, model)
+
     def release(self, lease: Lease) -> None:
         if not lease.released:
             lease.released = True
@@ -308,7 +339,8 @@ class Registry:
     def record_success(
         self, entry: ProviderEntry, model: str, shape: Shape, *, decode_tps: float | None
     ) -> None:
-        self.breaker.record_success((entry.provider_id, model, shape), trio.current_time())
+        if entry.owner is None:  # a remote provider's breaker is its owner's
+            self.breaker.record_success((entry.provider_id, model, shape), trio.current_time())
         if decode_tps is not None:
             entry.decode_tps[model] = _ewma(entry.decode_tps.get(model), decode_tps)
 
@@ -320,6 +352,10 @@ class Registry:
         identity's new session, whose breaker starts clean.
         """
         if not self.is_current(entry):
+            return False
+        if entry.owner is not None:  # only its owner strikes it: tell the owner
+            if self.remote_report is not None:
+                self.remote_report(entry, model, shape, status, None)
             return False
         opened = self.breaker.record_failure(
             (entry.provider_id, model, shape), status, trio.current_time()

@@ -7,7 +7,8 @@ median of its recent first-token times (a straggler moves a median far less than
 the EWMA of its decode speed for the model.
 
 Costs within `NEAR_TIE` of the best are a tie broken at random, which spreads load across
-equal providers. A provider judged slow would never be measured again, so every
+equal providers; in a cluster, providers connected to this instance win a tie over remote
+ones. A provider judged slow would never be measured again, so every
 `EXPLORE_EVERY`-th first choice goes to the candidate measured longest ago, if that was over
 `EXPLORE_AFTER_S` ago: a provider that was slow once gets another chance to show it recovered,
 about once per `EXPLORE_AFTER_S` at most, since that sample makes it fresh again. A provider
@@ -84,6 +85,8 @@ class Selector:
         costs = [(expected_seconds(e, traits, now), e) for e in candidates]
         best = min(cost for cost, _ in costs)
         near = [e for cost, e in costs if cost <= best * (1 + NEAR_TIE)]
+        # In a cluster a provider on this instance wins a near tie: no hop through Redis.
+        near = [e for e in near if e.owner is None] or near
         return near[0] if len(near) == 1 else self._rng.choice(near)
 
     def _stalest(

@@ -251,7 +251,7 @@ class ProviderSession:
         """The frames of one request, closed after its terminal or when the session ends."""
         return self._streams.open(request_id)
 
-    def start(self, request_id: str, body: EncryptedPayload) -> None:
+    def start(self, request_id: str, body: EncryptedPayload, model: str = "") -> None:
         self.post(InferenceRequest(request_id=request_id, encrypted_body=body))
 
     def cancel(self, request_id: str) -> None:

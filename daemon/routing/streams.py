@@ -62,6 +62,10 @@ class Streams:
         """Was this request's stream closed because its reader could not keep up?"""
         return request_id in self._fell_behind
 
+    def __len__(self) -> int:
+        """How many requests are in flight."""
+        return len(self._streams)
+
     def close_all(self) -> None:
         streams, self._streams = self._streams, {}
         for stream in streams.values():

@@ -8,6 +8,7 @@ tests' `MemorySession` both satisfy it (mypy checks both).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -28,7 +29,8 @@ class ProviderLink(Protocol):
     """What dispatch needs of a live provider session. No method waits.
 
     `open_stream` gives the frames of one request id (closed after its terminal, or when the
-    session ends); `start` sends the request (SessionGone when the session is over); `cancel`
+    session ends); `start` sends the request (for `model`, which only a remote provider's
+    owner needs to count its slot) (SessionGone when the session is over); `cancel`
     tells the provider to stop and forgets the stream; `finish` forgets a stream that ended on
     its own; `kick` ends the whole session with a close code; `fell_behind` says whether a
     stream was dropped because its reader could not keep up (the daemon's fault, not the
@@ -37,7 +39,7 @@ class ProviderLink(Protocol):
 
     def open_stream(self, request_id: str) -> trio.MemoryReceiveChannel[ProviderMessage]: ...
 
-    def start(self, request_id: str, body: EncryptedPayload) -> None: ...
+    def start(self, request_id: str, body: EncryptedPayload, model: str = "") -> None: ...
 
     def cancel(self, request_id: str) -> None: ...
 
@@ -101,6 +103,12 @@ class ProviderEntry:
     # model (an EWMA, tokens/s). They die with the session, as its load does.
     ttft: dict[LatencyKey, TtftWindow] = field(default_factory=dict)
     decode_tps: dict[str, float] = field(default_factory=dict)
+    # In a cluster (daemon/cluster): the instance holding this provider's socket, None when
+    # it is this one; when its session began (wall clock, ns: the newer epoch of one identity
+    # wins across instances); why a remote provider cannot be reached now, if it cannot.
+    owner: str | None = None
+    epoch: int = field(default_factory=time.time_ns)
+    unreachable: str | None = None
 
     @property
     def has_free_slot(self) -> bool:

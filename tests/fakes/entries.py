@@ -30,7 +30,7 @@ class DummySession:
     def open_stream(self, request_id: str) -> trio.MemoryReceiveChannel[ProviderMessage]:
         return trio.open_memory_channel[ProviderMessage](0)[1]
 
-    def start(self, request_id: str, body: EncryptedPayload) -> None:
+    def start(self, request_id: str, body: EncryptedPayload, model: str = "") -> None:
         pass
 
     def cancel(self, request_id: str) -> None:

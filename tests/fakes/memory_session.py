@@ -148,7 +148,7 @@ class MemorySession:
         self._streams[request_id] = send
         return receive
 
-    def start(self, request_id: str, payload: EncryptedPayload) -> None:
+    def start(self, request_id: str, payload: EncryptedPayload, model: str = "") -> None:
         if self.gone:
             raise SessionGone
         plaintext, sealer = crypto.open_request(payload, self.box_key)

@@ -1,0 +1,1 @@
+"""Several daemons sharing providers through Redis (DINFER_REDIS_URL): see node.py."""

@@ -1,0 +1,701 @@
+"""One instance of a cluster: its Redis connection, its inbox, the directory, the relays.
+
+`Cluster.run` is started with `nursery.start()` by the supervisor when DINFER_REDIS_URL is set
+(never imported otherwise). It runs, in its own nursery:
+
+- the **reader**, the one task that reads Redis streams: its inbox and the directory's change
+  stream, in one blocking XREAD. It demultiplexes each message without waiting: a provider
+  frame to its request's bounded channel (`link.Peer`), a dispatch to a new relay task, a
+  cancel to that relay's scope, a record into the local replica of the directory.
+- the **writer**, the one task that writes messages: everyone else queues them (`post`) and
+  it sends whatever is queued in one pipeline.
+- the **publisher**: this instance's providers as directory records with a TTL
+  (`RECORD_TTL_MS`), at most every `PUBLISH_COALESCE_S` after a change and every
+  `REFRESH_S` anyway, and a full read of the directory every `REFRESH_S` (records whose owner
+  stopped refreshing them expire and leave the replica).
+- the **heartbeat** (this instance's key, TTL `INSTANCE_TTL_MS`) and the **watchdog**: a peer
+  relaying our requests that stays silent `PING_AFTER_S` is pinged and after `DEAD_AFTER_S`
+  taken for dead (its requests end as disconnects: failover before content, an in-band error
+  after); a peer whose instance key expired is dead too; an ingress whose key expired loses
+  the requests we relay for it (cancelled on the provider's wire, `orphaned`).
+
+Ownership (docs/CLUSTER.md): the ingress owns the request (race, deadlines, decryption,
+relay, ledger); the owner owns the session, its trust, its slots and its breaker. Only the
+owner writes a provider's breaker: the ingress reports (`STRIKE`, `BAN`), the owner records,
+publishes the cooldown in the record and in `wire.cooldown_key`, which outlives the session so
+the next owner of that identity starts with it. Supersede: the newest epoch of one identity
+wins; an older local session sees a newer record and closes with 4001.
+
+Redis down: remote providers stay in the replica but are refused with a reason (eligibility's
+`unreachable`), requests in flight through Redis end as disconnects, relays are cancelled,
+local providers serve as before; the reader reconnects every `RECONNECT_S` and rebuilds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+import coredis
+import msgspec
+import trio
+from coredis.exceptions import RedisError
+from coredis.tokens import PureToken
+
+from daemon.accounts.ledger import Ledger, Settlement
+from daemon.cluster import wire
+from daemon.cluster.link import Peer, RemoteLink
+from daemon.routing.breaker import Shape
+from daemon.routing.registry import Registry
+from daemon.routing.types import Lease, ProviderEntry, SessionGone
+from protocol import crypto
+from protocol.messages import (
+    CloseCode,
+    InferenceComplete,
+    InferenceError,
+    ProtocolError,
+    decode_provider_frame,
+)
+
+log = logging.getLogger("dinfer.cluster")
+
+INSTANCE_TTL_MS: Final = 1500
+HEARTBEAT_S: Final = 0.4
+RECORD_TTL_MS: Final = 3000
+REFRESH_S: Final = 1.0
+PUBLISH_COALESCE_S: Final = 0.01
+PING_AFTER_S: Final = 0.3
+DEAD_AFTER_S: Final = 1.0
+WATCH_EVERY_S: Final = 0.1
+READ_BLOCK_MS: Final = 1000
+RECONNECT_S: Final = 0.5
+# Messages queued for the writer before a post fails (SessionGone) rather than wait.
+OUTBOX: Final = 65_536
+BATCH: Final = 1024
+REDIS_ERRORS: Final = (RedisError, OSError, TimeoutError)
+REDIS_DOWN: Final = "unreachable (the cluster's Redis is down)"
+PEER_SILENT: Final = "unreachable (its daemon stopped answering)"
+
+Fields = dict[str, str | bytes]
+
+
+class SharedBudget(Protocol):
+    """The hedging budget's window (daemon/nursery/hedging.py), shared across instances."""
+
+    def budget_totals(self) -> tuple[int, int]: ...
+
+    def budget_elsewhere(self, dispatches: int, backups: int) -> None: ...
+
+
+Message = tuple[str, str, bytes]  # (kind, request id, data)
+_messages = msgspec.msgpack.Decoder(list[tuple[str, str, bytes]])
+
+
+@dataclass(eq=False)
+class Relay:
+    """A request another instance routed to a provider here."""
+
+    ingress: str
+    scope: trio.CancelScope
+    provider_id: str
+
+
+class Cluster:
+    def __init__(
+        self,
+        url: str,
+        registry: Registry,
+        ledger: Ledger | None = None,
+        instance: str | None = None,
+        *,
+        budget: SharedBudget | None = None,
+    ) -> None:
+        self.url = url
+        self._budget = budget
+        self._ledger = ledger
+        self.instance = instance or uuid.uuid4().hex[:12]
+        self.registry = registry
+        self.up = False
+        self.peers: dict[str, Peer] = {}
+        self.relays: dict[str, Relay] = {}
+        self.orphaned = 0  # relayed requests cancelled because their ingress died
+        self._inbox = wire.inbox_key(self.instance)
+        self._inbox_id = "0-0"
+        self._directory_id = "$"
+        self._published: dict[str, bytes] = {}
+        self._cooldowns_loaded: set[ProviderEntry] = set()
+        self._outbox_send, self._outbox = trio.open_memory_channel[tuple[str, Message]](OUTBOX)
+        self._nursery: trio.Nursery | None = None
+        registry.remote_report = self._report
+
+    # Lifecycle ------------------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[Cluster] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        # Two clients: the reader's blocking XREAD holds its connection for up to a second.
+        timeouts: dict[str, Any] = {"connect_timeout": 0.5, "stream_timeout": 2.0}
+        commands = coredis.Redis.from_url(self.url, **timeouts)
+        blocking = coredis.Redis.from_url(
+            self.url, connect_timeout=0.5, stream_timeout=READ_BLOCK_MS / 1000 + 2
+        )
+        async with commands, blocking, trio.open_nursery() as nursery:
+            self._redis, self._blocking, self._nursery = commands, blocking, nursery
+            await self._connect()
+            nursery.start_soon(self._read)
+            nursery.start_soon(self._write)
+            nursery.start_soon(self._publish)
+            nursery.start_soon(self._heartbeat)
+            nursery.start_soon(self._watch)
+            log.info("cluster instance %s on %s", self.instance, _shown(self.url))
+            task_status.started(self)
+
+    async def _connect(self) -> bool:
+        """(Re)join: announce ourselves, read the whole directory. False if Redis is down."""
+        try:
+            await self._redis.set(
+                wire.instance_key(self.instance), str(time.time()), px=INSTANCE_TTL_MS
+            )
+            if self._directory_id == "$":
+                self._directory_id = await self._xadd(wire.DIRECTORY_STREAM, {"k": "hello"})
+            await self._rebuild()
+        except REDIS_ERRORS as exc:
+            self._lost(exc)
+            return False
+        if not self.up:
+            self.up = True
+            log.info("cluster instance %s joined", self.instance)
+            for peer in self.peers.values():
+                if peer.dead == REDIS_DOWN:
+                    peer.dead = None
+            await self._rebuild()
+        self._published.clear()  # Redis may have lost them: publish everything again
+        self.registry.touch()  # wakes the publisher
+        return True
+
+    def _lost(self, exc: BaseException) -> None:
+        """Redis is unreachable: everything that crosses it ends now, local serving goes on."""
+        if not self.up and not self.peers and not self.relays:
+            return
+        if self.up:
+            # The text only: a record holding the exception would keep its frames alive.
+            log.warning(
+                "cluster: Redis is unreachable (%s): serving local providers only", str(exc)
+            )
+        self.up = False
+        for peer in self.peers.values():
+            peer.died(REDIS_DOWN)
+        for relay in list(self.relays.values()):
+            relay.scope.cancel(reason="the cluster's Redis is down")
+        for entry in self.registry.providers():
+            if entry.owner is not None:
+                entry.unreachable = REDIS_DOWN
+        self.registry.touch()
+
+    # The writer -----------------------------------------------------------------------------
+
+    def post(self, target: str, kind: wire.Kind, request_id: str, data: bytes) -> None:
+        """Queue one message for `target`'s inbox, never waiting; SessionGone if it can't."""
+        if not self.up:
+            raise SessionGone
+        try:
+            self._outbox_send.send_nowait((wire.inbox_key(target), (kind.value, request_id, data)))
+        except trio.WouldBlock:
+            raise SessionGone from None
+
+    async def _write(self) -> None:
+        async for first in self._outbox:
+            batch = [first]
+            while len(batch) < BATCH:
+                try:
+                    batch.append(self._outbox.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            # One entry per inbox for the whole batch: one command, one read, not one each.
+            by_inbox: dict[str, list[Message]] = {}
+            for key, message in batch:
+                by_inbox.setdefault(key, []).append(message)
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for key, messages in by_inbox.items():
+                        fields: Fields = {"f": self.instance, "m": msgspec.msgpack.encode(messages)}
+                        pipe.xadd(
+                            key,
+                            fields,
+                            trim_strategy=PureToken.MAXLEN,
+                            threshold=wire.INBOX_MAXLEN,
+                            trim_operator=PureToken.APPROXIMATELY,
+                        )
+            except REDIS_ERRORS as exc:
+                self._lost(exc)
+
+    async def _xadd(self, key: str, fields: Fields) -> str:
+        ident = await self._redis.xadd(
+            key,
+            fields,
+            trim_strategy=PureToken.MAXLEN,
+            threshold=wire.DIRECTORY_MAXLEN,
+            trim_operator=PureToken.APPROXIMATELY,
+        )
+        return ident.decode() if isinstance(ident, bytes) else str(ident)
+
+    # The reader -----------------------------------------------------------------------------
+
+    async def _read(self) -> None:
+        while True:
+            if not self.up:
+                await trio.sleep(RECONNECT_S)
+                await self._connect()
+                continue
+            try:
+                answer = await self._blocking.xread(
+                    {self._inbox: self._inbox_id, wire.DIRECTORY_STREAM: self._directory_id},
+                    count=BATCH,
+                    block=READ_BLOCK_MS,
+                )
+            except REDIS_ERRORS as exc:
+                self._lost(exc)
+                continue
+            for key, entries in (answer or {}).items():
+                inbox = (key.decode() if isinstance(key, bytes) else key) == self._inbox
+                for entry in entries:
+                    ident = entry.identifier
+                    ident = ident.decode() if isinstance(ident, bytes) else str(ident)
+                    try:
+                        if inbox:
+                            self._inbox_id = ident
+                            self._handle(entry.field_values)
+                        else:
+                            self._directory_id = ident
+                            self._directory_event(entry.field_values)
+                    except (msgspec.ValidationError, msgspec.DecodeError, KeyError, ValueError):
+                        log.warning("cluster: dropped a malformed message")
+
+    def _handle(self, fields: Any) -> None:
+        sender = fields[b"f"].decode()
+        peer = self.peers.get(sender)
+        if peer is not None:
+            peer.heard()
+        for kind, request_id, data in _messages.decode(fields[b"m"]):
+            self._handle_one(peer, sender, kind, request_id, data)
+
+    def _handle_one(
+        self, peer: Peer | None, sender: str, kind: str, request_id: str, data: bytes
+    ) -> None:
+        match kind:
+            case wire.Kind.FRAME:
+                if peer is not None:
+                    frame = decode_provider_frame(data)
+                    if not isinstance(frame, ProtocolError):
+                        final = isinstance(frame, InferenceComplete | InferenceError)
+                        peer.streams.route(request_id, frame, final=final)
+            case wire.Kind.GONE:
+                if peer is not None:
+                    peer.streams.finish(request_id)
+            case wire.Kind.DISPATCH:
+                assert self._nursery is not None
+                self._nursery.start_soon(
+                    self._relay, sender, request_id, wire.decode_dispatch(data)
+                )
+            case wire.Kind.CANCEL:
+                relay = self.relays.get(request_id)
+                if relay is not None and relay.ingress == sender:
+                    relay.scope.cancel(reason="the ingress cancelled the request")
+            case wire.Kind.PING:
+                self._answer(sender, wire.Kind.PONG, request_id)
+            case wire.Kind.PONG:
+                pass
+            case wire.Kind.STRIKE | wire.Kind.BAN | wire.Kind.KICK:
+                self._reported(kind, wire.decode_report(data))
+
+    def _answer(self, target: str, kind: wire.Kind, request_id: str, data: bytes = b"") -> None:
+        try:
+            self.post(target, kind, request_id, data)
+        except SessionGone:
+            pass
+
+    # The owner's side: relaying a remote request --------------------------------------------
+
+    async def _relay(self, ingress: str, request_id: str, dispatch: wire.Dispatch) -> None:
+        entry = self.registry.get(dispatch.provider_id)
+        if entry is None or entry.owner is not None or entry.epoch != dispatch.epoch:
+            self._answer(ingress, wire.Kind.GONE, request_id)
+            return
+        lease: Lease = self.registry.take(entry, dispatch.model)
+        session = entry.session
+        relay = Relay(ingress, trio.CancelScope(), entry.provider_id)
+        self.relays[request_id] = relay
+        ended = False
+        try:
+            frames = session.open_stream(request_id)
+            try:
+                session.start(request_id, dispatch.body, dispatch.model)
+            except SessionGone:
+                frames.close()
+                self._answer(ingress, wire.Kind.GONE, request_id)
+                ended = True
+                return
+            with relay.scope:
+                async for frame in frames:
+                    self._answer(ingress, wire.Kind.FRAME, request_id, msgspec.json.encode(frame))
+                    if isinstance(frame, InferenceComplete | InferenceError):
+                        ended = True
+                        return
+                self._answer(ingress, wire.Kind.GONE, request_id)  # the session ended
+                ended = True
+        finally:
+            self.relays.pop(request_id, None)
+            self.registry.release(lease)
+            if ended:
+                session.finish(request_id)
+            else:
+                session.cancel(request_id)  # a `cancel` frame to the provider
+
+    def _orphan(self, request_id: str, relay: Relay) -> None:
+        """The ingress of a relayed request died: stop the provider, write an orphan row."""
+        self.orphaned += 1
+        log.warning("cluster: ingress %s is gone: cancelling its request", relay.ingress)
+        relay.scope.cancel(reason="the request's ingress daemon is gone")
+        if self._ledger is not None and self._nursery is not None:
+            self._nursery.start_soon(self._orphan_row, request_id, relay)
+
+    async def _orphan_row(self, request_id: str, relay: Relay) -> None:
+        """The owner's row of an orphan: keyed by the attempt's id (the consumer's request
+        id and key are the ingress's), route `cluster`, the provider that was serving it."""
+        assert self._ledger is not None
+        charge = await self._ledger.open(request_id, f"ingress:{relay.ingress}", "cluster")
+        ended = Settlement(
+            499,
+            "orphaned",
+            provider_id=relay.provider_id,
+            attempts=1,
+            providers=(relay.provider_id,),
+        )
+        await charge.settle(ended)
+
+    # Reports: only a provider's owner strikes or bans it ------------------------------------
+
+    def _report(
+        self, entry: ProviderEntry, model: str, shape: Shape, status: int, reason: str | None
+    ) -> None:
+        """The registry's hook for a remote entry: tell its owner what happened here."""
+        link = entry.session
+        if not isinstance(link, RemoteLink):
+            return
+        kind = wire.Kind.BAN if reason is not None else wire.Kind.STRIKE
+        report = wire.Report(entry.provider_id, model, shape, status, reason)
+        try:
+            link.peer.post(kind, "", wire.encode(report))
+        except SessionGone:
+            pass
+
+    def _reported(self, kind: str, report: wire.Report) -> None:
+        entry = self.registry.get(report.provider_id)
+        if entry is None or entry.owner is not None:
+            return  # it moved on: a reconnect elsewhere carries its cooldowns (cooldown_key)
+        match kind:
+            case wire.Kind.STRIKE:
+                shape: Any = report.shape
+                self.registry.record_failure(entry, report.model, shape, report.status)
+            case wire.Kind.BAN:
+                self.registry.ban(entry, report.reason or "banned")
+            case wire.Kind.KICK:
+                entry.session.kick(CloseCode.SUPERSEDED, "superseded by a newer connection")
+
+    # The directory: publishing ours, replicating theirs -------------------------------------
+
+    async def _publish(self) -> None:
+        generation = self.registry.generation
+        refreshed = -math.inf
+        while True:
+            with trio.move_on_at(refreshed + REFRESH_S):
+                await generation.wait_transition()
+                await trio.sleep(PUBLISH_COALESCE_S)  # one publish for a burst of changes
+            if not self.up:
+                continue
+            refresh = trio.current_time() >= refreshed + REFRESH_S
+            try:
+                await self._publish_once(refresh=refresh)
+                if refresh:
+                    refreshed = trio.current_time()
+                    await self._rebuild()
+                    await self._share_budget()
+            except REDIS_ERRORS as exc:
+                self._lost(exc)
+
+    async def _publish_once(self, *, refresh: bool) -> None:
+        now = trio.current_time()
+        local = [e for e in self.registry.providers() if e.owner is None]
+        for entry in local:
+            if entry not in self._cooldowns_loaded:
+                await self._load_cooldowns(entry)
+        self._cooldowns_loaded &= set(local)
+        records: dict[str, wire.Record] = {}
+        for entry in local:
+            record = _record(entry, self, now)
+            if record is not None:
+                records[entry.provider_id] = record
+        encoded = {pid: wire.encode(r) for pid, r in records.items()}
+        gone = [pid for pid in self._published if pid not in encoded]
+        changed = {pid: d for pid, d in encoded.items() if self._published.get(pid) != d}
+        if not (gone or changed or refresh):
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for pid, data in (encoded if refresh else changed).items():
+                pipe.set(wire.directory_key(pid, self.instance), data, px=RECORD_TTL_MS)
+            for pid, data in changed.items():
+                pipe.xadd(wire.DIRECTORY_STREAM, {"k": "rec", "d": data})
+                record = records[pid]
+                if record.cooldowns:
+                    table = {f"{m}|{s}": str(until) for m, s, until in record.cooldowns}
+                    pipe.hset(wire.cooldown_key(pid), table)
+                    longest = max(until for _, _, until in record.cooldowns) - time.time()
+                    pipe.pexpire(wire.cooldown_key(pid), int(longest * 1000) + 1000)
+            for pid in gone:
+                pipe.delete([wire.directory_key(pid, self.instance)])
+                pipe.xadd(wire.DIRECTORY_STREAM, {"k": "del", "p": pid, "f": self.instance})
+        for pid in gone:
+            del self._published[pid]
+        self._published.update(changed)
+
+    async def _share_budget(self) -> None:
+        """Publish this instance's hedging window, sum the others': one cluster budget."""
+        if self._budget is None:
+            return
+        dispatches, backups = self._budget.budget_totals()
+        mine = wire.budget_key(self.instance)
+        await self._redis.set(mine, f"{dispatches} {backups}", px=RECORD_TTL_MS)
+        keys = [k async for k in self._redis.scan_iter(match=wire.BUDGET_MATCH, count=1000)]
+        others = [k for k in keys if _text(k) != mine]
+        total_d = total_b = 0
+        for value in await self._redis.mget(others) if others else []:
+            if value is not None:
+                d, _, b = _text(value).partition(" ")
+                total_d, total_b = total_d + int(d), total_b + int(b)
+        self._budget.budget_elsewhere(total_d, total_b)
+
+    async def _load_cooldowns(self, entry: ProviderEntry) -> None:
+        """A provider new on this instance keeps the cooldowns it had elsewhere."""
+        table = await self._redis.hgetall(wire.cooldown_key(entry.provider_id))
+        self._cooldowns_loaded.add(entry)
+        now, wall = trio.current_time(), time.time()
+        imposed = False
+        for field, until in table.items():
+            model, _, shape = _text(field).rpartition("|")
+            left = float(_text(until)) - wall
+            if left > 0 and shape in ("base", "tools", "vision"):
+                key: Any = (entry.provider_id, model, shape)
+                self.registry.breaker.impose(key, now + left)
+                imposed = True
+        if imposed:
+            self.registry.touch()
+
+    async def _rebuild(self) -> None:
+        """Read the whole directory; forget remote entries no longer in it."""
+        keys: list[Any] = []
+        async for key in self._redis.scan_iter(match=wire.DIRECTORY_MATCH, count=1000):
+            keys.append(key)
+        values = await self._redis.mget(keys) if keys else []
+        found: set[tuple[str, str]] = set()
+        for value in values:
+            if value is None:
+                continue
+            try:
+                record = wire.decode_record(value)
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                continue
+            found.add((record.provider_id, record.owner))
+            self._apply(record)
+        for entry in self.registry.providers():
+            if entry.owner is not None and (entry.provider_id, entry.owner) not in found:
+                self.registry.remove(entry)
+
+    def _directory_event(self, fields: Any) -> None:
+        kind = fields[b"k"].decode()
+        if kind == "rec":
+            record = wire.decode_record(fields[b"d"])
+            if record.owner != self.instance:
+                self._peer(record.owner).heard()  # it just spoke: it is alive
+            self._apply(record)
+        elif kind == "del":
+            entry = self.registry.get(fields[b"p"].decode())
+            if entry is not None and entry.owner == fields[b"f"].decode():
+                self.registry.remove(entry)
+
+    def _apply(self, record: wire.Record) -> None:
+        if record.owner == self.instance:
+            return
+        current = self.registry.get(record.provider_id)
+        if current is not None and current.owner is None:
+            if record.epoch > current.epoch and record.attested_at is not None:
+                log.info("provider %s connected to another daemon", record.provider_id)
+                current.session.kick(
+                    CloseCode.SUPERSEDED, "superseded by a newer connection on another daemon"
+                )
+                current = self.registry.get(record.provider_id)  # retired at once
+            else:
+                return  # ours is the newer session: the other one closes itself
+        if current is not None and (current.owner, current.epoch) != (record.owner, record.epoch):
+            if record.epoch < current.epoch:
+                return
+            self.registry.remove(current)
+            current = None
+        peer = self._peer(record.owner)
+        if current is None:
+            current = _entry(record, RemoteLink(peer, record.provider_id, record.epoch))
+            self.registry.add_remote(current)  # clears the identity's breaker: refresh after
+        self._refresh(current, record)
+        self.registry.touch()
+
+    def _refresh(self, entry: ProviderEntry, record: wire.Record) -> None:
+        now, wall = trio.current_time(), time.time()
+        if list(entry.models.values()) != list(record.models):
+            self.registry.update_models(entry, record.models)
+        entry.max_concurrency = record.max_concurrency
+        entry.trusted = record.trusted
+        entry.draining = record.draining
+        entry.held = record.held
+        entry.banned_reason = "banned by its daemon" if record.banned else None
+        at = record.attested_at
+        entry.last_challenge_pass = None if at is None else now - max(0.0, wall - at)
+        entry.challenge_failures = 0 if record.trusted else 3
+        peer = self._peer(record.owner)
+        entry.unreachable = REDIS_DOWN if not self.up else peer.dead
+        breaker = self.registry.breaker
+        breaker.forget_provider(entry.provider_id)
+        for model, shape, until in record.cooldowns:
+            key: Any = (entry.provider_id, model, shape)
+            breaker.impose(key, now + until - wall)
+
+    def _peer(self, instance: str) -> Peer:
+        peer = self.peers.get(instance)
+        if peer is None:
+            peer = self.peers[instance] = Peer(instance, self.post)
+        return peer
+
+    # Liveness -------------------------------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await trio.sleep(HEARTBEAT_S)
+            if not self.up:
+                continue
+            try:
+                await self._redis.set(
+                    wire.instance_key(self.instance), str(time.time()), px=INSTANCE_TTL_MS
+                )
+            except REDIS_ERRORS as exc:
+                self._lost(exc)
+
+    async def _watch(self) -> None:
+        turn = 0
+        while True:
+            await trio.sleep(WATCH_EVERY_S)
+            if not self.up:
+                continue
+            now = trio.current_time()
+            for peer in self.peers.values():
+                if peer.dead is not None or not len(peer.streams):
+                    continue
+                silent = now - peer.last_heard
+                if silent > DEAD_AFTER_S:
+                    self._peer_died(peer, PEER_SILENT)
+                elif silent > PING_AFTER_S and now - peer.pinged_at > PING_AFTER_S:
+                    peer.pinged_at = now
+                    self._answer(peer.instance, wire.Kind.PING, "")
+            turn += 1
+            if turn % 5 == 0:
+                try:
+                    await self._check_instances()
+                except REDIS_ERRORS as exc:
+                    self._lost(exc)
+
+    async def _check_instances(self) -> None:
+        """The backstop: an instance whose key expired is dead, whatever it last said."""
+        ingresses = {r.ingress for r in self.relays.values()}
+        owners = {p.instance for p in self.peers.values() if p.dead is None and len(p.streams)}
+        wanted = sorted(ingresses | owners)
+        if not wanted:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            found = [pipe.exists([wire.instance_key(i)]) for i in wanted]
+        alive = {i for i, f in zip(wanted, found, strict=True) if await f}
+        for instance in set(wanted) - alive:
+            peer = self.peers.get(instance)
+            if peer is not None and peer.dead is None:
+                self._peer_died(peer, PEER_SILENT)
+            for request_id, relay in list(self.relays.items()):
+                if relay.ingress == instance:
+                    self._orphan(request_id, relay)
+
+    def _peer_died(self, peer: Peer, reason: str) -> None:
+        log.warning("cluster: instance %s stopped answering: its requests fail over", peer.instance)
+        peer.died(reason)
+        for entry in self.registry.providers():
+            if entry.owner == peer.instance:
+                entry.unreachable = reason
+        self.registry.touch()
+
+
+def _record(entry: ProviderEntry, cluster: Cluster, now: float) -> wire.Record | None:
+    """What the directory says of a local entry; None until its first challenge passed."""
+    if entry.last_challenge_pass is None or not cluster.registry.is_current(entry):
+        return None
+    breaker = cluster.registry.breaker
+    wall = time.time() - now  # wall clock = monotonic + this (rounded: records compare equal)
+    return wire.Record(
+        provider_id=entry.provider_id,
+        owner=cluster.instance,
+        epoch=entry.epoch,
+        version=entry.version,
+        backend=entry.backend,
+        public_key=crypto.encode_key(entry.public_key),
+        identity_key=crypto.encode_key(entry.identity_key),
+        models=list(entry.models.values()),
+        max_concurrency=entry.max_concurrency,
+        in_flight=entry.in_flight,
+        attested_at=round(wall + entry.last_challenge_pass, 1),
+        trusted=entry.trusted,
+        draining=entry.draining,
+        held=entry.held,
+        banned=entry.banned_reason is not None,
+        prefill_tps=entry.advertised_prefill_tps,
+        decode_tps=entry.advertised_decode_tps,
+        cooldowns=[
+            (model, shape, round(wall + until, 2))
+            for model, shape, until in breaker.cooldowns(entry.provider_id, now)
+        ],
+        multi_sse=entry.multi_sse,
+    )
+
+
+def _entry(record: wire.Record, link: RemoteLink) -> ProviderEntry:
+    return ProviderEntry(
+        provider_id=record.provider_id,
+        session=link,
+        version=record.version,
+        backend=record.backend,
+        public_key=crypto.decode_peer_public_key(record.public_key),
+        identity_key=crypto.decode_identity_key(record.identity_key),
+        models={m.id: m for m in record.models},
+        max_concurrency=record.max_concurrency,
+        advertised_prefill_tps=record.prefill_tps,
+        advertised_decode_tps=record.decode_tps,
+        owner=record.owner,
+        epoch=record.epoch,
+        multi_sse=record.multi_sse,
+    )
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _shown(url: str) -> str:
+    """The URL without a password."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.rpartition('@')[2]}"

@@ -1,0 +1,113 @@
+"""`dinfer serve --workers N`: N daemon processes on one port, one cluster through Redis.
+
+The parent holds the data directory's serve lock and starts N children (`dinfer serve
+--worker`), each a full daemon with its own cluster instance id that listens on its own
+socket bound with SO_REUSEPORT: the kernel spreads new connections over them, and a provider
+connected to one serves consumers of all (daemon/cluster). They share the store (SQLite
+with its own locking). A port of 0 is resolved here first, so every worker binds the same
+one; a metrics listener gets port + i on worker i.
+
+The parent forwards SIGTERM, SIGINT and SIGHUP to every worker, and exits when they do: when
+one exits on its own, the others are asked to stop (SIGTERM) and the parent returns the first
+one's status.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from functools import partial
+from pathlib import Path
+
+import trio
+from trio_util import AsyncValue
+
+from daemon.config import Settings
+from daemon.serve_lock import hold_serve_lock
+
+log = logging.getLogger("dinfer")
+
+
+def reserve_port(settings: Settings) -> tuple[socket.socket, int]:
+    """A socket in the port's SO_REUSEPORT group, bound, never listening: it keeps a port of
+    0 resolved (and the port ours) for as long as the parent runs."""
+    family = socket.AF_INET6 if ":" in settings.listen_host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((settings.listen_host, settings.listen_port))
+    port: int = sock.getsockname()[1]
+    return sock, port
+
+
+def worker_env(settings: Settings, index: int, port: int) -> dict[str, str]:
+    env = dict(os.environ)
+    host = f"[{settings.listen_host}]" if ":" in settings.listen_host else settings.listen_host
+    env["DINFER_LISTEN"] = f"{host}:{port}"
+    env["DINFER_DATA_DIR"] = str(settings.data_dir)
+    if settings.metrics_listen is not None:
+        m_host, m_port = settings.metrics_listen
+        m_host = f"[{m_host}]" if ":" in m_host else m_host
+        env["DINFER_METRICS_LISTEN"] = f"{m_host}:{m_port + index if m_port else 0}"
+    return env
+
+
+async def run_workers(settings: Settings, count: int, config: Path | None) -> int:
+    async with hold_serve_lock(settings.data_dir, settings.listen) as lock:
+        reserved, port = reserve_port(settings)
+        try:
+            command = [sys.executable, "-m", "dinfer", "serve", "--worker"]
+            if config is not None:
+                command += ["--config", str(config)]
+            lock.record(f"{count} workers on port {port}")
+            log.info("starting %d workers on port %d", count, port)
+            return await _supervise(command, settings, count, port)
+        finally:
+            reserved.close()
+
+
+async def _supervise(command: list[str], settings: Settings, count: int, port: int) -> int:
+    statuses: list[int] = []
+    exits = AsyncValue(0)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+            processes: list[trio.Process] = []
+            for index in range(count):
+                env = worker_env(settings, index, port)
+                run = partial(_run_worker, command, env, statuses, exits)
+                processes.append(await nursery.start(run))
+            nursery.start_soon(_forward, signals, processes)
+            await exits.wait_value(lambda n: n >= 1)
+            for process in processes:
+                if process.returncode is None:
+                    process.send_signal(signal.SIGTERM)
+            await exits.wait_value(count)
+            nursery.cancel_scope.cancel(reason="every worker has exited")
+    return statuses[0]
+
+
+async def _run_worker(
+    command: list[str],
+    env: dict[str, str],
+    statuses: list[int],
+    exits: AsyncValue[int],
+    *,
+    task_status: trio.TaskStatus[trio.Process],
+) -> None:
+    async with trio.open_nursery() as nursery:
+        process = await nursery.start(partial(trio.run_process, command, env=env, check=False))
+        task_status.started(process)
+    statuses.append(process.returncode)
+    exits.value += 1
+
+
+async def _forward(signals: AsyncIterator[int], processes: list[trio.Process]) -> None:
+    async for signum in signals:
+        log.info("forwarding %s to %d workers", signal.Signals(signum).name, len(processes))
+        for process in processes:
+            if process.returncode is None:
+                process.send_signal(signum)
