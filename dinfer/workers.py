@@ -26,8 +26,10 @@ from pathlib import Path
 import trio
 from trio_util import AsyncValue
 
+from daemon.accounts.ledger import abort_open_rows
 from daemon.config import Settings
 from daemon.serve_lock import hold_serve_lock
+from daemon.store import open_store
 
 log = logging.getLogger("dinfer")
 
@@ -58,6 +60,9 @@ def worker_env(settings: Settings, index: int, port: int) -> dict[str, str]:
 
 async def run_workers(settings: Settings, count: int, config: Path | None) -> int:
     async with hold_serve_lock(settings.data_dir, settings.listen) as lock:
+        # Rows a crash left open are closed here, once: each worker's open rows are live.
+        async with open_store(settings.data_dir) as store:
+            await trio.to_thread.run_sync(abort_open_rows, store.path)
         reserved, port = reserve_port(settings)
         try:
             command = [sys.executable, "-m", "dinfer", "serve", "--worker"]

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from contextlib import closing
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ import trio
 from trio.testing import MockClock
 
 import daemon.accounts.ledger as ledger_module
-from daemon.accounts.ledger import Settlement, Tokens, run_ledger
+from daemon.accounts.ledger import Settlement, Tokens, abort_open_rows, run_ledger
 from daemon.accounts.usage import parse_query, parse_time, query_usage
 from daemon.api.handler import LATE_TERMINAL_S, Parsed, _after_hang_up
 from daemon.config import load_settings
@@ -123,6 +125,26 @@ async def test_a_row_a_crash_left_open_is_aborted_at_the_next_start(
     assert outcomes == {"crashed": "aborted", "finished": "completed"}
     (aborted,) = rows(tmp_path, "request_id = 'crashed'")
     assert aborted["ended_at"] is not None
+
+
+async def test_a_worker_leaves_its_siblings_open_rows_to_the_parent(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    # `dinfer serve --workers`: a worker starting while a sibling serves must not close the
+    # sibling's live rows; the parent closes stale ones once, before any worker starts.
+    async with open_store(tmp_path):
+        pass
+    with closing(sqlite3.connect(database_path(tmp_path))) as conn, conn:
+        conn.execute(
+            "INSERT INTO usage (request_id, key_id, route, started_at) VALUES (?, ?, ?, ?)",
+            ("live", "key_a", "chat", 1000.0),
+        )
+    async with open_store(tmp_path) as store:
+        ledger = await nursery.start(partial(run_ledger, store.path, abort_open=False))
+        await ledger.aclose()
+    assert {r["request_id"]: r["outcome"] for r in rows(tmp_path)} == {"live": None}
+    abort_open_rows(database_path(tmp_path))
+    assert {r["request_id"]: r["outcome"] for r in rows(tmp_path)} == {"live": "aborted"}
 
 
 async def test_a_store_from_before_the_ledger_keeps_its_keys_and_gains_the_table(

@@ -188,10 +188,14 @@ class Ledger:
 
 
 async def run_ledger(
-    database: Path, *, task_status: trio.TaskStatus[Ledger] = trio.TASK_STATUS_IGNORED
+    database: Path,
+    *,
+    abort_open: bool = True,
+    task_status: trio.TaskStatus[Ledger] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """The writer task: own the connection, abort rows a crash left open, commit batches."""
-    conn = await trio.to_thread.run_sync(_connect_and_abort, database)
+    """The writer task: own the connection, abort rows a crash left open (unless a parent
+    did, `abort_open_rows`), commit batches."""
+    conn = await trio.to_thread.run_sync(_connect_and_abort, database, abort_open)
     send, receive = trio.open_memory_channel[_Write](CHANNEL_ROWS)
     written = trio.Event()
     pending: list[_Write] = []
@@ -264,18 +268,35 @@ def _write_batch(conn: sqlite3.Connection, batch: Sequence[_Write]) -> None:
             conn.executemany(_SETTLE_SQL, settles)
 
 
-def _connect_and_abort(database: Path) -> sqlite3.Connection:
+def _connect_and_abort(database: Path, abort_open: bool) -> sqlite3.Connection:
     conn = sqlite3.connect(database, check_same_thread=False)
     try:
         conn.execute("PRAGMA busy_timeout = 5000")
-        with conn:
-            aborted = conn.execute(_ABORT_SQL, (time.time(),)).rowcount
+        if abort_open:
+            _abort_open_rows(conn)
     except BaseException:
         conn.close()
         raise
+    return conn
+
+
+def abort_open_rows(database: Path) -> None:
+    """Close as `aborted` the rows a previous run left open. Only the one process that owns
+    the store may: `dinfer serve --workers` runs it in the parent, before its workers start,
+    since a worker's open rows are live ones to its siblings."""
+    conn = sqlite3.connect(database)
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        _abort_open_rows(conn)
+    finally:
+        conn.close()
+
+
+def _abort_open_rows(conn: sqlite3.Connection) -> None:
+    with conn:
+        aborted = conn.execute(_ABORT_SQL, (time.time(),)).rowcount
     if aborted:
         log.warning("closed %d usage row(s) a previous run left open as aborted", aborted)
-    return conn
 
 
 def _log_request(charge: Charge, end: Settlement, duration_ms: float) -> None:

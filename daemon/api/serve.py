@@ -174,7 +174,7 @@ async def serve(
     ):
         # Inside the store and the lock: even a stop "at once" closes those properly.
         with trio.CancelScope() as abort:
-            async with open_supervisor(settings, store, seed=seed) as sup:
+            async with open_supervisor(settings, store, seed=seed, worker=worker) as sup:
                 # Hypercorn takes the descriptor over (and closes it).
                 listener = _reuse_port_socket(settings).detach() if worker else None
                 await _run(

@@ -205,8 +205,9 @@ def _gates(settings: Settings, breaker: CircuitBreaker) -> Gates:
 
 @asynccontextmanager
 async def open_supervisor(
-    settings: Settings, store: Store, *, seed: int | None = None
+    settings: Settings, store: Store, *, seed: int | None = None, worker: bool = False
 ) -> AsyncIterator[Supervisor]:
+    """`worker`: one of `dinfer serve --workers`, whose parent closed the store's stale rows."""
     registry = build_registry(settings, seed=seed)
     queue = AdmissionQueue(
         registry, max_per_model=settings.queue_max, timeout=settings.queue_timeout_s
@@ -214,7 +215,8 @@ async def open_supervisor(
     hedger = Hedger(HedgePolicy.from_settings(settings), registry, queue)
     registry.metrics.watch(partial(sample, registry, queue, hedger))
     async with trio.open_nursery() as nursery:
-        ledger: Ledger = await nursery.start(run_ledger, store.path)
+        start_ledger = partial(run_ledger, store.path, abort_open=not worker)
+        ledger: Ledger = await nursery.start(start_ledger)
         await nursery.start(queue.run)
         await nursery.start(_wake_on_cooldown_expiry, registry)
         cluster = None
