@@ -25,6 +25,7 @@ from daemon.api.forwarded import ForwardedFor
 from daemon.api.handler import InferenceRoute
 from daemon.api.messages import REQUEST_ID_HEADERS, CountTokensRoute, MessagesCodec
 from daemon.api.models import ModelsRoute
+from daemon.api.openapi import DOCUMENT_BYTES
 from daemon.api.provider_socket import ProviderSocket
 from daemon.api.responses import ResponsesCodec
 from daemon.api.usage import UsageRoute
@@ -55,6 +56,11 @@ def create_quart_app(sup: Supervisor) -> QuartTrio:
         if sup.ready:
             return Response('{"status":"ready"}', 200, content_type="application/json")
         return json_error(503, "the daemon is starting", "not_ready")
+
+    @app.get("/openapi.json")
+    async def openapi() -> Response:
+        # Public, like the README: it describes the routes and holds nothing of this daemon's.
+        return Response(DOCUMENT_BYTES, 200, content_type="application/json")
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
@@ -117,9 +123,14 @@ class Router:
         return self._fallback
 
 
-def create_app(sup: Supervisor) -> ForwardedFor:
+Routes = dict[tuple[str, str], ASGIApp]
+
+
+def route_table(sup: Supervisor) -> tuple[Routes, Routes]:
+    """The Router's exact routes and its prefixes (tests/test_openapi.py checks the OpenAPI
+    document against them)."""
     models = ModelsRoute(sup)
-    routes: dict[tuple[str, str], ASGIApp] = {
+    routes: Routes = {
         ("http", "/v1/chat/completions"): InferenceRoute(sup, ChatCodec, route="chat"),
         ("http", "/v1/responses"): InferenceRoute(sup, ResponsesCodec(), route="responses"),
         ("http", "/v1/completions"): InferenceRoute(sup, CompletionsCodec, route="completions"),
@@ -131,7 +142,12 @@ def create_app(sup: Supervisor) -> ForwardedFor:
         ("http", "/v1/usage"): UsageRoute(sup),
         ("websocket", "/ws/provider"): ProviderSocket(sup),
     }
-    prefixes: dict[tuple[str, str], ASGIApp] = {("http", "/v1/models/"): models}
+    prefixes: Routes = {("http", "/v1/models/"): models}
+    return routes, prefixes
+
+
+def create_app(sup: Supervisor) -> ForwardedFor:
+    routes, prefixes = route_table(sup)
     router = Router(cast(ASGIApp, create_quart_app(sup)), routes, prefixes)
     edge = HttpEdge(router, body_timeout=sup.settings.body_read_timeout_s)
     return ForwardedFor(edge, sup.settings.trusted_proxies)
