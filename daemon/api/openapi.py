@@ -44,6 +44,15 @@ CONSUMER: Final[list[Any]] = [{"consumerBearer": []}, {"consumerApiKey": []}]
 ADMIN: Final[list[Any]] = [{"adminBearer": []}]
 PUBLIC: Final[list[Any]] = []
 
+# One server-sent event (the schema of a text/event-stream answer is its events'): the OpenAI
+# routes send `data:` lines (a JSON chunk, the last `[DONE]`), Responses and Anthropic's add
+# `event:` names.
+SSE_EVENT: Final = {
+    "type": "object",
+    "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
+    "required": ["data"],
+}
+
 # What each status means where it can come; an operation lists the ones it can answer.
 _STATUS_TEXT: Final = {
     400: "the request is invalid (`param` names the field)",
@@ -102,7 +111,7 @@ def _ok(description: str, schema: Schema, status: int = 200) -> dict[str, Any]:
 
 def _streamed(description: str, schema: Schema) -> dict[str, Any]:
     """200: one JSON object, or a server-sent event stream with `"stream": true`."""
-    content = {**_json(schema), "text/event-stream": {"schema": _str()}}
+    content = {**_json(schema), "text/event-stream": {"schema": SSE_EVENT}}
     return {"200": {"description": description, "content": content}}
 
 
