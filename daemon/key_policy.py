@@ -18,6 +18,8 @@ from typing import Any, Final
 
 MAX_MODEL_ID_CHARS: Final = 256
 MAX_ALLOWED_MODELS: Final = 1000
+# The largest count a limit may be: SQLite's INTEGER, where the store keeps it.
+MAX_COUNT: Final = 2**63 - 1
 COUNT_FIELDS: Final = ("rpm", "tpm", "daily_tokens", "max_concurrency")
 LIMIT_FIELDS: Final = (*COUNT_FIELDS, "allowed_models", "expires_at")
 
@@ -81,8 +83,8 @@ def _parse(name: str, value: Any) -> Any:
         return parse_time(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise LimitError(name, f"must be a positive integer or null, got {value!r}")
-    if value < 1:
-        raise LimitError(name, f"must be a positive integer or null, got {value}")
+    if not 1 <= value <= MAX_COUNT:
+        raise LimitError(name, f"must be a positive integer up to {MAX_COUNT} or null")
     return value
 
 

@@ -14,6 +14,7 @@ its secret or digest, only when issued. Limit values are validated by `daemon.ke
 from __future__ import annotations
 
 import hmac
+import json
 import time
 from collections.abc import Awaitable, Callable
 from functools import wraps
@@ -69,8 +70,18 @@ def requires_admin(handler: Handler) -> Handler:
     return guarded
 
 
+async def _json_body() -> Any:
+    """The body as JSON, whatever its content type; None when it is not JSON. Not quart's
+    `get_json(silent=True)`: a body that is not UTF-8 raises there (a 500)."""
+    raw = await request.get_data(as_text=False)
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+
+
 async def _name_from_body() -> str | Response:
-    body = await request.get_json(force=True, silent=True)
+    body = await _json_body()
     name = body.get("name") if isinstance(body, dict) else None
     if not isinstance(name, str) or not name.strip():
         return json_error(
@@ -135,7 +146,7 @@ async def get_api_key(key_id: str) -> Response:
 @admin.post("/keys")
 @requires_admin
 async def create_api_key() -> Response:
-    body = await request.get_json(force=True, silent=True)
+    body = await _json_body()
     name = body.pop("name", None) if isinstance(body, dict) else None
     if not isinstance(body, dict) or not isinstance(name, str) or not name.strip():
         return json_error(
@@ -191,7 +202,7 @@ async def revoke_api_key(key_id: str) -> Response:
 
 
 async def _object_body() -> dict[str, Any] | Response:
-    body = await request.get_json(force=True, silent=True)
+    body = await _json_body()
     if not isinstance(body, dict):
         return json_error(400, "the body must be a JSON object", "invalid_body")
     return body

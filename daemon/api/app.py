@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, cast
 
-from quart import Response
+from quart import Response, request
 from quart.json.provider import DefaultJSONProvider
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
@@ -22,10 +22,12 @@ from daemon.api.admin import admin, json_error
 from daemon.api.chat import ChatCodec
 from daemon.api.completions import CompletionsCodec
 from daemon.api.edge import INTERNAL_ERROR, HttpEdge
+from daemon.api.errors import ApiError
 from daemon.api.forwarded import ForwardedFor
-from daemon.api.handler import InferenceRoute
+from daemon.api.handler import InferenceRoute, authenticate
 from daemon.api.messages import REQUEST_ID_HEADERS, CountTokensRoute, MessagesCodec
 from daemon.api.models import ModelsRoute
+from daemon.api.openapi import DOCUMENT_BYTES
 from daemon.api.provider_socket import ProviderSocket
 from daemon.api.responses import ResponsesCodec
 from daemon.api.usage import UsageRoute
@@ -74,6 +76,16 @@ def create_quart_app(sup: Supervisor) -> QuartTrio:
     async def not_utf8(_exc: UnicodeDecodeError) -> Response:
         # quart's get_json decodes the body before parsing it, outside its ValueError guard.
         return json_error(400, "the request body is not valid UTF-8", "invalid_request")
+
+    @app.get("/openapi.json")
+    async def openapi() -> Response:
+        # For the daemon's consumers, with their key: every route but /health, /readyz and
+        # /ws/provider takes its credential. It holds nothing of this daemon's (a test checks).
+        try:
+            await authenticate(sup, request.scope)
+        except ApiError as error:
+            return json_error(error.status, error.message, error.code)
+        return Response(DOCUMENT_BYTES, 200, content_type="application/json")
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
@@ -148,10 +160,14 @@ class Router:
         return self._fallback
 
 
-def create_router(sup: Supervisor) -> Router:
-    """Every route the daemon serves (the security suite enumerates them from here)."""
+Routes = dict[tuple[str, str], ASGIApp]
+
+
+def route_table(sup: Supervisor) -> tuple[Routes, Routes]:
+    """The Router's exact routes and its prefixes (tests/test_openapi.py checks the OpenAPI
+    document against them)."""
     models = ModelsRoute(sup)
-    routes: dict[tuple[str, str], ASGIApp] = {
+    routes: Routes = {
         ("http", "/v1/chat/completions"): InferenceRoute(sup, ChatCodec, route="chat"),
         ("http", "/v1/responses"): InferenceRoute(sup, ResponsesCodec(), route="responses"),
         ("http", "/v1/completions"): InferenceRoute(sup, CompletionsCodec, route="completions"),
@@ -163,7 +179,13 @@ def create_router(sup: Supervisor) -> Router:
         ("http", "/v1/usage"): UsageRoute(sup),
         ("websocket", "/ws/provider"): ProviderSocket(sup),
     }
-    prefixes: dict[tuple[str, str], ASGIApp] = {("http", "/v1/models/"): models}
+    prefixes: Routes = {("http", "/v1/models/"): models}
+    return routes, prefixes
+
+
+def create_router(sup: Supervisor) -> Router:
+    """Every route the daemon serves (the security suite enumerates them from here)."""
+    routes, prefixes = route_table(sup)
     return Router(cast(ASGIApp, create_quart_app(sup)), routes, prefixes)
 
 
