@@ -7,7 +7,7 @@ One connection, owned by the `Store` that `open_store` yields, lives in
 `<DINFER_DATA_DIR>/dinfer.sqlite3` in WAL mode. Every statement runs in a Trio worker thread
 (`trio.to_thread.run_sync`); a `trio.Lock` lets one thread use the connection at a time. The
 one exception is a second, read-only-in-practice connection that only answers
-`PRAGMA data_version` (below).
+`PRAGMA data_version` and reads `api_keys_epoch` (below).
 
 Secrets (provider tokens `dpt_...`, API keys `dk_...`) are shown once, when issued; the database
 keeps only their SHA-256 hex digests. The digests of live secrets are also cached in memory
@@ -37,8 +37,9 @@ a hit must see a change too (`dinfer keys set` or `rotate` from another process)
 microseconds, too much for every request of a busy daemon, and within 10 ms is at once for an
 operator. Changes made through this `Store` (the admin API) are in memory at once. Commits to
 other tables (the usage ledger's) move `data_version` too: a trigger-kept counter,
-`api_keys_epoch`, tells the reload whether `api_keys` itself changed, and when it did not the
-reload reads one row.
+`api_keys_epoch`, tells the reload whether `api_keys` itself changed; the watch connection reads
+that one row first, on the Trio thread (a WAL read, microseconds), and only a changed epoch
+sends the reload to a worker thread.
 
 The schema is `MIGRATIONS`, applied in order; the `schema_version` table records which have
 run, so reopening applies only the new ones. Adding a migration is appending a script.
@@ -233,6 +234,15 @@ def _data_version(conn: sqlite3.Connection) -> int | None:
         return int(conn.execute("PRAGMA data_version").fetchone()[0])
     except sqlite3.Error:
         return None
+
+
+def _watched_keys_epoch(conn: sqlite3.Connection) -> int | None:
+    """api_keys_epoch as the watch connection reads it; None when it cannot tell (busy)."""
+    try:
+        rows = conn.execute("SELECT n FROM api_keys_epoch").fetchall()  # all: ends the read
+    except sqlite3.Error:
+        return None
+    return int(rows[0][0]) if rows else None
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -605,6 +615,11 @@ class Store:
             # Read before the keys: a commit in between shows as a change next time.
             version = _data_version(self._watch)
             epoch = self._keys_epoch
+            if version is not None and _watched_keys_epoch(self._watch) == epoch:
+                # Only another table moved (the ledger's usage rows, on almost every recheck of
+                # a busy daemon): one row read here says so, without a worker thread's hop.
+                self._keys_version = version
+                return
             keys = await self._run(lambda conn: _live_keys_since(conn, epoch))
             if keys is not None:
                 self._live[_API_KEYS], self._key_limits = keys.ids, keys.limits
@@ -618,7 +633,7 @@ class Store:
 @dataclass(frozen=True, slots=True)
 class _Connections:
     main: sqlite3.Connection  # every statement, in worker threads, one at a time
-    watch: sqlite3.Connection  # PRAGMA data_version only, on the Trio thread
+    watch: sqlite3.Connection  # data_version and api_keys_epoch only, on the Trio thread
     version_at_load: int | None
 
 

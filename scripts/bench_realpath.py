@@ -234,6 +234,7 @@ def daemon_env(port: int, data_dir: Path) -> dict[str, str]:
         "DINFER_ADMIN_KEY": ADMIN_KEY,
         "DINFER_DATA_DIR": str(data_dir),
         "DINFER_LOG_LEVEL": "warning",
+        "DINFER_METRICS_LISTEN": "off",  # another daemon on this machine may hold the default
         "DINFER_DRAIN_GRACE_S": "1",
         "DINFER_QUEUE_MAX": "20000",  # 5,000 streams must queue, not be refused
         # A saturated core must slow requests down, not fail them: 256 long streams at once

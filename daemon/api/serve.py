@@ -27,6 +27,7 @@ from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 from trio_util import wait_any
 
+from daemon.api import h11_writes
 from daemon.api.app import create_app
 from daemon.api.metrics_server import serve_metrics
 from daemon.config import ConfigError, Settings, load_settings, reload
@@ -264,6 +265,7 @@ async def _serve_http(
     *,
     task_status: trio.TaskStatus[list[str]],
 ) -> None:
+    h11_writes.install()  # one socket write per answer piece, not per head/body/end
     try:
         await hypercorn_serve(
             app, config, shutdown_trigger=shutdown_trigger, task_status=task_status

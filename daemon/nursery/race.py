@@ -1,8 +1,9 @@
 """One dispatch attempt: a primary racer and, when its first token runs late, a backup.
 
 Both racers are sibling tasks in the attempt's nursery, each in its own cancel scope with its
-own deadline. The first racer to produce *content* (or `inference_accepted`, or a clean
-completion) claims the race and cancels every other racer with a reason, on the wire too.
+own deadline; the hedge timer is the nursery's body, in the attempt's own task. The first
+racer to produce *content* (or `inference_accepted`, or a clean completion) claims the race
+and cancels every other racer with a reason, on the wire too.
 Boilerplate is held per racer and never commits. A racer that fails before content is done
 and its held chunks dropped; the other keeps running with its deadline intact. A request-fault
 error (400/413/415/422) ends the whole attempt at once. (Trio's `open_tcp_stream` races its
@@ -216,7 +217,9 @@ class Race:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self._launch(primary)
-                nursery.start_soon(self._hedge)
+                # The hedge timer runs in this task, which would otherwise only wait for the
+                # racers: a task of its own was spawned and cancelled on every request.
+                await self._hedge()
         except BaseException:
             for _, result in self._results:  # cancelled after the claim: nobody will relay it
                 if isinstance(result, Content):
