@@ -366,7 +366,6 @@ async def consume(
 ) -> None:
     tag = f"soak-{seen.idx}-{seen.key}-{'h' if seen.hangup else 'n'}"
     path, body = body_for(seen.kind, seen.stream, tag)
-    data = b""
     try:
         await _exchange(client, seen, auth, bound, path, body)
     except httpx.TransportError as error:  # the connection ended without a whole answer
