@@ -11,8 +11,10 @@ Checks, after the run (exit 1 on any violation):
   admission queue, registry entries (== fake sessions connected), the trio task count;
 - the usage ledger: one row per request, none open, each outcome matching what the client saw,
   and tokens equal to what the committed provider reported (per row and per key);
-- limits held: no key over its max_concurrency at any instant (seen from the providers), no
-  more requests of an rpm key reached a provider than its bucket allows;
+- limits held: no key over its max_concurrency at any instant (seen from the providers: a
+  request counts while any attempt of it runs on one; a provider that stops reading cannot
+  see the daemon's cancels, so its attempts stop counting when it goes deaf), no more
+  requests of an rpm key reached a provider than its bucket allows;
 - RSS back near its start.
 
 How a hang-up is charged (settle.py, handler.LATE_TERMINAL_S): a consumer who leaves after the
@@ -47,6 +49,7 @@ import trio_websocket
 
 from daemon.api.serve import RunningDaemon, serve
 from daemon.config import load_settings
+from protocol import crypto
 from tests.conftest import ADMIN_KEY, FAST_ENV
 from tests.fakes.provider import (
     Chunk,
@@ -140,6 +143,7 @@ class Fleet:
     active: dict[int, Counter[int]] = field(default_factory=lambda: defaultdict(Counter))
     peak: Counter[int] = field(default_factory=Counter)
     reached: dict[int, set[int]] = field(default_factory=lambda: defaultdict(set))
+    answered: set[int] = field(default_factory=set)  # requests whose consumer saw the end
     sessions: int = 0  # sessions opened over the run
     live: set[ChaosProvider] = field(default_factory=set)
     stop: trio.Event = field(default_factory=trio.Event)
@@ -196,7 +200,11 @@ class Fleet:
         active = self.active[key]
         active[idx] += 1
         self.reached[key].add(idx)
-        self.peak[key] = max(self.peak[key], len(active))
+        # A request counts while an attempt of it runs here and its consumer has not seen the
+        # end: a cancel the daemon sent may still be on its way to the provider when the
+        # daemon has already released the key's slot and admitted the next request.
+        running = sum(1 for i in active if i not in self.answered)
+        self.peak[key] = max(self.peak[key], running)
 
     def ended(self, key: int, idx: int) -> None:
         active = self.active[key]
@@ -228,6 +236,7 @@ class ChaosProvider(FakeProvider):
         self.deaf = trio.Event()
         self.gone = trio.Event()
         self.doomed = False  # a fatal fault is under way: this session is about to end
+        self.counting: dict[str, tuple[int, int]] = {}  # request id -> (key, idx), running
 
     async def _read(self, ws: trio_websocket.WebSocketConnection, task_status: Any) -> None:
         async with trio.open_nursery() as nursery:
@@ -242,19 +251,31 @@ class ChaosProvider(FakeProvider):
         await self.gone.wait()  # deaf: the Deaf step drops the socket
 
     async def _serve_request(self, ws: Any, request: Any) -> None:
-        key, idx = -1, -1
+        plaintext, _ = crypto.open_request(request.encrypted_body, self.box_key)
+        found = TAG.search(plaintext.decode())
+        assert found, "a soak request carries its tag"
+        idx, key = int(found[1]), int(found[2])
+        self.fleet.began(key, idx)
+        self.counting[request.request_id] = (key, idx)
         try:
-            from protocol import crypto
-
-            plaintext, _ = crypto.open_request(request.encrypted_body, self.box_key)
-            found = TAG.search(plaintext.decode())
-            if found:
-                idx, key = int(found[1]), int(found[2])
-                self.fleet.began(key, idx)
             await super()._serve_request(ws, request)
         finally:
-            if idx >= 0:
+            if self.counting.pop(request.request_id, None) is not None:
                 self.fleet.ended(key, idx)
+
+    def stop_counting(self) -> None:
+        """Deaf: the daemon's cancels go unread from now on, so what this provider still runs
+        says nothing of what the daemon holds; its attempts stop counting for the limits."""
+        for key, idx in self.counting.values():
+            self.fleet.ended(key, idx)
+        self.counting.clear()
+
+    async def _give_up(self, ws: Any) -> None:
+        await trio.sleep(self.fleet.cfg.deaf_s)
+        try:
+            await ws.aclose(code=1011, reason="deaf provider gave up")
+        finally:
+            self.gone.set()
 
     async def _play(self, ws: Any, request_id: str, sealer: Any, step: Any) -> bool:
         match step:
@@ -263,11 +284,9 @@ class ChaosProvider(FakeProvider):
                 await trio.sleep_forever()  # the daemon closes the session
             case Deaf():
                 self.deaf.set()
-                await trio.sleep(self.fleet.cfg.deaf_s)
-                try:
-                    await ws.aclose(code=1011, reason="deaf provider gave up")
-                finally:
-                    self.gone.set()
+                self.stop_counting()
+                # Not in this request's scope: a cancel read just before must not stop it.
+                self._nursery.start_soon(self._give_up, ws)
                 return False
             case Complete(prompt_tokens=p, completion_tokens=c):
                 self.fleet.completes[(self.provider_id, _idx_of(self, request_id))] = (p, c)
@@ -539,7 +558,10 @@ async def _soak(cfg: Config, daemon: RunningDaemon, nursery: trio.Nursery) -> Re
 
             async def one(s: Seen) -> None:
                 async with limiter:
-                    await consume(client, s, keys[s.key], cfg.request_bound_s)
+                    try:
+                        await consume(client, s, keys[s.key], cfg.request_bound_s)
+                    finally:
+                        fleet.answered.add(s.idx)
 
             async with trio.open_nursery() as consumers:
                 for s in seen:
@@ -704,7 +726,11 @@ def _check_row(s: Seen, row: dict[str, Any], fleet: Fleet) -> list[str]:
                 return [f"{where}: hung up, charged {tokens}, expected {expected}"]
             if outcome == "client_gone" and row["tokens_estimated"]:
                 if committed not in fleet.faulted and row["provider_id"] not in fleet.killed:
-                    return [f"{where}: hung up, unfaulted, but charged an estimate {tokens}"]
+                    return [
+                        f"{where}: hung up, unfaulted, but charged an estimate {tokens} "
+                        f"(ttft {row['ttft_ms']} ms, duration {row['duration_ms']} ms, "
+                        f"provider sent {sent})"
+                    ]
     return []
 
 

@@ -3,19 +3,23 @@ requests across every route through the real daemon and a faulty fleet of fake p
 every request ends once with a valid answer or error, every ledger row settles once with the
 providers' tokens, no request, slot or queue entry leaks.
 
-Not yet asserted here (open findings of the soak, see the branch's report): the fleet coming
-back to rest (registry entries == sessions, task count), the concurrency key's peak as seen
-from the providers (a cancelled attempt may still run there), and hung-up streams charged an
-estimate without a fault under heavy load."""
+Not yet asserted here (an open finding, see the branch's report): a hung-up stream
+charged an estimate though its provider was neither faulted nor killed (about 1 in 100
+hang-ups; the late terminal did not arrive within LATE_TERMINAL_S)."""
 
 from __future__ import annotations
+
+import pytest
 
 from scripts.soak import Config, run_soak
 
 REQUESTS = 1000
-OPEN_FINDINGS = ("not back to rest", "registry entries", "trio tasks", "at once >", "estimate")
+OPEN_FINDINGS = ("charged an estimate",)
 
 
+# A consumer hanging up mid-stream leaves httpcore's body generator for the garbage
+# collector (the client's leak, not the daemon's: see test_openai_sdk).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 async def test_the_chaos_soak_loses_leaks_and_double_charges_nothing() -> None:
     report = await run_soak(Config(requests=REQUESTS))
     report.print()
