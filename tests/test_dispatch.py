@@ -19,7 +19,7 @@ import trio
 import trio.testing
 from trio.testing import MockClock
 
-from daemon.nursery.dispatch import InBandError
+from daemon.nursery.dispatch import Finished, InBandError
 from daemon.nursery.race import Timing
 from protocol.messages import Usage
 from tests.dispatch_harness import (
@@ -764,4 +764,24 @@ async def test_a_deadline_missed_because_the_daemon_was_busy_is_no_strike(
 
     assert failed.status == 503 and "too busy" in failed.message
     assert not world.cooling(slow)
+    await world.assert_nothing_leaked()
+
+
+async def test_the_end_of_a_stream_is_handed_out_again_once_reached(
+    autojump_clock: MockClock, world: World
+) -> None:
+    """A relay cancelled just after it took the terminal (the consumer hung up during the last
+    write) asks again for the end, to charge the late usage: it gets the same `Finished` at
+    once, not a wait for frames that never come (then an estimate, or a 504 against a
+    provider that finished)."""
+    world.provider([*answer("hi")[:-1], Complete(11, 7)])
+    committed = await world.dispatch()
+    while not isinstance(end := await committed.next_event(), Finished):
+        assert not isinstance(end, InBandError)
+    usage = end.usage
+    assert usage.completion_tokens == 7
+    started = trio.current_time()
+    again = await committed.next_event()
+    assert again == Finished(usage) and trio.current_time() == started
+    committed.close()
     await world.assert_nothing_leaked()

@@ -120,7 +120,9 @@ class Committed:
     content_chunks: int = 0
     _pending: list[Chunk | Completed] = field(default_factory=list)
     _ending: InBandError = RELEASED  # what the relay reports once this side closed the stream
-    _ended: bool = False  # the stream's end was handed out (its in-band error counted once)
+    # The stream's end, once handed out: asked again (a relay cancelled just after taking it,
+    # then the hang-up path reading on for the usage), it is the same end, not a read past it.
+    _end_event: Finished | InBandError | None = None
 
     def __post_init__(self) -> None:
         c = self.content
@@ -137,7 +139,10 @@ class Committed:
         return self.content.stream.request_id
 
     async def next_event(self) -> RelayEvent:
-        """The next chunk to relay; then exactly one `Finished` or `InBandError`."""
+        """The next chunk to relay; then exactly one `Finished` or `InBandError` (the same
+        one again if asked after it)."""
+        if self._end_event is not None:
+            return self._end_event
         while not self.content.stream.closed:
             event = self._pending.pop() if self._pending else await self._receive()
             if self.content.stream.closed:
@@ -153,6 +158,8 @@ class Committed:
         The relay drains what is already buffered into one write to the consumer: under load
         that saves a send, an HTTP chunk and a task switch per chunk.
         """
+        if self._end_event is not None:
+            return self._end_event
         while not self.content.stream.closed:
             event = self._pending.pop() if self._pending else self.content.stream.poll_event()
             if event is None:
@@ -190,11 +197,11 @@ class Committed:
         )
 
     def _end(self, event: Finished | InBandError) -> Finished | InBandError:
-        if not self._ended:
-            self._ended = True
+        if self._end_event is None:
+            self._end_event = event
             if isinstance(event, InBandError):
                 self.registry.metrics.in_band_error(event.kind)
-        return event
+        return self._end_event
 
     def _succeed(self, usage: Usage) -> None:
         elapsed = trio.current_time() - self.content.first_token_at
