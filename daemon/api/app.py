@@ -82,7 +82,7 @@ def create_quart_app(sup: Supervisor) -> QuartTrio:
         # For the daemon's consumers, with their key: every route but /health, /readyz and
         # /ws/provider takes its credential. It holds nothing of this daemon's (a test checks).
         try:
-            await authenticate(sup, request.scope)
+            await authenticate(sup, cast(dict[str, Any], request.scope))
         except ApiError as error:
             return json_error(error.status, error.message, error.code)
         return Response(DOCUMENT_BYTES, 200, content_type="application/json")
