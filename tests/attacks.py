@@ -872,15 +872,19 @@ async def attack_held_boilerplate(target: Target) -> list[Verdict]:
             )
     took = trio.current_time() - started
     entry = _entry(target, fake.provider_id)
-    freed = entry is not None and entry.in_flight == 0
+    freed = entry is not None and entry.in_flight == 0  # freed before the answer was sent
+    with trio.move_on_after(BOUND_S):  # `cancel` travels on the provider's own socket
+        await fake.cancel_seen.wait()
     await _stop(fake)
-    ok = response.status_code in (502, 503, 504) and freed and fake.cancel_seen.is_set()
+    in_time = took < 1 + 0.5 + 2  # ttft + preamble (target_env), and two seconds of slack
+    ok = response.status_code in (502, 503, 504) and in_time and freed and fake.cancel_seen.is_set()
     return [
         Verdict(
             "limits",
             "a provider sending only boilerplate forever",
             ok,
-            f"{response.status_code} after {took:.1f} s, slot freed: {freed}",
+            f"{response.status_code} after {took:.1f} s, slot freed: {freed}, "
+            f"cancelled: {fake.cancel_seen.is_set()}",
         )
     ]
 

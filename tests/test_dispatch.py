@@ -394,22 +394,39 @@ async def test_both_racers_holding_a_preamble_fail_at_their_own_extended_deadlin
 # Commit -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("roles", [8, 9])
-async def test_at_most_eight_boilerplate_chunks_are_held_and_the_ninth_commits(
+@pytest.mark.parametrize("roles", [1, 8, 9, 40])
+async def test_at_most_eight_boilerplate_chunks_are_held_and_the_rest_dropped(
     autojump_clock: MockClock, world: World, roles: int
 ) -> None:
-    preamble = [step for _ in range(roles) for step in (Wait(1), role_chunk())]
-    alone = world.provider([*preamble, Wait(200), content_chunk("text"), Complete()])
+    preamble = [step for _ in range(roles) for step in (Wait(0.125), role_chunk())]
+    alone = world.provider([*preamble, Wait(1), content_chunk("text"), Complete()])
 
-    if roles == 8:
-        failed = await world.fails(max_attempts=1)
-        assert failed.status == 504
-        assert alone.cancelled == [100.0]
-    else:
-        committed = await world.dispatch()
-        assert committed.phases.ttft == float(roles)
-        drained = await drain(committed)
-        assert drained.lines == [role_chunk().line] * roles + [content_chunk("text").line]
+    committed = await world.dispatch()
+    drained = await drain(committed)
+
+    assert committed.phases.ttft == roles * 0.125 + 1  # only content commits
+    assert drained.lines == [role_chunk().line] * min(roles, 8) + [content_chunk("text").line]
+    assert alone.cancelled == []
+    await world.assert_nothing_leaked()
+
+
+async def test_a_provider_sending_only_boilerplate_ends_at_the_deadline_plus_preamble(
+    autojump_clock: MockClock, world: World
+) -> None:
+    # A role chunk every 0.25 s for 200 s: however many come, none re-arms a deadline or
+    # commits the request, and the provider's slot is free when the consumer gets the 504.
+    flood = [step for _ in range(800) for step in (role_chunk(), Wait(0.25))]
+    alone = world.provider(stalls_after(*flood))
+
+    failed = await world.fails(max_attempts=3)
+
+    assert trio.current_time() == TIMING.ttft + TIMING.preamble
+    assert alone.cancelled == [TIMING.ttft + TIMING.preamble]
+    assert alone.dispatched == [0.0]  # not tried again: a failed provider is excluded
+    assert alone.entry.in_flight == 0
+    assert failed.status == 504
+    assert failed.code == "provider_timeout"
+    assert "1 attempt " in failed.message
     await world.assert_nothing_leaked()
 
 

@@ -22,7 +22,7 @@ FAILURE = Failure(500, "backend crashed")
     [
         (ROLE, 0, Hold(ROLE)),
         (ROLE, MAX_HELD - 1, Hold(ROLE)),
-        (ROLE, MAX_HELD, Commit(ROLE, None)),  # too much preamble: it commits regardless
+        (ROLE, MAX_HELD, Hold(None)),  # past the cap: read and dropped, never a commit
         (DONE, 0, Hold(None)),
         (CONTENT, 3, Commit(CONTENT, None)),
         (COMPLETED, 2, Commit(None, COMPLETED)),  # a clean end before content commits empty

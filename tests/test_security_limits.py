@@ -61,11 +61,6 @@ async def test_the_queue_bound_pins_nothing(target: Target) -> None:
     await assert_no_leak(target, baseline)
 
 
-@pytest.mark.xfail(
-    reason="open finding: a provider sending only boilerplate is ended with 504 only after "
-    "~19 s (ttft 1 s + preamble 0.5 s, 3 attempts) and its slot was still held then",
-    strict=False,
-)
 async def test_held_boilerplate_pins_nothing(target: Target) -> None:
     baseline = task_count()
     with trio.fail_after(40):

@@ -4,10 +4,11 @@ Both racers are sibling tasks in the attempt's nursery, each in its own cancel s
 own deadline; the hedge timer is the nursery's body, in the attempt's own task. The first
 racer to produce *content* (or `inference_accepted`, or a clean completion) claims the race
 and cancels every other racer with a reason, on the wire too.
-Boilerplate is held per racer and never commits. A racer that fails before content is done
-and its held chunks dropped; the other keeps running with its deadline intact. A request-fault
-error (400/413/415/422) ends the whole attempt at once. (Trio's `open_tcp_stream` races its
-connection attempts the same way: one task each, the winner cancels the rest.)
+Boilerplate is held per racer (at most `MAX_HELD` chunks, the rest dropped) and never
+commits. A racer that fails before content is done and its held chunks dropped; the other
+keeps running with its deadline intact. A request-fault error (400/413/415/422) ends the
+whole attempt at once. (Trio's `open_tcp_stream` races its connection attempts the same way:
+one task each, the winner cancels the rest.)
 
 `judge()` is the per-event rule, a pure function; `Race.run()` returns one closed outcome:
 `Won`, `RequestInvalid` or `AllFailed`, each carrying the failures seen on the way, which
@@ -49,7 +50,9 @@ from protocol.sse import ChunkKind
 
 log = logging.getLogger("dinfer.dispatch")
 
-# Boilerplate chunks held per racer before the next chunk commits regardless.
+# Boilerplate chunks held per racer for the relay; past it more are read and dropped. Never a
+# commit: boilerplate commits nothing however much of it comes (PROTOCOL.md §6), or a provider
+# flooding it would hold the request and its slot past the first-token deadline.
 MAX_HELD: Final = 8
 # A deadline noticed this much late means the daemon's own loop is overloaded: the provider's
 # answer may be sitting unread, so the miss is ours, not the provider's (503: not a strike).
@@ -111,8 +114,8 @@ def judge(event: Event, held: int) -> Verdict:
             return Hold(None)
         case Chunk(kind=ChunkKind.ERROR):
             return Fail(Failure(502, error_message(event.event)))
-        case Chunk(kind=ChunkKind.BOILERPLATE) if held < MAX_HELD:
-            return Hold(event)
+        case Chunk(kind=ChunkKind.BOILERPLATE):
+            return Hold(event if held < MAX_HELD else None)
         case Chunk():
             return Commit(event, None)
         case _:
