@@ -793,7 +793,7 @@ async def httpx_loop(target: Target, concurrency: int, count: int) -> Run:
 KEY_LIMITS: Final = {"rpm": 10**9, "tpm": 10**12, "daily_tokens": 10**15, "max_concurrency": 10**6}
 
 
-async def create_api_key(port: int, limits: bool) -> str:
+async def create_api_key(port: int, limits: bool = False) -> str:
     import httpx
 
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
