@@ -414,7 +414,7 @@ async def test_a_dead_backend_is_invisible_to_consumers(model: Path, tmp_path: P
 
             cooldowns = {p["provider_id"]: p["cooldowns"] for p in await daemon.providers()}
             assert cooldowns[node_a.provider_id] == [
-                {"model": MODEL_ALIAS, "shape": "base", "until": ANY}
+                {"model": MODEL_ALIAS, "shape": "base", "until": ANY, "seconds_left": ANY}
             ], "the first request after the kill was tried on A, and failed over to B"
             assert cooldowns[node_b.provider_id] == []
 
