@@ -53,7 +53,9 @@ def _add_tokens(subparsers: Any) -> None:
     tokens = subparsers.add_parser("tokens", help="manage provider tokens")
     actions = tokens.add_subparsers(dest="action", metavar="ACTION", required=True)
     _action(actions, "list", "list every provider token (never its secret)", run_tokens_list)
-    create = _action(actions, "create", "create a provider token and print it once", run_tc)
+    create = _action(
+        actions, "create", "create a provider token and print it once", run_tokens_create
+    )
     create.add_argument("--name", required=True, help="whose machines use it")
     revoke = _action(actions, "revoke", "revoke a provider token", run_tokens_revoke)
     revoke.add_argument("id", help="the token's id (pt_...)")
@@ -234,7 +236,7 @@ def run_tokens_list(args: argparse.Namespace) -> int:
     return emit(args, tokens, table(TOKEN_COLUMNS, rows))
 
 
-def run_tc(args: argparse.Namespace) -> int:
+def run_tokens_create(args: argparse.Namespace) -> int:
     async def create(store: Store) -> dict[str, Any]:
         issued = await store.create_provider_token(args.name)
         return {"id": issued.id, "token": issued.secret, "name": args.name}
