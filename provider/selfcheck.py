@@ -16,12 +16,15 @@ after normalization, so such templates pass here exactly when they would pass in
 
 Time bound: rendering is synchronous CPU work and a template can run away (the sandbox caps one
 `range` at 100 000 items, but nested loops multiply). A thread cannot be stopped, so each shape
-renders in its own short-lived child process (`python -I -c ...`) under
-`trio.move_on_after(render_bound)`; at the bound the child is killed and the shape is `false`.
-The child also caps its own address space and CPU time, so a memory bomb fails with a
-MemoryError and an orphaned child cannot outlive the bound for long. Explicit `false` means
-the template demonstrably failed (it raised or ran past the bound); when the check itself
-cannot run (no child process, no answer from it) the shape has no verdict (None).
+renders in its own short-lived child process (`python -I -c ...`). The bound times the render
+alone: the child arms a wall-clock timer once its imports are done, so a slow start-up on a busy
+machine (a backend loading its model beside the node) never turns a good template `false`. The
+parent waits for the bound plus `_START_ALLOWANCE` and kills a child still running then (the
+shape is `false` either way). The child also caps its own address space and CPU time, so a
+memory bomb fails with a MemoryError and an orphaned child cannot outlive the bound for long.
+Explicit `false` means the template demonstrably failed (it raised or ran past the bound); when
+the check itself cannot run (no child process, no answer from it) the shape has no verdict
+(None).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import json
 import logging
 import os
 import resource
+import signal
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -72,7 +76,9 @@ Shape = Literal["base", "tools", "vision"]
 # A shape's result: the verdict (None: the check could not run) and why it is not True.
 _Outcome = tuple[bool | None, str | None]
 
-RENDER_BOUND: Final = 5.0  # seconds per shape, child start-up (~0.15 s) included
+RENDER_BOUND: Final = 5.0  # seconds of rendering per shape (the child's start-up not counted)
+# How long a render child may take to start and answer beyond the bound before it is killed.
+_START_ALLOWANCE: Final = 10.0
 _MEMORY_CAP: Final = 1 << 30  # bytes of address space for a render child
 _REASON_CHARS: Final = 300
 
@@ -342,7 +348,7 @@ async def check_template(
 
 async def _check_shape(template: str, shape: Shape, bound: float) -> _Outcome:
     request = json.dumps({"template": template, "shape": shape, "bound": bound}).encode()
-    with trio.move_on_after(bound):
+    with trio.move_on_after(bound + _START_ALLOWANCE):
         try:
             done = await trio.run_process(
                 _WORKER_COMMAND,
@@ -354,17 +360,24 @@ async def _check_shape(template: str, shape: Shape, bound: float) -> _Outcome:
             )
         except OSError as exc:
             return None, f"could not start a render process: {exc}"
-        return _answer(done)
-    return False, f"did not render within {bound:g} s"
+        return _answer(done, bound)
+    return False, _too_long(bound)
+
+
+def _too_long(bound: float) -> str:
+    return f"did not render within {bound:g} s"
 
 
 async def _kill(process: trio.Process) -> None:
     process.kill()  # the child holds nothing worth a graceful exit
 
 
-def _answer(done: subprocess.CompletedProcess[bytes]) -> _Outcome:
+def _answer(done: subprocess.CompletedProcess[bytes], bound: float) -> _Outcome:
     try:
-        error = json.loads(done.stdout)["error"]
+        answer = json.loads(done.stdout)
+        if answer.get("timed_out"):
+            return False, _too_long(bound)
+        error = answer["error"]
     except (ValueError, KeyError, TypeError):
         stderr = done.stderr.decode(errors="replace").strip()[-_REASON_CHARS:]
         return None, f"render process exited with {done.returncode} and no answer: {stderr}"
@@ -374,10 +387,28 @@ def _answer(done: subprocess.CompletedProcess[bytes]) -> _Outcome:
 def _render_worker() -> None:
     """The child's entry: render one shape's fixtures, print `{"error": null | reason}`."""
     request = json.load(sys.stdin)
-    _lower_limit(resource.RLIMIT_CPU, int(request["bound"]) + 1)
+    bound = float(request["bound"])
+    # CPU time counts the start-up too (about 0.2 s of it): the wall-clock timer is the bound.
+    _lower_limit(resource.RLIMIT_CPU, int(bound) + 2)
     _lower_limit(resource.RLIMIT_AS, _MEMORY_CAP)
-    error = fixture_error(request["template"], FIXTURES[request["shape"]])
+    signal.signal(signal.SIGALRM, _out_of_time)
+    signal.setitimer(signal.ITIMER_REAL, bound)
+    try:
+        error = fixture_error(request["template"], FIXTURES[request["shape"]])
+    except _RenderTimedOut:
+        json.dump({"timed_out": True}, sys.stdout)
+        return
+    signal.setitimer(signal.ITIMER_REAL, 0)
     json.dump({"error": error}, sys.stdout)
+
+
+class _RenderTimedOut(BaseException):
+    """Raised in the render child at its bound; a BaseException, so no `except Exception`
+    on the way (fixture_error's verdict) mistakes it for the template's own error."""
+
+
+def _out_of_time(signum: int, frame: object) -> None:
+    raise _RenderTimedOut
 
 
 def _lower_limit(kind: int, value: int) -> None:

@@ -352,6 +352,18 @@ async def test_a_looping_template_is_false_within_the_bound() -> None:
     assert 1.0 <= elapsed < 4.0
 
 
+async def test_a_slow_start_up_does_not_count_against_the_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A busy machine (a backend loading its model beside the node) starts the child slowly: a
+    # good template must still be true, the bound timing its render alone.
+    slow_start = "import time; time.sleep(1.5); " + selfcheck._WORKER_COMMAND[-1]
+    monkeypatch.setattr(selfcheck, "_WORKER_COMMAND", (*selfcheck._WORKER_COMMAND[:-1], slow_start))
+    verdict = await check_template(GEMMA3, vision=False, render_bound=1.0)
+    assert verdict.render == TemplateRender(base=True, tools=False)
+    assert "did not render" not in str(verdict.reasons)
+
+
 async def test_a_memory_bomb_fails_inside_the_child() -> None:
     verdict = await check_template("{{ 'x' * (1536 * 2**20) }}", vision=False)
     assert verdict.render == TemplateRender(base=False, tools=False)
