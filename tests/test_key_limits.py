@@ -21,6 +21,7 @@ from daemon.accounts.limits import (
     RateLimited,
     reset_text,
 )
+from daemon.accounts.usage import RecentCharges
 from daemon.key_policy import KeyLimits, LimitError, format_time, parse_changes
 
 # 2027-01-01T23:59:00Z: one virtual minute before a UTC midnight.
@@ -217,3 +218,22 @@ def test_changes_set_and_clear_limits() -> None:
         expires_at=datetime(2027, 1, 1, tzinfo=UTC).timestamp(),
     )
     assert format_time(limits.expires_at) == "2027-01-01T00:00:00Z"
+
+
+async def test_seeded_charges_count_until_they_leave_their_window(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # What the ledger charged before a restart (Limiter.seed): key "m" 80 tokens 50 s ago and
+    # 30 tokens 20 s ago; key "d" 110 tokens today.
+    lim = limiter()
+    day = int(WALL0 // 86400)
+    lim.seed(RecentCharges(day, {"m": 110, "d": 110}, {"m": [(50.0, 80), (20.0, 30)]}))
+    per_minute = KeyLimits(tpm=100, rpm=1)
+    over = refused(lim.admit("m", per_minute, "m"))
+    assert (over.limit, over.retry_after) == ("tpm", 10)  # the 80 leave the minute in 10 s
+    await trio.sleep(10)
+    admitted = permit(lim.admit("m", per_minute, "m"))  # the request bucket starts full
+    assert headers(admitted)["x-ratelimit-remaining-tokens"] == "70"
+    daily = KeyLimits(daily_tokens=200)
+    permit(lim.admit("d", daily, "m")).settle(90)  # 110 + 90: the day is spent
+    assert refused(lim.admit("d", daily, "m")).limit == "daily_tokens"

@@ -9,16 +9,22 @@ request, and that a change made by the CLI in another process reaches the runnin
 from __future__ import annotations
 
 import json
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import trio
 
+from daemon.api.serve import RunningDaemon, serve
+from daemon.config import load_settings
 from dinfer import cli
+from tests.conftest import FAST_ENV, _env_name
 from tests.consumer_harness import (
     ADMIN,
     BOUND_S,
+    DISPATCH_ENV,
     HELLO,
     Api,
     RawConnection,
@@ -27,7 +33,17 @@ from tests.consumer_harness import (
     in_turn,
     poll_until,
 )
-from tests.fakes.provider import Complete, Fail, Hold, always, answer, content_chunk, role_chunk
+from tests.fakes.provider import (
+    Complete,
+    Fail,
+    FakeProvider,
+    Hold,
+    always,
+    answer,
+    content_chunk,
+    role_chunk,
+    start_fakes,
+)
 
 # Each inference route with a valid body and its error shape.
 ROUTES: list[tuple[str, dict[str, Any], str]] = [
@@ -379,3 +395,41 @@ async def test_an_expired_key_cannot_list_models_or_count_tokens(api: Api) -> No
         )
     assert_route_error(models, "openai", 401, "api_key_expired")
     assert_route_error(counted, "anthropic", 401, "api_key_expired")
+
+
+async def test_a_restart_keeps_what_a_key_spent_today_and_this_minute(tmp_path: Path) -> None:
+    # A daemon spends two keys' day and minute and stops; the next start on the same data
+    # directory refuses them as the first one would have, not with a fresh day and minute.
+    env = {**FAST_ENV, **DISPATCH_ENV, "DINFER_DATA_DIR": str(tmp_path / "data")}
+    settings = load_settings({_env_name(k): v for k, v in env.items()})
+    keys: dict[str, dict[str, str]] = {}
+
+    async def spend(client: httpx.AsyncClient) -> None:
+        for name, limits in {"daily": {"daily_tokens": 5}, "minute": {"tpm": 5}}.items():
+            reply = await client.post(
+                "/v1/admin/keys", json={"name": name, **limits}, headers=ADMIN
+            )
+            keys[name] = auth(reply.json()["key"])
+            ok = await client.post("/v1/chat/completions", json=chat_body(), headers=keys[name])
+            assert ok.status_code == 200, ok.text  # the fake reports 3 + 2 tokens
+
+    async def after_restart(client: httpx.AsyncClient) -> None:
+        daily = await client.post("/v1/chat/completions", json=chat_body(), headers=keys["daily"])
+        why = assert_route_error(daily, "openai", 429, "rate_limit_exceeded")
+        assert "tokens per UTC day" in why
+        minute = await client.post("/v1/chat/completions", json=chat_body(), headers=keys["minute"])
+        assert "tokens per minute" in assert_route_error(
+            minute, "openai", 429, "rate_limit_exceeded"
+        )
+        assert minute.headers["x-ratelimit-remaining-tokens"] == "0"
+
+    for phase in (spend, after_restart):
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            running: RunningDaemon = await nursery.start(
+                partial(serve, settings, shutdown_trigger=stop.wait, seed=7)
+            )
+            await start_fakes(nursery, [FakeProvider(running.provider_url)])  # closed at the drain
+            async with httpx.AsyncClient(base_url=running.base_url, timeout=BOUND_S) as client:
+                await phase(client)
+            stop.set()

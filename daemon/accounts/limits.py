@@ -4,7 +4,9 @@ The limits themselves (`KeyLimits`) come from the store's in-memory cache; this 
 what they are measured against, per key id: a token bucket of `rpm` requests refilled at
 `rpm / 60` per second, the tokens charged in the last 60 s (`tpm`: from reported usage, so
 checked at admission, refused once the window already holds the limit), the tokens charged in
-the current UTC day (`daily_tokens`) and the requests in flight (`max_concurrency`). Nothing
+the current UTC day (`daily_tokens`) and the requests in flight (`max_concurrency`). At start
+the token counts are seeded from the ledger (`seed`), so a restart resets neither a key's
+minute nor its day; its request bucket starts full. Nothing
 here awaits or touches the database; a key without limits costs one dict probe in the store
 and gets the shared `UNLIMITED` permit.
 
@@ -28,6 +30,7 @@ from typing import Final
 
 import trio
 
+from daemon.accounts.usage import RecentCharges
 from daemon.key_policy import KeyLimits
 
 WINDOW_S: Final = 60.0
@@ -124,6 +127,18 @@ class Limiter:
     def __init__(self, wall: Callable[[], float] = time.time) -> None:
         self._wall = wall
         self._states: dict[str, _KeyState] = {}
+
+    def seed(self, recent: RecentCharges) -> None:
+        """Start from what the ledger charged before this start (a restart must not hand every
+        key a fresh minute and day). Each key's request bucket starts full."""
+        now = trio.current_time()
+        for key_id in recent.day_tokens.keys() | recent.last_minute.keys():
+            # No rpm yet: the bucket starts full when _state() first sees the key's rpm.
+            state = self._states.setdefault(key_id, _KeyState(None, now))
+            state.day, state.day_tokens = recent.day, recent.day_tokens.get(key_id, 0)
+            for ago, tokens in recent.last_minute.get(key_id, []):
+                state.charges.append((now - ago, tokens))
+                state.charged += tokens
 
     def expired(self, limits: KeyLimits | None) -> bool:
         return (

@@ -158,3 +158,39 @@ def _percentile(ordered: list[float], q: float) -> float | None:
         return None
     rank = max(1, math.ceil(q * len(ordered)))
     return round(ordered[rank - 1], 1)
+
+
+@dataclass(frozen=True, slots=True)
+class RecentCharges:
+    """What each key was charged before this start (`Limiter.seed` measures limits from it):
+    its tokens in the current UTC day, and its charges of the last minute as
+    (seconds ago, tokens)."""
+
+    day: int
+    day_tokens: Mapping[str, int]
+    last_minute: Mapping[str, list[tuple[float, int]]]
+
+
+def recent_charges(database: Path, now: float, window: float, day_s: int) -> RecentCharges:
+    """Today's and the last `window` seconds' charged tokens per key, by when each row ended
+    (a row is charged when it settles). Synchronous: run it in a worker thread."""
+    day = int(now // day_s)
+    tokens = "prompt_tokens + completion_tokens"
+    conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        today = conn.execute(
+            f"SELECT key_id, SUM({tokens}) FROM usage WHERE ended_at >= ? GROUP BY key_id",
+            (day * day_s,),
+        ).fetchall()
+        recent = conn.execute(
+            f"SELECT key_id, ended_at, {tokens} FROM usage WHERE ended_at >= ? ORDER BY ended_at",
+            (now - window,),
+        ).fetchall()
+    finally:
+        conn.close()
+    last_minute: dict[str, list[tuple[float, int]]] = {}
+    for key_id, ended_at, charged in recent:
+        if charged > 0:
+            last_minute.setdefault(key_id, []).append((max(0.0, now - ended_at), charged))
+    return RecentCharges(day, {k: n for k, n in today if n}, last_minute)

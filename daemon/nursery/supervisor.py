@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -28,7 +29,8 @@ import trio
 from trio_util import AsyncValue
 
 from daemon.accounts.ledger import Ledger, run_ledger
-from daemon.accounts.limits import Limiter
+from daemon.accounts.limits import DAY_S, WINDOW_S, Limiter
+from daemon.accounts.usage import recent_charges
 from daemon.config import Settings
 from daemon.metrics import Metrics, ProviderSample, Sampled
 from daemon.nursery.hedging import HedgePolicy, Hedger
@@ -217,6 +219,9 @@ async def open_supervisor(
     async with trio.open_nursery() as nursery:
         start_ledger = partial(run_ledger, store.path, abort_open=not worker)
         ledger: Ledger = await nursery.start(start_ledger)
+        limiter = Limiter()
+        charged = partial(recent_charges, store.path, time.time(), WINDOW_S, DAY_S)
+        limiter.seed(await trio.to_thread.run_sync(charged))
         await nursery.start(queue.run)
         await nursery.start(_wake_on_cooldown_expiry, registry)
         cluster = None
@@ -228,7 +233,15 @@ async def open_supervisor(
             )
         try:
             yield Supervisor(
-                settings, store, registry, queue, hedger, nursery, ledger, cluster=cluster
+                settings,
+                store,
+                registry,
+                queue,
+                hedger,
+                nursery,
+                ledger,
+                limiter=limiter,
+                cluster=cluster,
             )
         finally:
             # Every request has settled by now (the server ran in this nursery): write them.
