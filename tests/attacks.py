@@ -166,12 +166,28 @@ async def prepare(target: Target) -> None:
         key_id = _issued[target.revoked_key]
         response = await client.delete(f"/v1/admin/keys/{key_id}", headers=target.admin)
         assert response.status_code == 200, response.text
+        expired = await _issue_key(client, target.admin, "attacker-expired")
+        past = {"expires_at": "2001-01-01T00:00:00Z"}
+        response = await client.patch(
+            f"/v1/admin/keys/{_issued[expired]}", json=past, headers=target.admin
+        )
+        assert response.status_code == 200, response.text
+        rotated = await _issue_key(client, target.admin, "attacker-rotated")
+        response = await client.post(
+            f"/v1/admin/keys/{_issued[rotated]}/rotate", headers=target.admin
+        )
+        assert response.status_code == 200, response.text
         response = await client.post(
             "/v1/admin/provider-tokens", json={"name": "honest"}, headers=target.admin
         )
         token = response.json()["token"]
-    target.dead_keys.append(("revoked", target.revoked_key))
+    target.dead_keys += [
+        ("revoked", target.revoked_key),
+        ("expired", expired),
+        ("rotated-away", rotated),
+    ]
     target.secrets += [target.admin_key, target.key, target.revoked_key, token, SECRET_TEXT]
+    target.secrets += [expired, rotated]
     honest = FakeProvider(
         target.daemon.provider_url,
         behaviour=_honest_behaviour(target),
@@ -339,6 +355,38 @@ async def attack_credentials(target: Target) -> list[Verdict]:
                     "credentials",
                     f"GET {path} (anthropic-version) with no key",
                     ok,
+                    f"{response.status_code} {response.text[:200]}",
+                )
+            )
+    verdicts += await _metrics_listener(target)
+    return verdicts
+
+
+async def _metrics_listener(target: Target) -> list[Verdict]:
+    """The /metrics listener has no credential by design (it binds to loopback): it must serve
+    only /metrics, and nothing secret (no key, token, or request text) may appear in it."""
+    base = target.daemon.metrics_url
+    if base is None:
+        return []
+    verdicts = []
+    async with httpx.AsyncClient(base_url=base, timeout=BOUND_S) as client:
+        scraped = await client.get("/metrics")
+        found = [secret[:6] for secret in target.secrets if secret in scraped.text]
+        verdicts.append(
+            Verdict(
+                "credentials",
+                "GET /metrics shows no secret and no request text",
+                scraped.status_code == 200 and not found,
+                f"{scraped.status_code}, secrets starting {found}",
+            )
+        )
+        for method, path in (("GET", "/v1/models"), ("GET", "/v1/admin/keys"), ("POST", "/")):
+            response = await client.request(method, path, headers=target.admin)
+            verdicts.append(
+                Verdict(
+                    "credentials",
+                    f"{method} {path} on the metrics listener",
+                    response.status_code in (404, 405),
                     f"{response.status_code} {response.text[:200]}",
                 )
             )
