@@ -411,7 +411,8 @@ ENV_VARS: Final[tuple[EnvVar, ...]] = (
     _var(
         "DINFER_INFERENCE_TIMEOUT_S",
         "600",
-        "wait for content after inference_accepted, and the longest silence after content",
+        "wait for content after inference_accepted, and the longest time without content"
+        " after it (boilerplate does not count)",
         _positive_float,
         table="dispatch",
     ),

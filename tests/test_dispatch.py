@@ -650,6 +650,26 @@ async def test_no_chunk_for_the_inference_timeout_after_the_commit_is_an_in_band
     await world.assert_nothing_leaked()
 
 
+async def test_boilerplate_after_the_commit_does_not_re_arm_the_silence_limit(
+    autojump_clock: MockClock,
+    nursery: trio.Nursery,
+) -> None:
+    # A provider that sends one empty delta every 500 s after its content would otherwise hold
+    # the stream (and its slot) open for ever: the limit counts from the last content.
+    world = World(nursery)
+    keepalive = [step for _ in range(5) for step in (Wait(500), role_chunk())]
+    alone = world.provider(stalls_after(Wait(1), content_chunk("a"), *keepalive))
+
+    committed = await world.dispatch()
+    drained = await drain(committed)
+
+    assert drained.text == "a"
+    assert drained.error is not None and drained.error.kind == "timeout"
+    assert drained.ended_at == 601.0  # 600 s after the content, boilerplate or not
+    assert alone.cancelled == [601.0]
+    await world.assert_nothing_leaked()
+
+
 # The consumer hangs up --------------------------------------------------------------------
 
 

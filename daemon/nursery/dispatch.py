@@ -125,6 +125,10 @@ class Committed:
     _end_event: Finished | InBandError | None = None
 
     def __post_init__(self) -> None:
+        # The silence limit counts from the last content: boilerplate (role chunks, empty
+        # deltas) is relayed but never re-arms it, so a provider cannot hold a stream open
+        # with it.
+        self._content_at = trio.current_time()
         c = self.content
         self._pending = [*c.held, *([c.first] if c.first else [])]
         self._pending += [c.completed] if c.completed else []
@@ -178,6 +182,7 @@ class Committed:
             case Chunk(kind=ChunkKind.CONTENT):
                 self.chunks += 1
                 self.content_chunks += 1
+                self._content_at = trio.current_time()
                 return event
             case Chunk():
                 self.chunks += 1
@@ -190,10 +195,10 @@ class Committed:
         return None  # Accepted after the commit carries nothing
 
     async def _receive(self) -> object:
-        with trio.move_on_after(self.inference_timeout):
+        with trio.move_on_at(self._content_at + self.inference_timeout):
             return await self.content.stream.next_event()
         return Failure(
-            504, f"no data from the provider for {self.inference_timeout:g} s", "timeout"
+            504, f"no content from the provider for {self.inference_timeout:g} s", "timeout"
         )
 
     def _end(self, event: Finished | InBandError) -> Finished | InBandError:
