@@ -73,7 +73,12 @@ async def test_a_drained_provider_gets_no_new_requests_but_finishes_its_own(
 
     drained = await admin_call(api, "POST", f"/v1/admin/providers/{held.provider_id}/drain")
     assert drained.status_code == 200
-    assert drained.json() == {"provider_id": held.provider_id, "drained": True, "in_flight": 1}
+    assert drained.json() == {
+        "provider_id": held.provider_id,
+        "drained": True,
+        "in_flight": 1,
+        "applied": "local",
+    }
     view = await view_of(api, held)
     assert view["drained"] is True and view["in_flight_by_model"] == {"m": 1}
     for _ in range(3):
@@ -124,7 +129,7 @@ async def test_clearing_cooldowns_serves_a_cooled_provider_at_once(api: Api) -> 
     assert 0 < cooldown["seconds_left"] <= api.daemon.supervisor.settings.breaker_cooldown_s
 
     cleared = await admin_call(api, "DELETE", f"/v1/admin/providers/{fake.provider_id}/cooldowns")
-    assert cleared.json() == {"provider_id": fake.provider_id, "cleared": 1}
+    assert cleared.json() == {"provider_id": fake.provider_id, "cleared": 1, "applied": "local"}
 
     response = await api.chat()
     assert response.status_code == 200

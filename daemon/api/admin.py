@@ -1,6 +1,7 @@
 """The admin API (`/v1/admin/...`): provider tokens, consumer keys, the provider and hedging views,
-and an operator's hands on a provider (clear its breaker cooldowns, drain it and undrain it),
-and the usage ledger's summaries (`GET /v1/admin/usage`).
+and an operator's hands on a provider (clear its breaker cooldowns, drain it and undrain it:
+in a cluster, at the instance that holds the provider, the answer's `applied` saying
+`local` or `forwarded`), and the usage ledger's summaries (`GET /v1/admin/usage`).
 
 Every route takes `Authorization: Bearer $DINFER_ADMIN_KEY`, compared in constant time;
 without an admin key configured, every call is refused.
@@ -18,7 +19,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from functools import wraps
-from typing import Any
+from typing import Any, assert_never
 
 import msgspec
 import trio
@@ -27,6 +28,7 @@ from quart import Blueprint, Response, current_app, request
 from daemon.api.errors import ApiError, error_body
 from daemon.api.handler import timing_for
 from daemon.api.usage import query_from, usage_groups
+from daemon.cluster.remote_admin import Action, Applied, NotThere, Outcome, Unreachable, apply
 from daemon.key_policy import NO_LIMITS, LimitError, parse_changes
 from daemon.nursery.hedging import Hedger
 from daemon.nursery.supervisor import Supervisor
@@ -246,34 +248,64 @@ def _provider(provider_id: str) -> ProviderEntry | Response:
 @requires_admin
 async def clear_cooldowns(provider_id: str) -> Response:
     """Forget the provider's strikes and cooldowns: it serves every shape again at once."""
-    entry = _provider(provider_id)
-    if isinstance(entry, Response):
-        return entry
-    registry = supervisor().registry
-    cleared = len(registry.breaker.cooldowns(provider_id, trio.current_time()))
-    registry.clear_cooldowns(entry)
-    return _json({"provider_id": provider_id, "cleared": cleared})
+    return await _order(provider_id, Action.CLEAR_COOLDOWNS)
 
 
 @admin.post("/providers/<provider_id>/drain")
 @requires_admin
 async def drain_provider(provider_id: str) -> Response:
     """No new requests for the provider; those in flight finish. A reconnect undrains it."""
-    return _set_held(provider_id, True)
+    return await _order(provider_id, Action.DRAIN)
 
 
 @admin.delete("/providers/<provider_id>/drain")
 @requires_admin
 async def undrain_provider(provider_id: str) -> Response:
-    return _set_held(provider_id, False)
+    return await _order(provider_id, Action.UNDRAIN)
 
 
-def _set_held(provider_id: str, held: bool) -> Response:
+async def _order(provider_id: str, action: Action) -> Response:
+    """Apply an operator's order where the provider's session is: here, or (in a cluster)
+    at the instance that holds it (daemon/cluster/remote_admin.py); the answer says which."""
     entry = _provider(provider_id)
     if isinstance(entry, Response):
         return entry
-    supervisor().registry.set_held(entry, held)
-    return _json({"provider_id": provider_id, "drained": held, "in_flight": entry.in_flight})
+    sup = supervisor()
+    cluster = sup.cluster
+    outcome: Outcome
+    if cluster is None:
+        outcome = Applied(apply(sup.registry, entry, action), None)
+    elif entry.owner is None:
+        outcome = cluster.admin.apply_here(entry, action)
+    else:
+        outcome = await cluster.admin.forward(entry, entry.owner, action)
+    match outcome:
+        case Applied(answer=answer, owner=owner):
+            view: dict[str, Any] = {"provider_id": provider_id}
+            if action is Action.CLEAR_COOLDOWNS:
+                view["cleared"] = answer.cleared
+            else:
+                view |= {"drained": answer.drained, "in_flight": answer.in_flight}
+            if owner is None:
+                return _json({**view, "applied": "local"})
+            return _json({**view, "applied": "forwarded", "owner": owner})
+        case NotThere(owner=owner):
+            return json_error(
+                404,
+                f"provider {provider_id!r} is no longer connected to its daemon ({owner})",
+                "provider_not_found",
+            )
+        case Unreachable(owner=owner, reason=reason, sent=sent):
+            if not sent:
+                return json_error(503, f"{reason} ({owner}): try again", "owner_unreachable")
+            return json_error(
+                502,
+                f"{reason} ({owner}): the order may or may not have been applied;"
+                " GET /v1/admin/providers shows its state",
+                "owner_no_answer",
+            )
+        case never:
+            assert_never(never)
 
 
 def _describe(entry: ProviderEntry, registry: Registry, now: float) -> dict[str, Any]:

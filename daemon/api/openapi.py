@@ -346,6 +346,12 @@ COUNT_TOKENS_REQUEST: Final = _obj(
     ("model", "messages"),
     description="a Messages body; max_tokens is optional",
 )
+# An order on a provider (drain, cooldowns): applied here, or forwarded to the cluster's
+# instance holding the provider (`owner`).
+_APPLIED: Final = {
+    "applied": {"enum": ["local", "forwarded"]},
+    "owner": {"type": "string", "description": "the instance the order was forwarded to"},
+}
 _KEY_LIMITS: Final = {
     **{
         name: _nullable(_int(minimum=1, maximum=2**63 - 1))
@@ -509,11 +515,17 @@ SCHEMAS: Final[dict[str, Schema]] = {
         ("providers",),
     ),
     "Cleared": _obj(
-        {"provider_id": _str(), "cleared": _int(minimum=0)}, ("provider_id", "cleared")
+        {"provider_id": _str(), "cleared": _int(minimum=0), **_APPLIED},
+        ("provider_id", "cleared", "applied"),
     ),
     "Drain": _obj(
-        {"provider_id": _str(), "drained": {"type": "boolean"}, "in_flight": _int(minimum=0)},
-        ("provider_id", "drained", "in_flight"),
+        {
+            "provider_id": _str(),
+            "drained": {"type": "boolean"},
+            "in_flight": _int(minimum=0),
+            **_APPLIED,
+        },
+        ("provider_id", "drained", "in_flight", "applied"),
     ),
     "Hedging": _obj(
         {"mode": _str(), "budget": {"type": "object"}, "models": {"type": "array"}},

@@ -18,6 +18,10 @@
   taken for dead (its requests end as disconnects: failover before content, an in-band error
   after); a peer whose instance key expired is dead too; an ingress whose key expired loses
   the requests we relay for it (cancelled on the provider's wire, `orphaned`).
+- the **success reporter** (successes.py: the breaker successes seen here on remote providers,
+  coalesced per owner) and the **queue share** (queues.py: this instance's admission queue
+  depths to the others, theirs summed into its limit). Operators' orders for a remote
+  provider go to its owner through remote_admin.py.
 
 Ownership (docs/CLUSTER.md): the ingress owns the request (race, deadlines, decryption,
 relay, ledger); the owner owns the session, its trust, its slots and its breaker. Only the
@@ -47,8 +51,12 @@ from coredis.exceptions import RedisError
 from coredis.tokens import PureToken
 
 from daemon.accounts.ledger import Ledger, Settlement
-from daemon.cluster import wire
+from daemon.cluster import successes, wire
 from daemon.cluster.link import Peer, RemoteLink
+from daemon.cluster.queues import QueueShare
+from daemon.cluster.remote_admin import RemoteAdmin
+from daemon.cluster.successes import SuccessReports
+from daemon.routing.admission import AdmissionQueue
 from daemon.routing.breaker import Shape
 from daemon.routing.registry import Registry
 from daemon.routing.types import Lease, ProviderEntry, SessionGone
@@ -113,6 +121,7 @@ class Cluster:
         instance: str | None = None,
         *,
         budget: SharedBudget | None = None,
+        queue: AdmissionQueue | None = None,
     ) -> None:
         self.url = url
         self._budget = budget
@@ -131,6 +140,10 @@ class Cluster:
         self._outbox_send, self._outbox = trio.open_memory_channel[tuple[str, Message]](OUTBOX)
         self._nursery: trio.Nursery | None = None
         registry.remote_report = self._report
+        registry.remote_success = self._succeeded
+        self.successes = SuccessReports(self.post)
+        self.queues = None if queue is None else QueueShare(queue, self.post)
+        self.admin = RemoteAdmin(registry, self.post, self._forget_cooldowns)
 
     # Lifecycle ------------------------------------------------------------------------------
 
@@ -151,6 +164,9 @@ class Cluster:
             nursery.start_soon(self._publish)
             nursery.start_soon(self._heartbeat)
             nursery.start_soon(self._watch)
+            nursery.start_soon(self.successes.run)
+            if self.queues is not None:
+                nursery.start_soon(self.queues.run, self._live_instances)
             log.info("cluster instance %s on %s", self.instance, _shown(self.url))
             task_status.started(self)
 
@@ -311,6 +327,15 @@ class Cluster:
                 pass
             case wire.Kind.STRIKE | wire.Kind.BAN | wire.Kind.KICK:
                 self._reported(kind, wire.decode_report(data))
+            case wire.Kind.SUCCESS:
+                successes.record(self.registry, successes.decode(data))
+            case wire.Kind.QUEUE:
+                if self.queues is not None:
+                    self.queues.heard(sender, data)
+            case wire.Kind.ADMIN:
+                self.admin.ordered(sender, request_id, data)
+            case wire.Kind.ADMIN_DONE:
+                self.admin.answered(request_id, data)
 
     def _answer(self, target: str, kind: wire.Kind, request_id: str, data: bytes = b"") -> None:
         try:
@@ -388,10 +413,40 @@ class Cluster:
             return
         kind = wire.Kind.BAN if reason is not None else wire.Kind.STRIKE
         report = wire.Report(entry.provider_id, model, shape, status, reason)
+        self.successes.flush(link.peer.instance)  # the owner sees them in their order
         try:
             link.peer.post(kind, "", wire.encode(report))
         except SessionGone:
             pass
+
+    def _succeeded(self, entry: ProviderEntry, model: str, shape: Shape) -> None:
+        """The registry's hook for a remote entry's success: to its owner, coalesced."""
+        link = entry.session
+        if isinstance(link, RemoteLink) and link.peer.dead is None:
+            self.successes.seen(link.peer.instance, (entry.provider_id, model, shape))
+
+    def _forget_cooldowns(self, provider_id: str) -> None:
+        """An operator cleared a local provider's cooldowns: its next owner must not load them."""
+        if self._nursery is not None and self.up:
+            self._nursery.start_soon(self._delete_cooldowns, provider_id)
+
+    async def _delete_cooldowns(self, provider_id: str) -> None:
+        try:
+            await self._redis.delete([wire.cooldown_key(provider_id)])
+        except REDIS_ERRORS as exc:
+            self._lost(exc)
+
+    async def _live_instances(self) -> set[str] | None:
+        """The other instances whose key is alive (queues.py); None when Redis is down."""
+        if not self.up:
+            return None
+        prefix = wire.instance_key("")
+        try:
+            keys = [k async for k in self._redis.scan_iter(match=prefix + "*", count=1000)]
+        except REDIS_ERRORS as exc:
+            self._lost(exc)
+            return None
+        return {_text(k).removeprefix(prefix) for k in keys} - {self.instance}
 
     def _reported(self, kind: str, report: wire.Report) -> None:
         entry = self.registry.get(report.provider_id)

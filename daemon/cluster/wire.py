@@ -38,6 +38,10 @@ class Kind(enum.StrEnum):
     STRIKE = "strike"  # ingress -> owner: a failure only the ingress saw (d: Report)
     BAN = "ban"  # ingress -> owner: the provider broke the crypto contract (d: Report)
     KICK = "kick"  # ingress -> owner: a newer session of this identity proved itself
+    SUCCESS = "success"  # ingress -> owner: breaker keys that succeeded (d: successes.py)
+    QUEUE = "queue"  # any -> any: the sender's admission queue depths (d: queues.py)
+    ADMIN = "admin"  # any -> owner: an operator's order (d: remote_admin.AdminOrder)
+    ADMIN_DONE = "admin_done"  # owner -> asker: its answer to order r (d: AdminAnswer)
 
 
 class Dispatch(msgspec.Struct, frozen=True):

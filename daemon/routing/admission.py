@@ -7,6 +7,12 @@ most `max_per_model`. The pump task, owned by the supervisor, parks on the regis
 generation counter; every change (a slot freed, a provider registered or passed a challenge,
 a cooldown ended) re-runs the eligibility predicate for each waiter in FIFO order, so a
 waiter that cannot use a freed provider never blocks one behind it that can.
+
+In a cluster the limit is the cluster's: `changes` moves whenever a queue's depth does (the
+cluster shares `depths()` with its peers, daemon/cluster/queues.py) and `waiting_elsewhere`
+holds the others' depths as they last said them, so a request is refused as `QueueFull` when
+the requests waiting for its model here and elsewhere reach `max_per_model`. Alone, the
+others' depths stay empty: the limit is this instance's.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, assert_never
 
 import trio
+from trio_util import AsyncValue
 
 from daemon.routing.registry import Preflight, Registry, shown
 from daemon.routing.types import Lease, RequestTraits
@@ -83,6 +90,8 @@ class AdmissionQueue:
         self._max = max_per_model
         self._timeout = timeout
         self._waiting: dict[str, deque[_Waiter]] = {}
+        self._elsewhere: dict[str, int] = {}  # model -> waiting at the cluster's other instances
+        self.changes = AsyncValue(0)  # moves whenever a depth does: the cluster shares them
 
     def retune(self, *, max_per_model: int, timeout: float) -> None:
         """New knobs from a reload; requests already waiting keep the deadline they got."""
@@ -94,6 +103,10 @@ class AdmissionQueue:
     def depths(self) -> dict[str, int]:
         """Requests waiting per model (the metrics' queue depth)."""
         return {model: len(queue) for model, queue in self._waiting.items()}
+
+    def waiting_elsewhere(self, depths: dict[str, int]) -> None:
+        """The cluster's other instances' depths per model: the limit is the cluster's."""
+        self._elsewhere = depths
 
     async def admit(self, traits: RequestTraits) -> Lease | Refusal:
         """A slot on the best capable provider, waiting in the queue if all are busy."""
@@ -122,14 +135,20 @@ class AdmissionQueue:
                 assert_never(verdict)
 
     async def _wait(self, traits: RequestTraits) -> Lease | Refusal:
-        queue = self._waiting.setdefault(traits.model, deque())
-        if len(queue) >= self._max:
+        queue = self._waiting.get(traits.model)
+        here = 0 if queue is None else len(queue)
+        elsewhere = self._elsewhere.get(traits.model, 0)
+        if here + elsewhere >= self._max:
+            where = " in the cluster" if elsewhere else ""
             return QueueFull(
-                f"the queue for model {shown(traits.model)} is full ({self._max} waiting)",
+                f"the queue for model {shown(traits.model)} is full ({self._max} waiting{where})",
                 retry_after=self._retry_after(),
             )
+        if queue is None:
+            queue = self._waiting[traits.model] = deque()
         waiter = _Waiter(traits)
         queue.append(waiter)
+        self.changes.value += 1
         try:
             with trio.move_on_after(self._timeout):
                 await waiter.done.wait()
@@ -145,6 +164,7 @@ class AdmissionQueue:
         queue = self._waiting.get(waiter.traits.model)
         if queue is not None and waiter in queue:
             queue.remove(waiter)
+            self.changes.value += 1
         if queue is not None and not queue:
             del self._waiting[waiter.traits.model]
         if not waiter.done.is_set():
@@ -189,6 +209,7 @@ class AdmissionQueue:
             if waiter.failure is None:
                 return
         queue.remove(waiter)
+        self.changes.value += 1
         waiter.done.set()
 
     def _hopeless(self, traits: RequestTraits) -> Refusal | None:

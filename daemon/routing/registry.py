@@ -24,7 +24,8 @@ layer that counts an event already has, and it says which models are advertised.
 
 In a cluster (daemon/cluster) the registry also holds remote entries, providers whose socket
 another instance holds (`owner` set): routing sees them through the same predicate. Only
-their owner strikes or bans them: what happens to them here goes to `remote_report`.
+their owner strikes or bans them: what happens to them here goes to `remote_report`, and
+their successes to `remote_success` (so their strikes reset as a local provider's do).
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ MAX_SHOWN_MODEL_CHARS: Final = 80
 # What the ingress tells a remote provider's owner: (entry, model, shape, status) for a strike,
 # or (entry, "", "", 0) with the reason as the model for a ban. See daemon/cluster.
 RemoteReport = Callable[[ProviderEntry, str, Shape, int, str | None], None]
+# A request of (model, shape) completed on a remote entry: its owner resets the key's strikes.
+RemoteSuccess = Callable[[ProviderEntry, str, Shape], None]
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ class Registry:
         self._selector = Selector(seed)
         self.ttft: dict[LatencyKey, TtftWindow] = {}  # the fleet's, per (model, prompt band)
         self.remote_report: RemoteReport | None = None  # set by the cluster, when there is one
+        self.remote_success: RemoteSuccess | None = None  # the same
 
     @property
     def breaker(self) -> CircuitBreaker:
@@ -339,8 +343,10 @@ class Registry:
     def record_success(
         self, entry: ProviderEntry, model: str, shape: Shape, *, decode_tps: float | None
     ) -> None:
-        if entry.owner is None:  # a remote provider's breaker is its owner's
+        if entry.owner is None:
             self.breaker.record_success((entry.provider_id, model, shape), trio.current_time())
+        elif self.remote_success is not None and self.is_current(entry):
+            self.remote_success(entry, model, shape)  # a remote provider's breaker is its owner's
         if decode_tps is not None:
             entry.decode_tps[model] = _ewma(entry.decode_tps.get(model), decode_tps)
 
