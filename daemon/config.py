@@ -76,6 +76,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_format: LogFormat
     metrics_listen: tuple[str, int] | None
     redis_url: str | None
+    rebalance_every_s: float
 
     @property
     def listen(self) -> str:
@@ -177,6 +178,13 @@ def _redis_url(raw: str) -> str | None:
     if not raw.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("a URL such as redis://127.0.0.1:6379/0")
     return raw
+
+
+def _non_negative_float(raw: str) -> float:
+    value = _number(raw)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError("a number of 0 or more")
+    return value
 
 
 def _optional_path(raw: str) -> Path | None:
@@ -510,6 +518,16 @@ ENV_VARS: Final[tuple[EnvVar, ...]] = (
         table="server",
         live=False,
         secret=True,
+    ),
+    _var(
+        "DINFER_REBALANCE_EVERY_S",
+        "1",
+        "in a cluster, seconds between rebalancing rounds: an instance holding more than its "
+        "share of providers sends a few idle ones 1001 to reconnect through the balancer; "
+        "0 turns it off",
+        _non_negative_float,
+        table="server",
+        live=False,
     ),
 )
 

@@ -2,7 +2,8 @@
 
 Every session returns one `SessionEnd`. The close codes are the daemon's (PROTOCOL.md §1):
 1008 policy (a rejected token arrives as `trust_status: rejected` first, then 1008), 4001
-superseded, 4002 stale, 1001 daemon shutting down.
+superseded, 4002 stale, 1001 daemon shutting down or moving the node to another instance
+(a deploy or a rebalance, docs/cluster.md): the node reconnects within a second.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def _by_code(code: int) -> tuple[EndKind, str]:
         case CloseCode.STALE:
             return EndKind.STALE, "the daemon heard nothing from this node for too long"
         case CloseCode.GOING_AWAY:
-            return EndKind.GOING_AWAY, "the daemon is shutting down"
+            return EndKind.GOING_AWAY, "the daemon is shutting down or moving this node"
         case 1006:  # RFC 6455: the connection ended without a close frame
             return EndKind.LOST, "the connection dropped without a close frame"
     return EndKind.CLOSED, f"the daemon closed the connection with code {code}"

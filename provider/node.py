@@ -5,7 +5,8 @@
 each model with a `--chat-template` self-checked once (`provider.selfcheck`) and kept for
 counting its prompts (`provider.rendered`); a change reaches the daemon as `models_update`
 through the live session) and the reconnect loop (one session at a time, forever, with
-exponential backoff and full jitter between them). `serve` is
+exponential backoff and full jitter between them; after a `1001 going away` within a second,
+`provider.backoff`). `serve` is
 the process: the HTTP client, the node, the signal watcher that turns SIGTERM into a drain,
 and its reports to systemd (`READY=1` once the first model poll answered, `WATCHDOG=1` from the
 event loop, `STOPPING=1` when the drain starts).
@@ -175,8 +176,11 @@ class ProviderNode:
             _log_end(end)
             if end.kind is EndKind.DRAINED or self.state.draining.value:
                 return
-            backoff.session_ended(end.uptime)
-            delay = backoff.next_delay()
+            if end.kind is EndKind.GOING_AWAY:  # moved by a deploy or a rebalance: go now
+                delay = backoff.going_away(end.uptime)
+            else:
+                backoff.session_ended(end.uptime)
+                delay = backoff.next_delay()
             log.info("reconnecting in %.1f s", delay)
             with trio.move_on_after(delay):
                 await self.state.draining.wait_value(True)

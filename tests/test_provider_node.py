@@ -54,7 +54,7 @@ from protocol.messages import (
     encode,
 )
 from provider.backend import Backend, open_client
-from provider.backoff import Backoff
+from provider.backoff import GOING_AWAY_JITTER, Backoff
 from provider.config import ProviderConfig, node_version
 from provider.keys import load_or_create_keys
 from provider.node import ProviderNode
@@ -660,6 +660,35 @@ async def test_a_session_that_stayed_up_resets_the_backoff(
     assert closed_at is not None
     assert expected.attempt == 0
     assert link.opened_at - closed_at == pytest.approx(expected.next_delay(), abs=1e-9)
+
+
+async def test_a_1001_moves_the_node_within_a_second_whatever_the_schedule(
+    run_node, daemon, autojump_clock
+) -> None:
+    """A deploy or a rebalance (docs/cluster.md): the balancer sends the node elsewhere."""
+    await run_node()
+    expected = Backoff(random.Random(SEED))
+    for _ in range(3):  # three quick failures climb the schedule to a 4 s ceiling
+        link, _ = await daemon.connection()
+        await link.close(4002)
+        expected.next_delay()
+    link, _ = await daemon.connection()
+    await trio.sleep(5)  # a young session, far from the 30 s that reset the schedule
+    await link.close(1001, "rebalancing")
+    closed_at = link.closed_at
+    link, _ = await daemon.connection()
+    assert closed_at is not None
+    delay = expected.going_away(uptime=5)
+    assert link.opened_at - closed_at == pytest.approx(delay, abs=1e-9)
+    assert delay <= GOING_AWAY_JITTER and expected.attempt == 0
+    # Sent away again the moment it arrived (a draining daemon still in the balancer):
+    # that is a failure to find a home, on the schedule.
+    await link.close(1001, "daemon shutting down")
+    closed_at = link.closed_at
+    link, _ = await daemon.connection()
+    assert closed_at is not None
+    assert link.opened_at - closed_at == pytest.approx(expected.going_away(0), abs=1e-9)
+    assert expected.attempt == 1
 
 
 # Draining -------------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ the breaker, the eligibility gates and the queue; each request and each new prov
 reads `supervisor.settings` when it starts, so none of them holds a stale copy for long. And
 it holds the one `Hedger`, whose budget and counters every request's races share. With
 DINFER_REDIS_URL it starts this instance's `Cluster` (daemon/cluster/node.py) in the same
-nursery, before the first request: remote providers then join the registry.
+nursery, before the first request: remote providers then join the registry; beside it the
+`Rebalancer` (daemon/cluster/rebalance.py), and its drain moves the providers to the other
+instances first (daemon/cluster/drain.py).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from protocol.messages import CloseCode
 
 if TYPE_CHECKING:
     from daemon.cluster.node import Cluster
+    from daemon.cluster.rebalance import Rebalancer
 
 log = logging.getLogger("dinfer.supervisor")
 
@@ -86,6 +89,10 @@ class Supervisor:
     limiter: Limiter = field(default_factory=Limiter)
     # This instance's part of a cluster (DINFER_REDIS_URL), None when it runs alone.
     cluster: Cluster | None = None
+    # One of `dinfer serve --workers`: its siblings drain with it (daemon/cluster/drain.py).
+    worker: bool = False
+    # The cluster's rebalancing rounds (daemon/cluster/rebalance.py), None when off or alone.
+    rebalancer: Rebalancer | None = None
 
     @property
     def metrics(self) -> Metrics:
@@ -114,21 +121,42 @@ class Supervisor:
     async def drain(self, grace: float) -> None:
         """Shutting down: refuse new requests, let those in flight finish for up to `grace`
         seconds, end the rest in band, then close every provider session with 1001 while the
-        sockets still work."""
+        sockets still work.
+
+        In a cluster the providers move first, one instance at a time
+        (daemon/cluster/drain.py): the grace also waits for them to leave, each as soon as
+        it is idle, so a request relayed for another instance finishes too."""
         self.draining = True
-        with trio.move_on_after(grace):
-            await self.requests.wait_value(0)
-        if self.requests.value:
-            log.warning("drain grace over: ending %d request(s) in flight", self.requests.value)
-        self.grace_over.set()
-        for request in list(self.in_flight):
-            request.end()
-        with trio.move_on_after(CLOSE_GRACE_S):  # for them to write their error and end
-            await self.requests.wait_value(0)
-        for entry in self.registry.connected():
-            entry.session.kick(CloseCode.GOING_AWAY, "daemon shutting down")
-        with trio.move_on_after(CLOSE_GRACE_S):
-            await self.sessions.wait_value(0)
+        deadline = trio.current_time() + grace
+        async with self._moving_providers(deadline) as moved:
+            with trio.move_on_at(deadline):
+                await self.requests.wait_value(0)
+                await moved.wait()
+            if self.requests.value:
+                log.warning("drain grace over: ending %d request(s) in flight", self.requests.value)
+            self.grace_over.set()
+            for request in list(self.in_flight):
+                request.end()
+            with trio.move_on_after(CLOSE_GRACE_S):  # for them to write their error and end
+                await self.requests.wait_value(0)
+            for entry in self.registry.connected():
+                entry.session.kick(CloseCode.GOING_AWAY, "daemon shutting down")
+            with trio.move_on_after(CLOSE_GRACE_S):
+                await self.sessions.wait_value(0)
+
+    @asynccontextmanager
+    async def _moving_providers(self, deadline: float) -> AsyncIterator[trio.Event]:
+        """Alone: nothing to wait for (an event already set). In a cluster: the deploy drain."""
+        if self.cluster is None:
+            done = trio.Event()
+            done.set()
+            yield done
+            return
+        from daemon.cluster.drain import drain_group, moving_providers
+
+        group = drain_group(self.cluster.instance, worker=self.worker)
+        async with moving_providers(self.cluster, self.registry, group, deadline) as moved:
+            yield moved
 
     def retune(self, settings: Settings) -> None:
         """Run with reloaded settings (restart-only ones already kept as they were)."""
@@ -224,13 +252,18 @@ async def open_supervisor(
         limiter.seed(await trio.to_thread.run_sync(charged))
         await nursery.start(queue.run)
         await nursery.start(_wake_on_cooldown_expiry, registry)
-        cluster = None
+        cluster = rebalancer = None
         if settings.redis_url is not None:
             from daemon.cluster.node import Cluster  # only a cluster pays for importing Redis
 
             cluster = await nursery.start(
                 Cluster(settings.redis_url, registry, ledger, budget=hedger, queue=queue).run
             )
+            if settings.rebalance_every_s > 0:
+                from daemon.cluster.rebalance import Rebalancer
+
+                rebalancer = Rebalancer(registry, cluster.instance, settings.rebalance_every_s)
+                await nursery.start(rebalancer.run, cluster)
         try:
             yield Supervisor(
                 settings,
@@ -242,6 +275,8 @@ async def open_supervisor(
                 ledger,
                 limiter=limiter,
                 cluster=cluster,
+                worker=worker,
+                rebalancer=rebalancer,
             )
         finally:
             # Every request has settled by now (the server ran in this nursery): write them.
