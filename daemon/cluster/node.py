@@ -47,7 +47,9 @@ from coredis.exceptions import RedisError
 from coredis.tokens import PureToken
 
 from daemon.accounts.ledger import Ledger, Settlement
+from daemon.accounts.limits import Limiter
 from daemon.cluster import wire
+from daemon.cluster.limits import LimitSharer
 from daemon.cluster.link import Peer, RemoteLink
 from daemon.routing.breaker import Shape
 from daemon.routing.registry import Registry
@@ -113,9 +115,11 @@ class Cluster:
         instance: str | None = None,
         *,
         budget: SharedBudget | None = None,
+        limits: Limiter | None = None,
     ) -> None:
         self.url = url
         self._budget = budget
+        self._limits = limits  # each key's limits, shared by daemon/cluster/limits.py
         self._ledger = ledger
         self.instance = instance or uuid.uuid4().hex[:12]
         self.registry = registry
@@ -151,6 +155,8 @@ class Cluster:
             nursery.start_soon(self._publish)
             nursery.start_soon(self._heartbeat)
             nursery.start_soon(self._watch)
+            if self._limits is not None:
+                await nursery.start(LimitSharer(commands, self.instance, self._limits).run)
             log.info("cluster instance %s on %s", self.instance, _shown(self.url))
             task_status.started(self)
 

@@ -229,7 +229,7 @@ async def open_supervisor(
             from daemon.cluster.node import Cluster  # only a cluster pays for importing Redis
 
             cluster = await nursery.start(
-                Cluster(settings.redis_url, registry, ledger, budget=hedger).run
+                Cluster(settings.redis_url, registry, ledger, budget=hedger, limits=limiter).run
             )
         try:
             yield Supervisor(
