@@ -51,7 +51,9 @@ from coredis.exceptions import RedisError
 from coredis.tokens import PureToken
 
 from daemon.accounts.ledger import Ledger, Settlement
+from daemon.accounts.limits import Limiter
 from daemon.cluster import successes, wire
+from daemon.cluster.limits import LimitSharer
 from daemon.cluster.link import Peer, RemoteLink
 from daemon.cluster.queues import QueueShare
 from daemon.cluster.remote_admin import RemoteAdmin
@@ -122,9 +124,11 @@ class Cluster:
         *,
         budget: SharedBudget | None = None,
         queue: AdmissionQueue | None = None,
+        limits: Limiter | None = None,
     ) -> None:
         self.url = url
         self._budget = budget
+        self._limits = limits  # each key's limits, shared by daemon/cluster/limits.py
         self._ledger = ledger
         self.instance = instance or uuid.uuid4().hex[:12]
         self.registry = registry
@@ -167,6 +171,8 @@ class Cluster:
             nursery.start_soon(self.successes.run)
             if self.queues is not None:
                 nursery.start_soon(self.queues.run, self._live_instances)
+            if self._limits is not None:
+                await nursery.start(LimitSharer(commands, self.instance, self._limits).run)
             log.info("cluster instance %s on %s", self.instance, _shown(self.url))
             task_status.started(self)
 

@@ -257,7 +257,14 @@ async def open_supervisor(
             from daemon.cluster.node import Cluster  # only a cluster pays for importing Redis
 
             cluster = await nursery.start(
-                Cluster(settings.redis_url, registry, ledger, budget=hedger, queue=queue).run
+                Cluster(
+                    settings.redis_url,
+                    registry,
+                    ledger,
+                    budget=hedger,
+                    queue=queue,
+                    limits=limiter,
+                ).run
             )
             if settings.rebalance_every_s > 0:
                 from daemon.cluster.rebalance import Rebalancer
