@@ -9,7 +9,11 @@ one; a metrics listener gets port + i on worker i.
 
 The parent forwards SIGTERM, SIGINT and SIGHUP to every worker, and exits when they do: when
 one exits on its own, the others are asked to stop (SIGTERM) and the parent returns the first
-one's status.
+one's status. A worker takes every SIGTERM or SIGINT as the same drain (daemon/api/serve.py):
+it may hear one stop from its parent, from systemd (which signals every process of the unit)
+and from a terminal (Ctrl-C reaches the whole process group), and the first worker done
+draining must not cut its siblings' streams. A second SIGTERM or SIGINT to the parent is the
+operator's "stop now": the parent sends the workers SIGQUIT.
 """
 
 from __future__ import annotations
@@ -111,7 +115,10 @@ async def _run_worker(
 
 
 async def _forward(signals: AsyncIterator[int], processes: list[trio.Process]) -> None:
+    stopping = False
     async for signum in signals:
+        if signum != signal.SIGHUP:
+            signum, stopping = (signal.SIGQUIT if stopping else signum), True
         log.info("forwarding %s to %d workers", signal.Signals(signum).name, len(processes))
         for process in processes:
             if process.returncode is None:

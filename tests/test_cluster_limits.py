@@ -37,7 +37,14 @@ async def _worker(settings: Any, *, task_status: trio.TaskStatus[Any]) -> None:
 
 
 @pytest.fixture
-async def pair(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[list[httpx.AsyncClient]]:
+async def pair(cluster: tuple[list[httpx.AsyncClient], Redis]) -> list[httpx.AsyncClient]:
+    return cluster[0]
+
+
+@pytest.fixture
+async def cluster(
+    nursery: trio.Nursery, tmp_path: Path
+) -> AsyncIterator[tuple[list[httpx.AsyncClient], Redis]]:
     """Two daemons on one store, the first with a provider (the second routes to it)."""
     redis = Redis(_free_port(), tmp_path)
     await redis.start()
@@ -53,7 +60,7 @@ async def pair(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[list[http
             if len(clients) == 1:
                 started = await start_fakes(nursery, [FakeProvider(daemon.provider_url)])
                 assert started[0].trusted.is_set()
-        yield clients
+        yield clients, redis
     finally:
         for client in clients:
             await client.aclose()
@@ -96,3 +103,24 @@ async def test_a_keys_rpm_spent_on_one_daemon_is_refused_on_the_other(
     # The cluster's bucket refills at 2 a minute: 30 s for each request past the limit.
     assert 1 <= int(reply.headers["retry-after"]) <= 30 * (1 + served_by_b)
     assert reply.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+async def test_a_redis_restart_does_not_hand_a_spent_key_a_fresh_bucket(
+    cluster: tuple[list[httpx.AsyncClient], Redis],
+) -> None:
+    """Redis restarted empty: every share is gone at once, not 3 s old. What a peer spent
+    still counts until its share is SHARE_TTL_S old (the peer writes it again within 1 s)."""
+    (a, b), redis = cluster
+    auth = await _key(a, rpm=2)
+    for _ in range(2):
+        assert (await _chat(a, auth)).status_code == 200
+    await trio.sleep(STALE_S)  # b hears of a's spending before its first try...
+    assert (await _chat(b, auth)).status_code == 429  # ...so its own bucket is full
+    redis.kill()
+    await redis.start()
+    statuses = []
+    with trio.move_on_after(1.5):  # a writes its share again within 1 s of the restart
+        while True:
+            statuses.append((await _chat(b, auth)).status_code)
+            await trio.sleep(0.02)
+    assert statuses and set(statuses) == {429}, statuses

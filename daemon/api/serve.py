@@ -4,6 +4,10 @@ process's signals and its reports to systemd.
 
 Signals: SIGTERM or SIGINT drains (`/readyz` 503 at once, new requests 503, requests in flight
 get `drain_grace_s`, then end in band; providers close with 1001); a second one stops at once.
+A worker of `dinfer serve --workers` takes every SIGTERM or SIGINT as that one drain and stops
+at once on SIGQUIT, which its parent sends for a second SIGTERM or SIGINT (dinfer/workers.py):
+a worker hears the same stop from several senders (its parent, systemd signalling every process
+of the unit, a terminal's Ctrl-C reaching the whole process group).
 SIGHUP reloads the config file and the environment (`Supervisor.retune`). systemd hears
 `READY=1` once the listener is bound and the supervisor is up, `STATUS=` as providers and
 requests come and go, `WATCHDOG=1` from the event loop, and `STOPPING=1` when the drain starts.
@@ -67,26 +71,36 @@ def hypercorn_config(settings: Settings) -> Config:
 
 class Signals:
     """The process's signals: the first SIGTERM or SIGINT asks for a drain (`stop`), a second
-    one cancels `abort` (stop now); SIGHUP calls `reload`."""
+    one cancels `abort` (stop now); SIGHUP calls `reload`. A `worker` drains on every SIGTERM
+    or SIGINT and stops now on SIGQUIT (see the module's note)."""
 
-    def __init__(self, abort: trio.CancelScope, reload: Callable[[], None]) -> None:
+    def __init__(
+        self, abort: trio.CancelScope, reload: Callable[[], None], *, worker: bool = False
+    ) -> None:
         self.stop = trio.Event()
         self._abort = abort
         self._reload = reload
+        self._worker = worker
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        wanted = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+        if self._worker:
+            wanted.append(signal.SIGQUIT)
+        with trio.open_signal_receiver(*wanted) as signals:
             task_status.started()
             async for signum in signals:
                 name = signal.Signals(signum).name
                 if signum == signal.SIGHUP:
                     self._reload()
-                elif self.stop.is_set():
-                    log.warning("second %s: stopping now", name)
-                    self._abort.cancel(reason=f"second {name}")
-                else:
+                elif signum == signal.SIGQUIT:  # only a worker listens: its parent's "now"
+                    log.warning("SIGQUIT: stopping now")
+                    self._abort.cancel(reason="SIGQUIT")
+                elif not self.stop.is_set():
                     log.info("received %s: shutting down", name)
                     self.stop.set()
+                elif not self._worker:
+                    log.warning("second %s: stopping now", name)
+                    self._abort.cancel(reason=f"second {name}")
 
 
 def reload_settings(sup: Supervisor, config_path: Path | None) -> None:
@@ -222,7 +236,7 @@ async def _run(
     binds: list[str] = []  # filled once bound; shut_down may run (and read it) before that
     trigger = shutdown_trigger
     if trigger is None:
-        signals = Signals(abort, partial(reload_settings, sup, config_path))
+        signals = Signals(abort, partial(reload_settings, sup, config_path), worker=sup.worker)
         await sup.nursery.start(signals.run)
         trigger = signals.stop.wait
 

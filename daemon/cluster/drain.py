@@ -41,6 +41,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, assert_never
 
+import anyio
 import trio
 
 from daemon.cluster import wire
@@ -183,8 +184,10 @@ class DrainLock:
             await self._redis.eval(
                 _RELEASE, keys=[LOCK_KEY, HOLDERS_KEY], args=[self.group, self._instance]
             )
-        except REDIS_ERRORS:
-            pass  # it expires within LOCK_TTL_MS
+        except (*REDIS_ERRORS, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            # Unreachable, or a stop "at once" already closed the client's connection (its
+            # tasks were cancelled with the daemon's): the lock expires within LOCK_TTL_MS.
+            pass
 
 
 @asynccontextmanager

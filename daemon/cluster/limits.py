@@ -16,7 +16,8 @@ instance's (one MGET; the list of instances from a SCAN every `REFRESH_S`) and h
 (0.2 s) plus two round trips; a new instance is seen within `REFRESH_S`.
 
 Redis down: nothing is written or read; the shares already read expire `SHARE_TTL_S` (3 s)
-after they were measured, and from then on each instance counts its own requests only (a key
+after they were measured (a share that vanished, Redis having restarted empty, too: not at
+once), and from then on each instance counts its own requests only (a key
 may then get up to N times its limits) until Redis answers again.
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any, Final
 
 import msgspec
@@ -103,8 +105,13 @@ class LimitSharer:
     def _take(self, values: dict[str, Any]) -> bool:
         """Decode what changed; True if anything did."""
         changed = False
-        for key in list(self._decoded):
-            if values.get(key) is None:  # expired: its instance stopped
+        wall = time.time()
+        for key, shares in list(self._decoded.items()):
+            # Gone: its instance stopped (then it is SHARE_TTL_S old already), or Redis
+            # restarted empty (then what the peer spent counts on until it is that old: the
+            # peer writes it again within REFRESH_S).
+            newest = max((share.at for share in shares.values()), default=-math.inf)
+            if values.get(key) is None and wall - newest >= SHARE_TTL_S:
                 del self._decoded[key], self._read[key]
                 changed = True
         for key, value in values.items():
