@@ -1,7 +1,7 @@
 """What a cluster hop costs: added TTFT of a remote attempt, relay CPU per remote chunk, and
 requests/s with `dinfer serve --workers 1` and `--workers 2`.
 
-Run as `.venv/bin/python scripts/bench_cluster.py [--quick]` (about 60 s; `--quick` about 25 s).
+Run as `.venv/bin/python scripts/bench_cluster.py [--quick]` (about 60 s; `--quick` about 40 s).
 
 Layout: a redis-server (its own process, on a free port), and real daemons (`python -m
 dinfer serve`) as processes; this process runs the load generator and the fake providers of
@@ -14,9 +14,16 @@ HTTP client. Two phases:
   through A: "relay CPU per remote chunk" = (A + B + Redis CPU through A) / chunks - (B CPU
   through B) / chunks, each process's CPU from /proc. A and B are pinned to core 0, Redis and
   this process to core 1 (the machine has 2 cores).
-- `workers`: `dinfer serve --workers N` for N = 1, 2 on one port (unpinned: N processes), the
-  fakes connecting through the port (the kernel spreads them over the workers), 64 connections
-  back to back for `burst` seconds: requests/s, p50 TTFT.
+- `workers`: `dinfer serve --workers N` for N = 1, 2 on one port, 8 fakes connecting through
+  the port (the kernel spreads them over the workers, as it spreads the 64 consumer
+  connections), 64 connections back to back for `burst` seconds: requests/s, p50 TTFT. Nothing
+  is pinned (N daemons, Redis and this process, which runs the client and the fakes, share
+  the cores: on a 2-core machine --workers 2 has no core of its own per worker), so the phase
+  also reports where each fake and connection landed (from /proc, `procnet.py`), the share of
+  requests served by a provider on another worker (a hop), Redis commands per request, and
+  each process's CPU per request (from /proc), steadier than requests/s on a shared machine.
+
+`--phase hop|workers` runs one phase; `--rounds K` repeats the workers phase (1, 2, 1, 2...).
 """
 
 from __future__ import annotations
@@ -183,10 +190,8 @@ async def tagged_loop(
     deadline = time.perf_counter() + seconds
 
     async def worker(conn: bd.RawConnection) -> None:
+        pid = at[local_port(conn._stream)]
         while time.perf_counter() < deadline:
-            pid = (await where(pids, target.port, [local_port(conn._stream)]))[
-                local_port(conn._stream)
-            ]
             request = conn.request_bytes(bd.request_body(1, f"w{pid}"), target.token)
             while time.perf_counter() < deadline and not conn.closing:
                 try:
@@ -203,6 +208,8 @@ async def tagged_loop(
             if conn.closing:  # the server said so, or the connection is in a bad state
                 await conn.aclose()
                 conn = await bd.RawConnection.open(target.port)
+                port = local_port(conn._stream)
+                pid = (await where(pids, target.port, [port]))[port]
         await conn.aclose()
 
     SERVED.clear()
@@ -211,6 +218,25 @@ async def tagged_loop(
             for conn in conns:
                 nursery.start_soon(worker, conn)
     return run, spread
+
+
+async def redis_calls(port: int) -> int:
+    """Commands Redis has executed since it started (INFO commandstats), this one excluded."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(b"INFO commandstats\r\n")
+        data = b""
+        while (
+            not data.startswith(b"$")
+            or data.count(b"\r\n") < 2
+            or len(data) < (data.index(b"\r\n") + 4 + int(data[1 : data.index(b"\r\n")]))
+        ):
+            data += await stream.receive_some(65536)
+    return sum(
+        int(line.split(b"calls=", 1)[1].split(b",", 1)[0])
+        for line in data.split(b"\r\n")
+        if line.startswith(b"cmdstat_")
+    )
 
 
 def worker_pids(parent: int, count: int) -> list[int]:
@@ -248,8 +274,10 @@ async def workers(work: Path, redis_port: int, plan: bd.Plan, count: int, redis_
             await trio.sleep(1.5)  # every worker's replica has every worker's providers
             await bd.requests_loop(target, 8, count=plan.warmup)
             before = {p: bd.cpu_seconds(p) for p in (*pids, redis_pid)}
+            calls = await redis_calls(redis_port)
             run, spread = await tagged_loop(target, pids, 64, plan.burst_s)
             used = {p: bd.cpu_seconds(p) - before[p] for p in before}
+            calls = await redis_calls(redis_port) - calls - 1
         served = sum(SERVED.values()) or 1
         hopped = sum(n for (owner, tag), n in SERVED.items() if tag != f"w{owner}")
         done = max(len(run.ttfts), 1)
@@ -266,6 +294,7 @@ async def workers(work: Path, redis_port: int, plan: bd.Plan, count: int, redis_
             + "; connections per worker "
             + ", ".join(str(spread[p]) for p in pids)
             + f"; served by a provider on another worker: {hopped / served:.0%}"
+            + f"; Redis commands per request {calls / done:.2f}"
         )
         print(
             "  CPU per request: "

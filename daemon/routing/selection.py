@@ -7,15 +7,18 @@ median of its recent first-token times (a straggler moves a median far less than
 the EWMA of its decode speed for the model.
 
 Costs within `NEAR_TIE` of the best are a tie broken at random, which spreads load across
-equal providers. In a cluster, providers connected to this instance win a tie over remote
-ones (no hop through Redis), judged on speed alone: a local provider with a free slot whose
-unloaded cost is within `NEAR_TIE` of the best candidate's is chosen over every remote one,
-however loaded it is. Load cannot be compared across instances: a local entry counts every
-request on its provider (relayed ones too), a remote entry only this instance's. A provider
-judged slow would never be measured again, so every
-`EXPLORE_EVERY`-th first choice goes to the candidate measured longest ago, if that was over
-`EXPLORE_AFTER_S` ago: a provider that was slow once gets another chance to show it recovered,
-about once per `EXPLORE_AFTER_S` at most, since that sample makes it fresh again. A provider
+equal providers. In a cluster, a request goes to a provider connected to this instance
+whenever one can serve it and has a free slot (no hop through Redis); remote providers are
+chosen among only when none can. Speed and load cannot be compared across instances: a local
+entry counts every request on its provider (relayed ones too) and is measured without a hop,
+a remote entry counts only this instance's requests and its first-token times include the
+hop and both daemons' queues.
+
+A provider judged slow would never be measured again, so every `EXPLORE_EVERY`-th first
+choice goes to the candidate measured longest ago (a local one, when a local one can serve),
+if that was over `EXPLORE_AFTER_S` ago: a provider that was slow once gets another chance to
+show it recovered, about once per `EXPLORE_AFTER_S` at most, since that sample makes it fresh
+again. A provider
 never measured is judged by what it advertised, and measured once it is chosen, as a backup
 or a retry if not first.
 """
@@ -41,12 +44,8 @@ EXPLORE_AFTER_S: Final = 10.0
 
 def expected_seconds(entry: ProviderEntry, traits: RequestTraits, now: float) -> float:
     """Expected completion time: first token + decode, stretched by the provider's load."""
-    return alone_seconds(entry, traits, now) * (1 + entry.in_flight / entry.max_concurrency)
-
-
-def alone_seconds(entry: ProviderEntry, traits: RequestTraits, now: float) -> float:
-    """Expected completion time on an idle provider: first token + decode."""
-    return _first_token_s(entry, traits, now) + traits.max_tokens / _decode_tps(entry, traits)
+    alone = _first_token_s(entry, traits, now) + traits.max_tokens / _decode_tps(entry, traits)
+    return alone * (1 + entry.in_flight / entry.max_concurrency)
 
 
 def _first_token_s(entry: ProviderEntry, traits: RequestTraits, now: float) -> float:
@@ -84,13 +83,13 @@ class Selector:
         *,
         explore: bool,
     ) -> ProviderEntry:
+        candidates = _local_first(candidates)  # exploring too: a remote one is not re-measured
         if explore and len(candidates) > 1:
             self._first_choices += 1
             if self._first_choices % EXPLORE_EVERY == 0:
                 stale = self._stalest(candidates, traits, now)
                 if stale is not None:
                     return stale
-        candidates = _local_if_tied(candidates, traits, now)
         costs = [(expected_seconds(e, traits, now), e) for e in candidates]
         best = min(cost for cost, _ in costs)
         near = [e for cost, e in costs if cost <= best * (1 + NEAR_TIE)]
@@ -103,13 +102,6 @@ class Selector:
         return stalest if _measured_at(stalest, traits) <= now - EXPLORE_AFTER_S else None
 
 
-def _local_if_tied(
-    candidates: Sequence[ProviderEntry], traits: RequestTraits, now: float
-) -> Sequence[ProviderEntry]:
-    """In a cluster: the local candidates about as fast as the fastest, if there are any."""
-    if all(e.owner is None for e in candidates) or all(e.owner is not None for e in candidates):
-        return candidates
-    alone = [(alone_seconds(e, traits, now), e) for e in candidates]
-    best = min(cost for cost, _ in alone)
-    local = [e for cost, e in alone if e.owner is None and cost <= best * (1 + NEAR_TIE)]
-    return local or candidates
+def _local_first(candidates: Sequence[ProviderEntry]) -> Sequence[ProviderEntry]:
+    """In a cluster: the local candidates, if there are any."""
+    return [e for e in candidates if e.owner is None] or candidates
