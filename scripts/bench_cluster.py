@@ -179,10 +179,11 @@ async def where(pids: list[int], port: int, ports: list[int]) -> dict[int, int]:
 
 
 async def tagged_loop(
-    target: bd.Target, pids: list[int], concurrency: int, seconds: float
-) -> tuple[bd.Run, Counter[int]]:
+    target: bd.Target, pids: list[int], concurrency: int, seconds: float, watched: list[int]
+) -> tuple[bd.Run, Counter[int], dict[int, float]]:
     """`bd.requests_loop`'s closed loop, each request tagged with the worker its connection
-    reached; also how many connections each worker got."""
+    reached; also how many connections each worker got, and the CPU seconds each `watched`
+    process used while the requests ran."""
     run = bd.Run()
     conns = [await bd.RawConnection.open(target.port) for _ in range(concurrency)]
     at = await where(pids, target.port, [local_port(c._stream) for c in conns])
@@ -213,11 +214,12 @@ async def tagged_loop(
         await conn.aclose()
 
     SERVED.clear()
+    before = {p: bd.cpu_seconds(p) for p in watched}
     with run.usage.measure(target.pid):
         async with trio.open_nursery() as nursery:
             for conn in conns:
                 nursery.start_soon(worker, conn)
-    return run, spread
+    return run, spread, {p: bd.cpu_seconds(p) - before[p] for p in watched}
 
 
 async def redis_calls(port: int) -> int:
@@ -273,10 +275,10 @@ async def workers(work: Path, redis_port: int, plan: bd.Plan, count: int, redis_
             )
             await trio.sleep(1.5)  # every worker's replica has every worker's providers
             await bd.requests_loop(target, 8, count=plan.warmup)
-            before = {p: bd.cpu_seconds(p) for p in (*pids, redis_pid)}
             calls = await redis_calls(redis_port)
-            run, spread = await tagged_loop(target, pids, 64, plan.burst_s)
-            used = {p: bd.cpu_seconds(p) - before[p] for p in before}
+            run, spread, used = await tagged_loop(
+                target, pids, 64, plan.burst_s, [*pids, redis_pid]
+            )
             calls = await redis_calls(redis_port) - calls - 1
         served = sum(SERVED.values()) or 1
         hopped = sum(n for (owner, tag), n in SERVED.items() if tag != f"w{owner}")
@@ -302,6 +304,11 @@ async def workers(work: Path, redis_port: int, plan: bd.Plan, count: int, redis_
             + f", Redis {used[redis_pid] * 1e6 / done:,.0f} us, load generator (this process: "
             f"client and fakes) {load * 1e6 / done:,.0f} us; total {total * 1e6 / done:,.0f} us"
             f"; {total / run.usage.elapsed:.2f} of {os.cpu_count()} cores busy"
+        )
+        daemons = sum(used[p] for p in pids) / done
+        print(
+            f"  the workers' CPU per request together: {daemons * 1e6:,.0f} us, i.e. "
+            f"{1 / daemons:,.0f} requests/s per core the daemons alone could serve"
         )
 
 

@@ -49,14 +49,17 @@ async def test_a_record_does_not_change_as_requests_take_and_give_back_slots(
     entry = make_entry("p1")
     owner.add(entry)
     idle = published(owner, entry)
+    changes = owner.changes
     lease = owner.reserve(BASE)
     assert lease is not None
     assert published(owner, entry) == idle
     owner.release(lease)
     assert published(owner, entry) == idle
+    assert owner.changes == changes  # the publisher need not even look
     assert msgspec.json.decode(wire.encode(idle))["in_flight"] == 0  # earlier versions need it
     owner.set_held(entry, True)
     assert published(owner, entry) != idle  # a drain is news
+    assert owner.changes == changes + 1
 
 
 async def test_an_unchanged_record_leaves_the_replica_alone(

@@ -10,9 +10,11 @@
 - the **writer**, the one task that writes messages: everyone else queues them (`post`) and
   it sends whatever is queued in one pipeline.
 - the **publisher**: this instance's providers as directory records with a TTL
-  (`RECORD_TTL_MS`), at most every `PUBLISH_COALESCE_S` after a change and every
-  `REFRESH_S` anyway, and a full read of the directory every `REFRESH_S` (records whose owner
-  stopped refreshing them expire and leave the replica).
+  (`RECORD_TTL_MS`), at most every `PUBLISH_COALESCE_S` after a change (`registry.changes`:
+  not a slot given back, since a record carries no load) and every `REFRESH_S` anyway (records
+  and their application: daemon/cluster/directory.py), and a full read of the directory
+  every `REFRESH_S` (records whose owner stopped refreshing them expire and leave the
+  replica).
 - the **heartbeat** (this instance's key, TTL `INSTANCE_TTL_MS`) and the **watchdog**: a peer
   relaying our requests that stays silent `PING_AFTER_S` is pinged and after `DEAD_AFTER_S`
   taken for dead (its requests end as disconnects: failover before content, an in-band error
@@ -412,6 +414,7 @@ class Cluster:
     async def _publish(self) -> None:
         generation = self.registry.generation
         refreshed = -math.inf
+        seen = -1
         while True:
             with trio.move_on_at(refreshed + REFRESH_S):
                 await generation.wait_transition()
@@ -419,6 +422,9 @@ class Cluster:
             if not self.up:
                 continue
             refresh = trio.current_time() >= refreshed + REFRESH_S
+            if not refresh and self.registry.changes == seen:
+                continue  # only load moved (slots given back): no record changed
+            seen = self.registry.changes
             try:
                 await self._publish_once(refresh=refresh)
                 if refresh:
