@@ -37,6 +37,7 @@ from tests.fakes.provider import (
     Complete,
     Fail,
     FakeProvider,
+    Hold,
     Stall,
     always,
     answer,
@@ -237,6 +238,23 @@ async def test_a_remote_stream_is_byte_identical_to_a_local_one(
     assert local.status_code == remote.status_code == 200
     assert remote.content == local.content
     assert len(fake.received) == 2
+
+
+async def test_a_local_provider_with_a_free_slot_serves_without_a_hop(world: World) -> None:
+    a, b = await world.node(), await world.node()
+    release = trio.Event()
+    held = [Hold(release), *answer("late")]
+    local = a.fake(behaviour=lambda _body: held if len(local.received) <= 3 else answer("hi"))
+    remote = b.fake()
+    await world.connect(local, remote)
+    await sees(a, remote)
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):  # three of the local provider's four slots taken
+            nursery.start_soon(a.chat)
+        await poll_until(lambda: len(local.received) == 3)
+        assert (await a.chat()).status_code == 200  # the idle remote one looks cheaper
+        release.set()
+    assert len(local.received) == 4 and remote.received == []
 
 
 async def test_an_owner_killed_before_content_fails_over_invisibly(world: World) -> None:

@@ -160,6 +160,37 @@ async def test_in_flight_load_penalises_a_busy_provider(
         assert chosen(reg) == "idle"
 
 
+async def test_a_local_provider_with_a_free_slot_wins_over_remote_ones_however_loaded(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    for seed in range(20):
+        reg = registry(seed)
+        # Three of four slots taken (some by requests other instances routed here): a remote
+        # provider looks idle from here only because this instance cannot see its load.
+        local = make_entry("local", in_flight=3, max_concurrency=4)
+        reg.add(local)
+        reg.add_remote(make_entry("remote-a", owner="other"))
+        reg.add_remote(make_entry("remote-b", owner="other", advertised_decode_tps=21.0))
+        assert chosen(reg) == "local"
+        lease = reg.reserve(BASE)  # its last slot
+        assert lease is not None and lease.entry is local
+        assert chosen(reg) in {"remote-a", "remote-b"}  # full: a remote one serves
+
+
+async def test_a_local_provider_wins_over_a_remote_one_that_looks_faster_from_here(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    reg = registry()
+    local = make_entry("local")
+    reg.add(local)
+    # Never measured here, it is judged by what it advertised: twice as fast.
+    reg.add_remote(make_entry("remote", owner="other", advertised_decode_tps=40.0))
+    reg.record_ttft(local, BASE, 0.3)  # measured here, under this daemon's own load
+    assert [chosen(reg) for _ in range(20)] == ["local"] * 20
+    reg.add(make_entry("quick-local", advertised_decode_tps=40.0))  # among local ones, speed
+    assert chosen(reg) == "quick-local"  # decides as before
+
+
 async def test_near_ties_are_broken_at_random_by_the_seed(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

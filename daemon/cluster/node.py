@@ -10,9 +10,11 @@
 - the **writer**, the one task that writes messages: everyone else queues them (`post`) and
   it sends whatever is queued in one pipeline.
 - the **publisher**: this instance's providers as directory records with a TTL
-  (`RECORD_TTL_MS`), at most every `PUBLISH_COALESCE_S` after a change and every
-  `REFRESH_S` anyway, and a full read of the directory every `REFRESH_S` (records whose owner
-  stopped refreshing them expire and leave the replica).
+  (`RECORD_TTL_MS`), at most every `PUBLISH_COALESCE_S` after a change (`registry.changes`:
+  not a slot given back, since a record carries no load) and every `REFRESH_S` anyway (records
+  and their application: daemon/cluster/directory.py), and a full read of the directory
+  every `REFRESH_S` (records whose owner stopped refreshing them expire and leave the
+  replica).
 - the **heartbeat** (this instance's key, TTL `INSTANCE_TTL_MS`) and the **watchdog**: a peer
   relaying our requests that stays silent `PING_AFTER_S` is pinged and after `DEAD_AFTER_S`
   taken for dead (its requests end as disconnects: failover before content, an in-band error
@@ -53,6 +55,7 @@ from coredis.tokens import PureToken
 from daemon.accounts.ledger import Ledger, Settlement
 from daemon.accounts.limits import Limiter
 from daemon.cluster import successes, wire
+from daemon.cluster.directory import Replica, entry_of, record_of
 from daemon.cluster.limits import LimitSharer
 from daemon.cluster.link import Peer, RemoteLink
 from daemon.cluster.queues import QueueShare
@@ -62,7 +65,6 @@ from daemon.routing.admission import AdmissionQueue
 from daemon.routing.breaker import Shape
 from daemon.routing.registry import Registry
 from daemon.routing.types import Lease, ProviderEntry, SessionGone
-from protocol import crypto
 from protocol.messages import (
     CloseCode,
     InferenceComplete,
@@ -139,7 +141,8 @@ class Cluster:
         self._inbox = wire.inbox_key(self.instance)
         self._inbox_id = "0-0"
         self._directory_id = "$"
-        self._published: dict[str, bytes] = {}
+        self._published: dict[str, wire.Record] = {}
+        self._replica = Replica(registry)
         self._cooldowns_loaded: set[ProviderEntry] = set()
         self._outbox_send, self._outbox = trio.open_memory_channel[tuple[str, Message]](OUTBOX)
         self._nursery: trio.Nursery | None = None
@@ -472,6 +475,7 @@ class Cluster:
     async def _publish(self) -> None:
         generation = self.registry.generation
         refreshed = -math.inf
+        seen = -1
         while True:
             with trio.move_on_at(refreshed + REFRESH_S):
                 await generation.wait_transition()
@@ -479,6 +483,9 @@ class Cluster:
             if not self.up:
                 continue
             refresh = trio.current_time() >= refreshed + REFRESH_S
+            if not refresh and self.registry.changes == seen:
+                continue  # only load moved (slots given back): no record changed
+            seen = self.registry.changes
             try:
                 await self._publish_once(refresh=refresh)
                 if refresh:
@@ -497,20 +504,19 @@ class Cluster:
         self._cooldowns_loaded &= set(local)
         records: dict[str, wire.Record] = {}
         for entry in local:
-            record = _record(entry, self, now)
+            record = record_of(entry, self.registry, self.instance, now)
             if record is not None:
                 records[entry.provider_id] = record
-        encoded = {pid: wire.encode(r) for pid, r in records.items()}
-        gone = [pid for pid in self._published if pid not in encoded]
-        changed = {pid: d for pid, d in encoded.items() if self._published.get(pid) != d}
+        gone = [pid for pid in self._published if pid not in records]
+        changed = {pid: r for pid, r in records.items() if self._published.get(pid) != r}
         if not (gone or changed or refresh):
             return
+        encoded = {pid: wire.encode(r) for pid, r in (records if refresh else changed).items()}
         async with self._redis.pipeline(transaction=False) as pipe:
-            for pid, data in (encoded if refresh else changed).items():
+            for pid, data in encoded.items():
                 pipe.set(wire.directory_key(pid, self.instance), data, px=RECORD_TTL_MS)
-            for pid, data in changed.items():
-                pipe.xadd(wire.DIRECTORY_STREAM, {"k": "rec", "d": data})
-                record = records[pid]
+            for pid, record in changed.items():
+                pipe.xadd(wire.DIRECTORY_STREAM, {"k": "rec", "d": encoded[pid]})
                 if record.cooldowns:
                     table = {f"{m}|{s}": str(until) for m, s, until in record.cooldowns}
                     pipe.hset(wire.cooldown_key(pid), table)
@@ -607,30 +613,11 @@ class Cluster:
             current = None
         peer = self._peer(record.owner)
         if current is None:
-            current = _entry(record, RemoteLink(peer, record.provider_id, record.epoch))
+            current = entry_of(record, RemoteLink(peer, record.provider_id, record.epoch))
             self.registry.add_remote(current)  # clears the identity's breaker: refresh after
-        self._refresh(current, record)
-        self.registry.touch()
-
-    def _refresh(self, entry: ProviderEntry, record: wire.Record) -> None:
-        now, wall = trio.current_time(), time.time()
-        if list(entry.models.values()) != list(record.models):
-            self.registry.update_models(entry, record.models)
-        entry.max_concurrency = record.max_concurrency
-        entry.trusted = record.trusted
-        entry.draining = record.draining
-        entry.held = record.held
-        entry.banned_reason = "banned by its daemon" if record.banned else None
-        at = record.attested_at
-        entry.last_challenge_pass = None if at is None else now - max(0.0, wall - at)
-        entry.challenge_failures = 0 if record.trusted else 3
-        peer = self._peer(record.owner)
-        entry.unreachable = REDIS_DOWN if not self.up else peer.dead
-        breaker = self.registry.breaker
-        breaker.forget_provider(entry.provider_id)
-        for model, shape, until in record.cooldowns:
-            key: Any = (entry.provider_id, model, shape)
-            breaker.impose(key, now + until - wall)
+        unreachable = REDIS_DOWN if not self.up else peer.dead
+        if self._replica.refresh(current, record, unreachable):
+            self.registry.touch()  # only a change wakes the queue and the publisher
 
     def _peer(self, instance: str) -> Peer:
         peer = self.peers.get(instance)
@@ -700,56 +687,6 @@ class Cluster:
             if entry.owner == peer.instance:
                 entry.unreachable = reason
         self.registry.touch()
-
-
-def _record(entry: ProviderEntry, cluster: Cluster, now: float) -> wire.Record | None:
-    """What the directory says of a local entry; None until its first challenge passed."""
-    if entry.last_challenge_pass is None or not cluster.registry.is_current(entry):
-        return None
-    breaker = cluster.registry.breaker
-    wall = time.time() - now  # wall clock = monotonic + this (rounded: records compare equal)
-    return wire.Record(
-        provider_id=entry.provider_id,
-        owner=cluster.instance,
-        epoch=entry.epoch,
-        version=entry.version,
-        backend=entry.backend,
-        public_key=crypto.encode_key(entry.public_key),
-        identity_key=crypto.encode_key(entry.identity_key),
-        models=list(entry.models.values()),
-        max_concurrency=entry.max_concurrency,
-        in_flight=entry.in_flight,
-        attested_at=round(wall + entry.last_challenge_pass, 1),
-        trusted=entry.trusted,
-        draining=entry.draining,
-        held=entry.held,
-        banned=entry.banned_reason is not None,
-        prefill_tps=entry.advertised_prefill_tps,
-        decode_tps=entry.advertised_decode_tps,
-        cooldowns=[
-            (model, shape, round(wall + until, 2))
-            for model, shape, until in breaker.cooldowns(entry.provider_id, now)
-        ],
-        multi_sse=entry.multi_sse,
-    )
-
-
-def _entry(record: wire.Record, link: RemoteLink) -> ProviderEntry:
-    return ProviderEntry(
-        provider_id=record.provider_id,
-        session=link,
-        version=record.version,
-        backend=record.backend,
-        public_key=crypto.decode_peer_public_key(record.public_key),
-        identity_key=crypto.decode_identity_key(record.identity_key),
-        models={m.id: m for m in record.models},
-        max_concurrency=record.max_concurrency,
-        advertised_prefill_tps=record.prefill_tps,
-        advertised_decode_tps=record.decode_tps,
-        owner=record.owner,
-        epoch=record.epoch,
-        multi_sse=record.multi_sse,
-    )
 
 
 def _text(value: Any) -> str:

@@ -71,7 +71,6 @@ class Record(msgspec.Struct, frozen=True):
     identity_key: str
     models: list[ModelInfo]
     max_concurrency: int
-    in_flight: int
     # Wall clock (the instances' clocks are assumed in sync, as NTP keeps them): when its last
     # challenge passed (None: never), when each cooldown ends.
     attested_at: float | None
@@ -84,6 +83,9 @@ class Record(msgspec.Struct, frozen=True):
     cooldowns: list[tuple[str, str, float]]  # (model, shape, until)
     # Negotiated extensions the ingress must know to read the frames (protocol-extensions.md).
     multi_sse: bool = False
+    # Always 0: a record carries no load (daemon/cluster/directory.py). Still sent, since an
+    # instance of an earlier version requires the field.
+    in_flight: int = 0
 
 
 def inbox_key(instance: str) -> str:

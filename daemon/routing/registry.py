@@ -88,6 +88,9 @@ class Registry:
         self.metrics = metrics or Metrics()
         self.metrics.watch_models(self.serves)
         self.generation = AsyncValue(0)
+        # Moves with `generation` on every change but a slot's release: what a cluster's
+        # publisher watches (daemon/cluster/directory.py: a record carries no load).
+        self.changes = 0
         self._providers: dict[str, ProviderEntry] = {}
         self._candidates: set[ProviderEntry] = set()
         self._model_seen: dict[str, float] = {}
@@ -329,7 +332,7 @@ class Registry:
             left = entry.in_flight_by_model.pop(lease.model, 1) - 1
             if left:
                 entry.in_flight_by_model[lease.model] = left
-            self._bump()
+            self._bump(load=True)
 
     # Outcomes -------------------------------------------------------------------------------
 
@@ -376,7 +379,9 @@ class Registry:
         self.breaker.sweep(trio.current_time())
         self._bump()
 
-    def _bump(self) -> None:
+    def _bump(self, *, load: bool = False) -> None:
+        if not load:
+            self.changes += 1
         self.generation.value += 1
 
 

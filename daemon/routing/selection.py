@@ -7,11 +7,18 @@ median of its recent first-token times (a straggler moves a median far less than
 the EWMA of its decode speed for the model.
 
 Costs within `NEAR_TIE` of the best are a tie broken at random, which spreads load across
-equal providers; in a cluster, providers connected to this instance win a tie over remote
-ones. A provider judged slow would never be measured again, so every
-`EXPLORE_EVERY`-th first choice goes to the candidate measured longest ago, if that was over
-`EXPLORE_AFTER_S` ago: a provider that was slow once gets another chance to show it recovered,
-about once per `EXPLORE_AFTER_S` at most, since that sample makes it fresh again. A provider
+equal providers. In a cluster, a request goes to a provider connected to this instance
+whenever one can serve it and has a free slot (no hop through Redis); remote providers are
+chosen among only when none can. Speed and load cannot be compared across instances: a local
+entry counts every request on its provider (relayed ones too) and is measured without a hop,
+a remote entry counts only this instance's requests and its first-token times include the
+hop and both daemons' queues.
+
+A provider judged slow would never be measured again, so every `EXPLORE_EVERY`-th first
+choice goes to the candidate measured longest ago (a local one, when a local one can serve),
+if that was over `EXPLORE_AFTER_S` ago: a provider that was slow once gets another chance to
+show it recovered, about once per `EXPLORE_AFTER_S` at most, since that sample makes it fresh
+again. A provider
 never measured is judged by what it advertised, and measured once it is chosen, as a backup
 or a retry if not first.
 """
@@ -76,6 +83,7 @@ class Selector:
         *,
         explore: bool,
     ) -> ProviderEntry:
+        candidates = _local_first(candidates)  # exploring too: a remote one is not re-measured
         if explore and len(candidates) > 1:
             self._first_choices += 1
             if self._first_choices % EXPLORE_EVERY == 0:
@@ -85,8 +93,6 @@ class Selector:
         costs = [(expected_seconds(e, traits, now), e) for e in candidates]
         best = min(cost for cost, _ in costs)
         near = [e for cost, e in costs if cost <= best * (1 + NEAR_TIE)]
-        # In a cluster a provider on this instance wins a near tie: no hop through Redis.
-        near = [e for e in near if e.owner is None] or near
         return near[0] if len(near) == 1 else self._rng.choice(near)
 
     def _stalest(
@@ -94,3 +100,8 @@ class Selector:
     ) -> ProviderEntry | None:
         stalest = min(candidates, key=lambda e: _measured_at(e, traits))
         return stalest if _measured_at(stalest, traits) <= now - EXPLORE_AFTER_S else None
+
+
+def _local_first(candidates: Sequence[ProviderEntry]) -> Sequence[ProviderEntry]:
+    """In a cluster: the local candidates, if there are any."""
+    return [e for e in candidates if e.owner is None] or candidates
