@@ -224,7 +224,14 @@ async def open_supervisor(
             from daemon.cluster.node import Cluster  # only a cluster pays for importing Redis
 
             cluster = await nursery.start(
-                Cluster(settings.redis_url, registry, ledger, budget=hedger).run
+                Cluster(
+                    settings.redis_url,
+                    registry,
+                    ledger,
+                    budget=hedger,
+                    listen=settings.cluster_listen,
+                    advertise=settings.cluster_advertise,
+                ).run
             )
         try:
             yield Supervisor(
