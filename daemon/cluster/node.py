@@ -341,7 +341,7 @@ class Cluster:
                     case Relayed() | SessionEnded():
                         cancel = False
                     case IngressUnreachable():
-                        pass
+                        self._orphan(request_id, relay)  # its link broke under a send
                     case _ as never:
                         assert_never(never)
         finally:

@@ -30,6 +30,11 @@ It runs one writer, which sends everything queued in one `send_all`, and one rea
 hands each frame to `deliver` without waiting. `Connection.send` never waits: SessionGone when
 the connection is closed, or when QUEUE frames wait (the peer is not reading: the connection
 is closed). When a connection ends, `lost` says so once.
+
+`send` writes a frame itself, with one non-blocking `send` on a duplicate of the socket's
+descriptor, when nothing waits for the writer (so frames never overtake each other); whatever
+the kernel does not take at once goes to the writer. Measured: waking the writer task for
+each frame of a paced stream cost about 20 µs of the 30 µs a relayed chunk may cost in all.
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
 import secrets
+import socket
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -160,19 +167,35 @@ class Connection:
         self.scope = trio.CancelScope()
         self._links = links
         self._send, self._queue = trio.open_memory_channel[bytes](QUEUE)
+        self._backlog = 0  # frames handed to the writer and not yet sent
+        self._direct: socket.socket | None = None  # while open: `send` may write itself
 
     def send(self, kind: str, request_id: str, data: bytes = b"") -> None:
-        """Queue one frame, never waiting; SessionGone if it cannot go out."""
+        """Send or queue one frame, never waiting; SessionGone if it cannot go out."""
+        frame = encode_frame(kind, request_id, data)
+        if self._backlog == 0 and self._direct is not None:
+            try:
+                sent = self._direct.send(frame)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.close("the connection broke while sending")
+                raise SessionGone from None
+            if sent == len(frame):
+                return
+            frame = frame[sent:]
         try:
-            self._send.send_nowait(encode_frame(kind, request_id, data))
+            self._send.send_nowait(frame)
         except trio.WouldBlock:
             self.close(f"the peer took no frame for {QUEUE} frames")
             raise SessionGone from None
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise SessionGone from None
+        self._backlog += 1
 
     def close(self, reason: str) -> None:
         self._send.close()
+        self._direct = None
         self.scope.cancel(reason=reason)
 
     async def serve(
@@ -208,15 +231,26 @@ class Connection:
             log.info("cluster link to %s ended: %s", self.peer, ending)
 
     async def _carry(self, stream: trio.abc.Stream, pending: bytearray) -> str:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._write, stream, nursery.cancel_scope)
-            try:
-                ending = await self._read(stream, pending)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                ending = f"connection lost ({type(exc).__name__})"
-            except FrameError as exc:
-                ending = str(exc)
-            nursery.cancel_scope.cancel(reason=ending)
+        direct: socket.socket | None = None
+        if isinstance(stream, trio.SocketStream):
+            # A duplicate descriptor of the same (non-blocking) socket: `send` writes on it.
+            direct = socket.socket(fileno=os.dup(stream.socket.fileno()))
+            direct.setblocking(False)
+            self._direct = direct
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write, stream, nursery.cancel_scope)
+                try:
+                    ending = await self._read(stream, pending)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    ending = f"connection lost ({type(exc).__name__})"
+                except FrameError as exc:
+                    ending = str(exc)
+                nursery.cancel_scope.cancel(reason=ending)
+        finally:
+            self._direct = None
+            if direct is not None:
+                direct.close()
         return ending
 
     async def _write(self, stream: trio.abc.Stream, carrying: trio.CancelScope) -> None:
@@ -229,6 +263,7 @@ class Connection:
                     except trio.WouldBlock:
                         break
                 await stream.send_all(first if len(batch) == 1 else b"".join(batch))
+                self._backlog -= len(batch)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             carrying.cancel(reason="the connection broke while sending")
 
