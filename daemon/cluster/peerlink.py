@@ -319,6 +319,8 @@ class Links:
         """The connection this instance sends `peer` everything on, dialed if there is none
         (frames queue while it dials; if it fails they are lost with it: `lost`)."""
         conn = self._current.get(peer)
+        # A closed one stays until its task ends (and says so: `lost`), refusing frames: every
+        # message this side sent the peer went on the current one, and ends with it.
         if conn is None:
             assert self._nursery is not None, "the links are not running"
             conn = self._current[peer] = Connection(self, peer)
