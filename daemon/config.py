@@ -77,6 +77,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     metrics_listen: tuple[str, int] | None
     redis_url: str | None
     rebalance_every_s: float
+    cluster_listen: tuple[str, int]
+    cluster_advertise: tuple[str, int] | None
 
     @property
     def listen(self) -> str:
@@ -159,6 +161,16 @@ def _listen(raw: str) -> tuple[str, int]:
 def _optional_listen(raw: str) -> tuple[str, int] | None:
     """A listen address, or None for `off`."""
     return None if raw.lower() == "off" else _listen(raw)
+
+
+def _advertise(raw: str) -> tuple[str, int] | None:
+    """host:port peers dial, or None (unset: the bound cluster listen address)."""
+    if not raw:
+        return None
+    host, port = _listen(raw)
+    if port == 0:
+        raise ValueError("host:port with a port peers can dial (not 0)")
+    return host, port
 
 
 def _ipv6(host: str) -> str:
@@ -526,6 +538,24 @@ ENV_VARS: Final[tuple[EnvVar, ...]] = (
         "share of providers sends a few idle ones 1001 to reconnect through the balancer; "
         "0 turns it off",
         _non_negative_float,
+        table="server",
+        live=False,
+    ),
+    _var(
+        "DINFER_CLUSTER_LISTEN",
+        "127.0.0.1:0",
+        "address of this instance's link to the others (requests and frames between daemons "
+        "of a cluster), host:port; port 0 picks a free one; loopback serves --workers only",
+        _listen,
+        table="server",
+        live=False,
+    ),
+    _var(
+        "DINFER_CLUSTER_ADVERTISE",
+        "",
+        "host:port the other instances dial to reach this one's link; unset: the bound "
+        "DINFER_CLUSTER_LISTEN address. Daemons on several machines must set a reachable one",
+        _advertise,
         table="server",
         live=False,
     ),

@@ -5,7 +5,8 @@ The parent holds the data directory's serve lock and starts N children (`dinfer 
 socket bound with SO_REUSEPORT: the kernel spreads new connections over them, and a provider
 connected to one serves consumers of all (daemon/cluster). They share the store (SQLite
 with its own locking). A port of 0 is resolved here first, so every worker binds the same
-one; a metrics listener gets port + i on worker i.
+one; a metrics listener gets port + i on worker i, and so does a cluster link
+(DINFER_CLUSTER_LISTEN, DINFER_CLUSTER_ADVERTISE) with a fixed port.
 
 The parent forwards SIGTERM, SIGINT and SIGHUP to every worker, and exits when they do: when
 one exits on its own, the others are asked to stop (SIGTERM) and the parent returns the first
@@ -59,7 +60,17 @@ def worker_env(settings: Settings, index: int, port: int) -> dict[str, str]:
         m_host, m_port = settings.metrics_listen
         m_host = f"[{m_host}]" if ":" in m_host else m_host
         env["DINFER_METRICS_LISTEN"] = f"{m_host}:{m_port + index if m_port else 0}"
+    # Each worker's cluster link has its own port too (port + i, or a free one for port 0).
+    c_host, c_port = settings.cluster_listen
+    env["DINFER_CLUSTER_LISTEN"] = f"{_bracketed(c_host)}:{c_port + index if c_port else 0}"
+    if settings.cluster_advertise is not None:
+        a_host, a_port = settings.cluster_advertise
+        env["DINFER_CLUSTER_ADVERTISE"] = f"{_bracketed(a_host)}:{a_port + index}"
     return env
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 async def run_workers(settings: Settings, count: int, config: Path | None) -> int:

@@ -9,10 +9,12 @@ dinfer serve`) as processes; this process runs the load generator and the fake p
 HTTP client. Two phases:
 
 - `hop`: daemon B holds every fake provider; daemon A holds none, so A's requests are remote
-  attempts relayed by B through Redis. TTFT at concurrency 1, back to back, on B (local) and
-  on A (remote): "added TTFT" = remote p50 - local p50. Then long paced streams through B and
-  through A: "relay CPU per remote chunk" = (A + B + Redis CPU through A) / chunks - (B CPU
-  through B) / chunks, each process's CPU from /proc. A and B are pinned to core 0, Redis and
+  attempts relayed by B over their direct link (daemon/cluster/peerlink.py). TTFT at
+  concurrency 1, back to back, on B (local) and on A (remote): "added TTFT" = remote p50 -
+  local p50. Then long paced streams through B and through A: "relay CPU per remote chunk" =
+  (A + B + Redis CPU through A) / chunks - (A + B + Redis CPU through B) / chunks, each
+  process's CPU from /proc: the same three processes both times, so what the cluster costs
+  anyway (heartbeats, the directory) cancels out. A and B are pinned to core 0, Redis and
   this process to core 1 (the machine has 2 cores).
 - `workers`: `dinfer serve --workers N` for N = 1, 2 on one port, 8 fakes connecting through
   the port (the kernel spreads them over the workers, as it spreads the 64 consumer
@@ -90,6 +92,21 @@ async def wait_remote(target: bd.Target, attempts: int = 200) -> None:
     raise RuntimeError("the ingress never saw the owner's providers")
 
 
+async def interleaved(local: bd.Target, remote: bd.Target, count: int) -> tuple[bd.Run, bd.Run]:
+    """`count` requests at c=1 on each, in alternating rounds: a load that comes and goes on
+    the machine weighs on both alike (one series after the other measured it as a hop)."""
+    runs = (bd.Run(), bd.Run())
+    for _ in range(ROUNDS):
+        for run, target in zip(runs, (local, remote), strict=True):
+            part = await bd.requests_loop(target, 1, count=max(count // ROUNDS, 1))
+            run.ttfts.extend(part.ttfts)
+            run.errors += part.errors
+    return runs
+
+
+ROUNDS = 20
+
+
 async def hop(work: Path, redis_port: int, plan: bd.Plan, redis_pid: int) -> None:
     pa, pb = bd.free_port(), bd.free_port()
     command = [sys.executable, "-m", "dinfer", "serve"]
@@ -105,8 +122,7 @@ async def hop(work: Path, redis_port: int, plan: bd.Plan, redis_pid: int) -> Non
             await wait_remote(a)
             for target in (b, a):
                 await bd.requests_loop(target, 1, count=plan.warmup)
-            local = await bd.requests_loop(b, 1, count=plan.serial)
-            remote = await bd.requests_loop(a, 1, count=plan.serial)
+            local, remote = await interleaved(b, a, plan.serial)
             print(f"TTFT c=1 ({plan.serial} requests each), p50 / p99:")
             print(f"  local  (B) {bd.ms(local.pct(0.5))} / {bd.ms(local.pct(0.99))}")
             print(f"  remote (A) {bd.ms(remote.pct(0.5))} / {bd.ms(remote.pct(0.99))}")
@@ -115,9 +131,9 @@ async def hop(work: Path, redis_port: int, plan: bd.Plan, redis_pid: int) -> Non
             print(f"  errors: local {local.errors}, remote {remote.errors}")
 
             chunks = plan.long_chunks
-            before = cpu(b_pid)
+            before = cpu(a_pid, b_pid, redis_pid)
             base = await bd.long_streams(b, 1, chunks)
-            local_cpu = cpu(b_pid) - before
+            local_cpu = cpu(a_pid, b_pid, redis_pid) - before
             before_all = cpu(a_pid, b_pid, redis_pid)
             before_a, before_b, before_r = cpu(a_pid), cpu(b_pid), cpu(redis_pid)
             through = await bd.long_streams(a, 1, chunks)
@@ -125,7 +141,7 @@ async def hop(work: Path, redis_port: int, plan: bd.Plan, redis_pid: int) -> Non
             per_local = local_cpu / max(base.chunks, 1)
             per_remote = remote_cpu / max(through.chunks, 1)
             print(f"long stream of {chunks} chunks (paced), CPU per chunk:")
-            print(f"  local  (B)           {per_local * 1e6:.1f} us  ({base.rate:,.0f} chunks/s)")
+            print(f"  local  (A + B + Redis) {per_local * 1e6:.1f} us  ({base.rate:,.0f} chunks/s)")
             print(
                 f"  remote (A + B + Redis) {per_remote * 1e6:.1f} us  "
                 f"({through.rate:,.0f} chunks/s; A {(cpu(a_pid) - before_a) * 1e6 / chunks:.1f}"
@@ -346,7 +362,7 @@ async def main_async(plan: bd.Plan, phase: str, rounds: int) -> None:
             await bd.wait_listening(redis_port)
             if phase in ("all", "hop"):
                 bd.pin(os.getpid(), 1)
-                print("== hop: ingress A, owner B, through Redis")
+                print("== hop: ingress A, owner B, over their link")
                 await hop(work, redis_port, plan, redis_pid)
             if phase in ("all", "workers"):
                 print(

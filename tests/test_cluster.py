@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 import trio
 
 from daemon.api.serve import RunningDaemon, serve
+from daemon.cluster import peerlink, wire
 from daemon.cluster.node import Cluster
 from daemon.config import load_settings
 from protocol.messages import MULTI_SSE, ModelInfo
@@ -143,6 +145,13 @@ class Node:
 
     def kill(self) -> None:
         self.scope.cancel(reason="the test kills this daemon")
+
+    def crash(self) -> None:
+        """Die as a killed process does: its links close without a word (no `cancel` for
+        its requests, which a daemon being cancelled would still send), then it stops."""
+        for peer in list(self.cluster.peers):
+            self.cluster.links.close(peer, "the test crashes this daemon")
+        self.kill()
 
 
 @dataclass
@@ -320,7 +329,7 @@ async def test_an_ingress_killed_mid_stream_cancels_the_provider(world: World) -
         nursery.start_soon(ask)
         with trio.fail_after(BOUND_S):
             await fake.request_seen.wait()
-        a.kill()
+        a.crash()
         with trio.fail_after(4):
             await fake.cancel_seen.wait()
         nursery.cancel_scope.cancel(reason="the test is over")
@@ -420,24 +429,161 @@ async def test_supersede_across_instances_closes_the_older_session_with_4001(
 
 
 async def test_redis_killed_and_restarted(world: World) -> None:
+    """Redis down: no new remote attempt (503 at once, with the reason), local providers
+    serve on, and a remote stream already in flight finishes over its intact link."""
     a, b = await world.node(), await world.node()
+    release = trio.Event()
+    held = [role_chunk("r"), content_chunk("Hel", "r"), Hold(release)]
+    rest = [content_chunk("lo", "r"), finish_chunk("r"), Chunk("data: [DONE]"), Complete()]
     local = a.fake(models=[ModelInfo(id="m")])
-    remote = b.fake(models=[ModelInfo(id="r")])
+    remote = b.fake(models=[ModelInfo(id="r")], behaviour=always([*held, *rest]))
     await world.connect(local, remote)
     await sees(a, remote)
-    world.redis.kill()
-    await poll_until(lambda: not a.cluster.up)
-    assert (await a.chat()).status_code == 200  # its own providers serve on
-    started = trio.current_time()
-    refused = await a.chat(model="r")
-    assert refused.status_code == 503
-    assert "Redis" in refused.text
-    assert trio.current_time() - started < 1.0
+    async with trio.open_nursery() as nursery:
+        in_flight: list[httpx.Response] = []
+
+        async def ask() -> None:
+            in_flight.append(await a.chat(model="r"))
+
+        nursery.start_soon(ask)
+        with trio.fail_after(BOUND_S):
+            await remote.request_seen.wait()
+        world.redis.kill()
+        await poll_until(lambda: not a.cluster.up)
+        assert (await a.chat()).status_code == 200  # its own providers serve on
+        started = trio.current_time()
+        refused = await a.chat(model="r")
+        assert refused.status_code == 503
+        assert "Redis" in refused.text
+        assert trio.current_time() - started < 1.0
+        release.set()
+    assert in_flight[0].status_code == 200, in_flight[0].text
+    assert in_flight[0].json()["choices"][0]["message"]["content"] == "Hello"
     await world.redis.start()
     await sees(a, remote)
     response = await a.chat(model="r")
     assert response.status_code == 200, response.text
-    assert len(remote.received) == 1
+    assert len(remote.received) == 2
+
+
+async def _handshake(address: str, me: str, target: str, token: bytes) -> bytes:
+    """Dial a link as instance `me` proving `token`: what the listener says at the end
+    (OK, or b"" when it closed the connection)."""
+    host, _, port = address.rpartition(":")
+    with trio.fail_after(BOUND_S):
+        stream = await trio.open_tcp_stream(host, int(port))
+        async with stream:
+            nonce = os.urandom(peerlink.NONCE_BYTES)
+            named = [bytes((len(n),)) + n.encode() for n in (me, target)]
+            await stream.send_all(peerlink.MAGIC + b"".join(named) + nonce)
+            answer = b""
+            while len(answer) < peerlink.NONCE_BYTES + 32:
+                piece = await stream.receive_some()
+                if not piece:
+                    return b""
+                answer += piece
+            theirs = answer[: peerlink.NONCE_BYTES]
+            proof = peerlink._proof(token, b"dialer", theirs, nonce, me.encode(), target.encode())
+            await stream.send_all(proof)
+            try:
+                return await stream.receive_some()
+            except trio.BrokenResourceError:
+                return b""
+
+
+async def test_a_link_refuses_a_wrong_token_and_logs_no_token(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    import coredis
+
+    a = await world.node()
+    token = os.urandom(32)
+    me = wire.Instance("127.0.0.1:1", token.hex(), 0.0)
+    async with coredis.Redis.from_url(world.redis.url) as redis:
+        await redis.set(wire.instance_key("intruder"), wire.encode(me), px=60_000)
+    caplog.set_level("INFO", logger="dinfer.cluster")
+    address = a.cluster.links.address
+    assert await _handshake(address, "intruder", a.cluster.instance, os.urandom(32)) == b""
+    assert await _handshake(address, "stranger", a.cluster.instance, token) == b""  # no key
+    assert "did not prove its identity" in caplog.text
+    assert await _handshake(address, "intruder", a.cluster.instance, token) == peerlink.OK
+    for secret in (token, a.cluster.links.token):
+        assert secret.hex() not in caplog.text
+
+
+async def test_a_link_dropped_mid_stream_ends_the_stream_in_band_and_cancels(
+    world: World,
+) -> None:
+    a, b = await world.node(), await world.node()
+    fake = b.fake(behaviour=always([role_chunk(), content_chunk("Hel"), Stall()]))
+    await world.connect(fake)
+    await sees(a, fake)
+    text, dropped = "", False
+    with trio.fail_after(BOUND_S):
+        async with a.client.stream(
+            "POST",
+            "/v1/chat/completions",
+            json=chat_body(stream=True),
+            headers={"Authorization": f"Bearer {a.key}"},
+        ) as response:
+            assert response.status_code == 200
+            async for piece in response.aiter_text():
+                text += piece
+                if "Hel" in text and not dropped:
+                    dropped = True
+                    a.cluster.links.close(b.cluster.instance, "the test drops the link")
+    assert '"error"' in text
+    assert text.rstrip().endswith("data: [DONE]")
+    with trio.fail_after(BOUND_S):
+        await fake.cancel_seen.wait()  # the owner lost the link: it stops the provider
+    assert fake.cancels == fake.request_ids
+    await poll_until(lambda: b.cluster.relays == {} and b.cluster.orphaned == 1)
+    # The next remote attempt dials a new link.
+    fake.behaviour = always(answer("Hello", " world"))
+    response = await a.chat()
+    assert response.status_code == 200, response.text
+
+
+class _Spaced(FakeProvider):
+    """A provider that writes its chunk frames by hand, spaced and in its own key order: a
+    daemon that re-encoded them would relay other bytes."""
+
+    sent: list[str]
+
+    async def _play(self, ws: Any, request_id: str, sealer: Any, step: Any) -> bool:
+        if not isinstance(step, Chunk):
+            return await super()._play(ws, request_id, sealer, step)
+        payload = msgspec.json.encode(sealer.seal(step.line.encode())).decode()
+        frame = (
+            f'{{ "request_id" : "{request_id}",  "encrypted_data" : {payload} ,'
+            ' "type" : "inference_response_chunk" }'
+        )
+        self.sent.append(frame)
+        await ws.send_message(frame)
+        return True
+
+
+async def test_a_remote_frame_is_relayed_verbatim(world: World) -> None:
+    a, b = await world.node(), await world.node()
+    fake = _Spaced(b.daemon.provider_url, behaviour=always(answer("Hello", " world")))
+    fake.sent = []
+    await world.connect(fake)
+    await sees(a, fake)
+    links = a.cluster.links
+    relayed: list[bytes] = []
+    deliver = links.deliver
+
+    def spy(via: Any, kind: str, request_id: str, data: bytes) -> None:
+        if kind == wire.Kind.FRAME and b"inference_response_chunk" in data:
+            relayed.append(data)
+        deliver(via, kind, request_id, data)
+
+    links.deliver = spy
+    response = await a.chat(stream=True)
+    assert response.status_code == 200
+    assert "Hello" in response.text and " world" in response.text
+    assert relayed == [frame.encode() for frame in fake.sent]
+    assert len(relayed) == 5  # role, two contents, finish, [DONE]
 
 
 def test_without_a_redis_url_nothing_imports_redis() -> None:

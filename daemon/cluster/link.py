@@ -1,4 +1,4 @@
-"""The ingress's side of a remote provider: a `ProviderLink` whose frames cross Redis.
+"""The ingress's side of a remote provider: a `ProviderLink` whose frames cross a link.
 
 A `Peer` is another instance as this one's requests see it: the streams of the requests it
 relays for us, and when we last heard from it. A `RemoteLink` is one provider that peer
@@ -19,8 +19,8 @@ from daemon.routing.streams import StreamFrame, Streams
 from daemon.routing.types import SessionGone
 from protocol.messages import EncryptedPayload
 
-# (target instance, kind, request id, data): queue one inbox message; SessionGone if it
-# cannot go out (Redis is down, or the writer is this far behind).
+# (target instance, kind, request id, data): queue one message on the link to the target;
+# SessionGone if it cannot go out (the link is closed, or its writer is this far behind).
 Post = Callable[[str, wire.Kind, str, bytes], None]
 
 

@@ -1,25 +1,27 @@
-"""One instance of a cluster: its Redis connection, its inbox, the directory, the relays.
+"""One instance of a cluster: its Redis connection, its links, the directory, the relays.
 
 `Cluster.run` is started with `nursery.start()` by the supervisor when DINFER_REDIS_URL is set
 (never imported otherwise). It runs, in its own nursery:
 
-- the **reader**, the one task that reads Redis streams: its inbox and the directory's change
-  stream, in one blocking XREAD. It demultiplexes each message without waiting: a provider
-  frame to its request's bounded channel (`link.Peer`), a dispatch to a new relay task, a
-  cancel to that relay's scope, a record into the local replica of the directory.
-- the **writer**, the one task that writes messages: everyone else queues them (`post`) and
-  it sends whatever is queued in one pipeline.
+- the **links** (`peerlink.py`): the data plane, one TCP connection per pair of instances,
+  each with one writer (everyone else queues messages: `post`) and one reader, which hands
+  each message to `_handle_one` without waiting: a provider frame to its request's bounded
+  channel (`link.Peer`), a dispatch to a new relay task, a cancel to that relay's scope.
+- the **reader**, the one task that reads the directory's change stream from Redis (a
+  blocking XREAD) into the local replica of the directory.
 - the **publisher**: this instance's providers as directory records with a TTL
   (`RECORD_TTL_MS`), at most every `PUBLISH_COALESCE_S` after a change (`registry.changes`:
   not a slot given back, since a record carries no load) and every `REFRESH_S` anyway (records
   and their application: daemon/cluster/directory.py), and a full read of the directory
   every `REFRESH_S` (records whose owner stopped refreshing them expire and leave the
   replica).
-- the **heartbeat** (this instance's key, TTL `INSTANCE_TTL_MS`) and the **watchdog**: a peer
-  relaying our requests that stays silent `PING_AFTER_S` is pinged and after `DEAD_AFTER_S`
-  taken for dead (its requests end as disconnects: failover before content, an in-band error
-  after); a peer whose instance key expired is dead too; an ingress whose key expired loses
-  the requests we relay for it (cancelled on the provider's wire, `orphaned`).
+- the **heartbeat** (this instance's key, TTL `INSTANCE_TTL_MS`: its link's address and
+  token) and the **watchdog**: a peer relaying our requests that stays silent `PING_AFTER_S`
+  is pinged over the link and after `DEAD_AFTER_S` taken for dead (its requests end as
+  disconnects: failover before content, an in-band error after); a peer whose instance key
+  expired is dead too; an ingress whose key expired loses the requests we relay for it
+  (cancelled on the provider's wire, `orphaned`). A link that breaks ends the requests on it
+  at once, the same ways.
 - the **success reporter** (successes.py: the breaker successes seen here on remote providers,
   coalesced per owner) and the **queue share** (queues.py: this instance's admission queue
   depths to the others, theirs summed into its limit). Operators' orders for a remote
@@ -33,8 +35,9 @@ the next owner of that identity starts with it. Supersede: the newest epoch of o
 wins; an older local session sees a newer record and closes with 4001.
 
 Redis down: remote providers stay in the replica but are refused with a reason (eligibility's
-`unreachable`), requests in flight through Redis end as disconnects, relays are cancelled,
-local providers serve as before; the reader reconnects every `RECONNECT_S` and rebuilds.
+`unreachable`), so no new remote attempt starts; requests in flight over a link carry on (the
+link needs Redis only to authenticate a new connection); local providers serve as before;
+the reader reconnects every `RECONNECT_S` and rebuilds.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, assert_never
 
 import coredis
 import msgspec
@@ -58,12 +61,15 @@ from daemon.cluster import successes, wire
 from daemon.cluster.directory import Replica, entry_of, record_of
 from daemon.cluster.limits import LimitSharer
 from daemon.cluster.link import Peer, RemoteLink
+from daemon.cluster.peerlink import Connection, Links
 from daemon.cluster.queues import QueueShare
+from daemon.cluster.relay import Forward, IngressUnreachable, Relayed, SessionEnded
 from daemon.cluster.remote_admin import RemoteAdmin
 from daemon.cluster.successes import SuccessReports
 from daemon.routing.admission import AdmissionQueue
 from daemon.routing.breaker import Shape
 from daemon.routing.registry import Registry
+from daemon.routing.session import ProviderSession
 from daemon.routing.types import Lease, ProviderEntry, SessionGone
 from protocol.messages import (
     CloseCode,
@@ -85,12 +91,11 @@ DEAD_AFTER_S: Final = 1.0
 WATCH_EVERY_S: Final = 0.1
 READ_BLOCK_MS: Final = 1000
 RECONNECT_S: Final = 0.5
-# Messages queued for the writer before a post fails (SessionGone) rather than wait.
-OUTBOX: Final = 65_536
-BATCH: Final = 1024
+BATCH: Final = 1024  # directory events per XREAD
 REDIS_ERRORS: Final = (RedisError, OSError, TimeoutError)
 REDIS_DOWN: Final = "unreachable (the cluster's Redis is down)"
 PEER_SILENT: Final = "unreachable (its daemon stopped answering)"
+PEER_UNREACHABLE: Final = "unreachable (its daemon's link refused us)"
 
 Fields = dict[str, str | bytes]
 
@@ -103,17 +108,14 @@ class SharedBudget(Protocol):
     def budget_elsewhere(self, dispatches: int, backups: int) -> None: ...
 
 
-Message = tuple[str, str, bytes]  # (kind, request id, data)
-_messages = msgspec.msgpack.Decoder(list[tuple[str, str, bytes]])
-
-
 @dataclass(eq=False)
 class Relay:
-    """A request another instance routed to a provider here."""
+    """A request another instance routed to a provider here (over `via`)."""
 
     ingress: str
     scope: trio.CancelScope
     provider_id: str
+    via: Connection
 
 
 class Cluster:
@@ -127,6 +129,8 @@ class Cluster:
         budget: SharedBudget | None = None,
         queue: AdmissionQueue | None = None,
         limits: Limiter | None = None,
+        listen: tuple[str, int] = ("127.0.0.1", 0),
+        advertise: tuple[str, int] | None = None,
     ) -> None:
         self.url = url
         self._budget = budget
@@ -138,13 +142,12 @@ class Cluster:
         self.peers: dict[str, Peer] = {}
         self.relays: dict[str, Relay] = {}
         self.orphaned = 0  # relayed requests cancelled because their ingress died
-        self._inbox = wire.inbox_key(self.instance)
-        self._inbox_id = "0-0"
+        self._listen, self._advertise = listen, advertise
+        self.links = Links(self.instance, self._lookup, self._deliver, self._link_lost)
         self._directory_id = "$"
         self._published: dict[str, wire.Record] = {}
         self._replica = Replica(registry)
         self._cooldowns_loaded: set[ProviderEntry] = set()
-        self._outbox_send, self._outbox = trio.open_memory_channel[tuple[str, Message]](OUTBOX)
         self._nursery: trio.Nursery | None = None
         registry.remote_report = self._report
         registry.remote_success = self._succeeded
@@ -165,9 +168,9 @@ class Cluster:
         )
         async with commands, blocking, trio.open_nursery() as nursery:
             self._redis, self._blocking, self._nursery = commands, blocking, nursery
+            await nursery.start(self.links.run, self._listen, self._advertise)
             await self._connect()
             nursery.start_soon(self._read)
-            nursery.start_soon(self._write)
             nursery.start_soon(self._publish)
             nursery.start_soon(self._heartbeat)
             nursery.start_soon(self._watch)
@@ -182,9 +185,7 @@ class Cluster:
     async def _connect(self) -> bool:
         """(Re)join: announce ourselves, read the whole directory. False if Redis is down."""
         try:
-            await self._redis.set(
-                wire.instance_key(self.instance), str(time.time()), px=INSTANCE_TTL_MS
-            )
+            await self._announce()
             if self._directory_id == "$":
                 self._directory_id = await self._xadd(wire.DIRECTORY_STREAM, {"k": "hello"})
             await self._rebuild()
@@ -194,69 +195,49 @@ class Cluster:
         if not self.up:
             self.up = True
             log.info("cluster instance %s joined", self.instance)
-            for peer in self.peers.values():
-                if peer.dead == REDIS_DOWN:
-                    peer.dead = None
             await self._rebuild()
         self._published.clear()  # Redis may have lost them: publish everything again
         self.registry.touch()  # wakes the publisher
         return True
 
+    async def _announce(self) -> None:
+        """This instance's key: alive, and where its link listens (with its token)."""
+        me = wire.Instance(self.links.address, self.links.token.hex(), time.time())
+        await self._redis.set(wire.instance_key(self.instance), wire.encode(me), px=INSTANCE_TTL_MS)
+
+    async def _lookup(self, instance: str) -> wire.Instance | None:
+        """Another instance's key, for its link (None: it is gone, or Redis is)."""
+        try:
+            value = await self._redis.get(wire.instance_key(instance))
+        except REDIS_ERRORS as exc:
+            self._lost(exc)
+            return None
+        if value is None:
+            return None
+        try:
+            return wire.decode_instance(value if isinstance(value, bytes) else value.encode())
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return None
+
     def _lost(self, exc: BaseException) -> None:
-        """Redis is unreachable: everything that crosses it ends now, local serving goes on."""
-        if not self.up and not self.peers and not self.relays:
-            return
+        """Redis is unreachable: no new remote attempt starts; the links carry on with the
+        requests in flight; local serving goes on."""
         if self.up:
             # The text only: a record holding the exception would keep its frames alive.
             log.warning(
                 "cluster: Redis is unreachable (%s): serving local providers only", str(exc)
             )
         self.up = False
-        for peer in self.peers.values():
-            peer.died(REDIS_DOWN)
-        for relay in list(self.relays.values()):
-            relay.scope.cancel(reason="the cluster's Redis is down")
         for entry in self.registry.providers():
             if entry.owner is not None:
                 entry.unreachable = REDIS_DOWN
         self.registry.touch()
 
-    # The writer -----------------------------------------------------------------------------
+    # The links ------------------------------------------------------------------------------
 
     def post(self, target: str, kind: wire.Kind, request_id: str, data: bytes) -> None:
-        """Queue one message for `target`'s inbox, never waiting; SessionGone if it can't."""
-        if not self.up:
-            raise SessionGone
-        try:
-            self._outbox_send.send_nowait((wire.inbox_key(target), (kind.value, request_id, data)))
-        except trio.WouldBlock:
-            raise SessionGone from None
-
-    async def _write(self) -> None:
-        async for first in self._outbox:
-            batch = [first]
-            while len(batch) < BATCH:
-                try:
-                    batch.append(self._outbox.receive_nowait())
-                except trio.WouldBlock:
-                    break
-            # One entry per inbox for the whole batch: one command, one read, not one each.
-            by_inbox: dict[str, list[Message]] = {}
-            for key, message in batch:
-                by_inbox.setdefault(key, []).append(message)
-            try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for key, messages in by_inbox.items():
-                        fields: Fields = {"f": self.instance, "m": msgspec.msgpack.encode(messages)}
-                        pipe.xadd(
-                            key,
-                            fields,
-                            trim_strategy=PureToken.MAXLEN,
-                            threshold=wire.INBOX_MAXLEN,
-                            trim_operator=PureToken.APPROXIMATELY,
-                        )
-            except REDIS_ERRORS as exc:
-                self._lost(exc)
+        """Send one message to `target` over its link, never waiting; SessionGone if it can't."""
+        self.links.current(target).send(kind, request_id, data)
 
     async def _xadd(self, key: str, fields: Fields) -> str:
         ident = await self._redis.xadd(
@@ -268,6 +249,28 @@ class Cluster:
         )
         return ident.decode() if isinstance(ident, bytes) else str(ident)
 
+    def _deliver(self, via: Connection, kind: str, request_id: str, data: bytes) -> None:
+        """One message from a link (its reader calls this: it must not wait)."""
+        peer = self.peers.get(via.peer)
+        if peer is not None:
+            peer.heard()
+        try:
+            self._handle_one(peer, via.peer, kind, request_id, data, via)
+        except (msgspec.ValidationError, msgspec.DecodeError, KeyError, ValueError):
+            log.warning("cluster: dropped a malformed message")
+
+    def _link_lost(self, via: Connection, current: bool) -> None:
+        """A link ended: the requests on it end now, on both sides."""
+        peer = self.peers.get(via.peer)
+        if peer is not None:
+            if via.failed and peer.dead is None:
+                self._peer_died(peer, PEER_UNREACHABLE)  # its link would not take us
+            elif current:
+                peer.streams.close_all()  # our requests to it went on this one: disconnects
+        for request_id, relay in list(self.relays.items()):
+            if relay.via is via:
+                self._orphan(request_id, relay)
+
     # The reader -----------------------------------------------------------------------------
 
     async def _read(self) -> None:
@@ -278,39 +281,30 @@ class Cluster:
                 continue
             try:
                 answer = await self._blocking.xread(
-                    {self._inbox: self._inbox_id, wire.DIRECTORY_STREAM: self._directory_id},
-                    count=BATCH,
-                    block=READ_BLOCK_MS,
+                    {wire.DIRECTORY_STREAM: self._directory_id}, count=BATCH, block=READ_BLOCK_MS
                 )
             except REDIS_ERRORS as exc:
                 self._lost(exc)
                 continue
-            for key, entries in (answer or {}).items():
-                inbox = (key.decode() if isinstance(key, bytes) else key) == self._inbox
+            for entries in (answer or {}).values():
                 for entry in entries:
                     ident = entry.identifier
-                    ident = ident.decode() if isinstance(ident, bytes) else str(ident)
+                    self._directory_id = ident.decode() if isinstance(ident, bytes) else str(ident)
                     try:
-                        if inbox:
-                            self._inbox_id = ident
-                            self._handle(entry.field_values)
-                        else:
-                            self._directory_id = ident
-                            self._directory_event(entry.field_values)
+                        self._directory_event(entry.field_values)
                     except (msgspec.ValidationError, msgspec.DecodeError, KeyError, ValueError):
-                        log.warning("cluster: dropped a malformed message")
-
-    def _handle(self, fields: Any) -> None:
-        sender = fields[b"f"].decode()
-        peer = self.peers.get(sender)
-        if peer is not None:
-            peer.heard()
-        for kind, request_id, data in _messages.decode(fields[b"m"]):
-            self._handle_one(peer, sender, kind, request_id, data)
+                        log.warning("cluster: dropped a malformed directory event")
 
     def _handle_one(
-        self, peer: Peer | None, sender: str, kind: str, request_id: str, data: bytes
+        self,
+        peer: Peer | None,
+        sender: str,
+        kind: str,
+        request_id: str,
+        data: bytes,
+        via: Connection,
     ) -> None:
+        """One message from `sender` (arrived over `via`: the link a relay answers on)."""
         match kind:
             case wire.Kind.FRAME:
                 if peer is not None:
@@ -323,15 +317,13 @@ class Cluster:
                     peer.streams.finish(request_id)
             case wire.Kind.DISPATCH:
                 assert self._nursery is not None
-                self._nursery.start_soon(
-                    self._relay, sender, request_id, wire.decode_dispatch(data)
-                )
+                self._nursery.start_soon(self._relay, via, request_id, wire.decode_dispatch(data))
             case wire.Kind.CANCEL:
                 relay = self.relays.get(request_id)
                 if relay is not None and relay.ingress == sender:
                     relay.scope.cancel(reason="the ingress cancelled the request")
             case wire.Kind.PING:
-                self._answer(sender, wire.Kind.PONG, request_id)
+                _send(via, wire.Kind.PONG, request_id)
             case wire.Kind.PONG:
                 pass
             case wire.Kind.STRIKE | wire.Kind.BAN | wire.Kind.KICK:
@@ -354,40 +346,45 @@ class Cluster:
 
     # The owner's side: relaying a remote request --------------------------------------------
 
-    async def _relay(self, ingress: str, request_id: str, dispatch: wire.Dispatch) -> None:
+    async def _relay(self, via: Connection, request_id: str, dispatch: wire.Dispatch) -> None:
         entry = self.registry.get(dispatch.provider_id)
-        if entry is None or entry.owner is not None or entry.epoch != dispatch.epoch:
-            self._answer(ingress, wire.Kind.GONE, request_id)
+        session = None if entry is None else entry.session
+        if (
+            entry is None
+            or entry.owner is not None
+            or entry.epoch != dispatch.epoch
+            or not isinstance(session, ProviderSession)
+        ):
+            _send(via, wire.Kind.GONE, request_id)
             return
         lease: Lease = self.registry.take(entry, dispatch.model)
-        session = entry.session
-        relay = Relay(ingress, trio.CancelScope(), entry.provider_id)
+        relay = Relay(via.peer, trio.CancelScope(), entry.provider_id, via)
         self.relays[request_id] = relay
-        ended = False
+        forward = Forward(via, request_id)
+        cancel = True  # unless the request ended on its own: a `cancel` to the provider
         try:
-            frames = session.open_stream(request_id)
+            session.open_raw(request_id, forward)  # its frames go to `via` from the reader
             try:
                 session.start(request_id, dispatch.body, dispatch.model)
             except SessionGone:
-                frames.close()
-                self._answer(ingress, wire.Kind.GONE, request_id)
-                ended = True
+                _send(via, wire.Kind.GONE, request_id)
+                cancel = False
                 return
             with relay.scope:
-                async for frame in frames:
-                    self._answer(ingress, wire.Kind.FRAME, request_id, msgspec.json.encode(frame))
-                    if isinstance(frame, InferenceComplete | InferenceError):
-                        ended = True
-                        return
-                self._answer(ingress, wire.Kind.GONE, request_id)  # the session ended
-                ended = True
+                match await forward.ended.receive():
+                    case Relayed() | SessionEnded():
+                        cancel = False
+                    case IngressUnreachable():
+                        self._orphan(request_id, relay)  # its link broke under a send
+                    case _ as never:
+                        assert_never(never)
         finally:
             self.relays.pop(request_id, None)
             self.registry.release(lease)
-            if ended:
-                session.finish(request_id)
+            if cancel:
+                session.cancel(request_id)
             else:
-                session.cancel(request_id)  # a `cancel` frame to the provider
+                session.finish(request_id)
 
     def _orphan(self, request_id: str, relay: Relay) -> None:
         """The ingress of a relayed request died: stop the provider, write an orphan row."""
@@ -633,9 +630,7 @@ class Cluster:
             if not self.up:
                 continue
             try:
-                await self._redis.set(
-                    wire.instance_key(self.instance), str(time.time()), px=INSTANCE_TTL_MS
-                )
+                await self._announce()
             except REDIS_ERRORS as exc:
                 self._lost(exc)
 
@@ -643,9 +638,7 @@ class Cluster:
         turn = 0
         while True:
             await trio.sleep(WATCH_EVERY_S)
-            if not self.up:
-                continue
-            now = trio.current_time()
+            now = trio.current_time()  # the links' liveness needs no Redis
             for peer in self.peers.values():
                 if peer.dead is not None or not len(peer.streams):
                     continue
@@ -656,7 +649,7 @@ class Cluster:
                     peer.pinged_at = now
                     self._answer(peer.instance, wire.Kind.PING, "")
             turn += 1
-            if turn % 5 == 0:
+            if turn % 5 == 0 and self.up:
                 try:
                     await self._check_instances()
                 except REDIS_ERRORS as exc:
@@ -683,10 +676,19 @@ class Cluster:
     def _peer_died(self, peer: Peer, reason: str) -> None:
         log.warning("cluster: instance %s stopped answering: its requests fail over", peer.instance)
         peer.died(reason)
+        self.links.close(peer.instance, reason)
         for entry in self.registry.providers():
             if entry.owner == peer.instance:
                 entry.unreachable = reason
         self.registry.touch()
+
+
+def _send(via: Connection, kind: wire.Kind, request_id: str) -> None:
+    """An answer on the link a message came over, if it still takes one."""
+    try:
+        via.send(kind, request_id)
+    except SessionGone:
+        pass
 
 
 def _text(value: Any) -> str:

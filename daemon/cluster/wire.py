@@ -1,13 +1,13 @@
-"""What daemons of one cluster say to each other: inbox messages and directory records.
+"""What daemons of one cluster say to each other: link messages, instance keys, records.
 
-Every instance reads one Redis stream, its inbox (`inbox_key`). An entry is what one writer
-batch holds for that inbox: `f` the sending instance, `m` a msgpack list of messages, each
-`[kind, request id, data]`. None of
-it is on the provider wire (PROTOCOL.md is unchanged): a provider never learns that the
-request came from another daemon. A request body travels sealed to the provider's key, a
-provider frame travels as the provider sent it (chunks sealed to the ingress's ephemeral
-key), so an owner relaying them never holds plaintext.
+Messages (`Kind`, each with a request id and data) travel over the direct links between
+instances (`peerlink.py` frames them). None of it is on the provider wire (PROTOCOL.md is
+unchanged): a provider never learns that the request came from another daemon. A request
+body travels sealed to the provider's key, a provider frame travels as the provider sent it,
+byte for byte (chunks sealed to the ingress's ephemeral key), so an owner relaying them never
+holds plaintext.
 
+An instance's key (`instance_key`, an `Instance`) says it is alive and how to reach its link.
 A directory record is one provider as its owner advertises it, under `directory_key` with a
 TTL that its owner keeps refreshing; `DIRECTORY_STREAM` announces each change.
 """
@@ -23,8 +23,7 @@ from protocol.messages import EncryptedPayload, ModelInfo
 
 PREFIX: Final = "dinfer:"
 DIRECTORY_STREAM: Final = PREFIX + "directory"
-# Approximate stream bounds (XADD MAXLEN ~): nobody reads far behind.
-INBOX_MAXLEN: Final = 100_000
+# Approximate stream bound (XADD MAXLEN ~): nobody reads far behind.
 DIRECTORY_MAXLEN: Final = 10_000
 
 
@@ -42,6 +41,15 @@ class Kind(enum.StrEnum):
     QUEUE = "queue"  # any -> any: the sender's admission queue depths (d: queues.py)
     ADMIN = "admin"  # any -> owner: an operator's order (d: remote_admin.AdminOrder)
     ADMIN_DONE = "admin_done"  # owner -> asker: its answer to order r (d: AdminAnswer)
+
+
+class Instance(msgspec.Struct, frozen=True):
+    """An instance's key: where its link listens and the secret it proves itself with (new
+    at each start: whoever can read Redis is a member of the cluster, and may dial it)."""
+
+    address: str  # host:port, IPv6 hosts in brackets
+    token: str  # hex; never logged
+    at: float  # wall clock of the last heartbeat
 
 
 class Dispatch(msgspec.Struct, frozen=True):
@@ -88,10 +96,6 @@ class Record(msgspec.Struct, frozen=True):
     in_flight: int = 0
 
 
-def inbox_key(instance: str) -> str:
-    return f"{PREFIX}inbox:{instance}"
-
-
 def instance_key(instance: str) -> str:
     return f"{PREFIX}instance:{instance}"
 
@@ -117,6 +121,7 @@ def budget_key(instance: str) -> str:
 _dispatch = msgspec.json.Decoder(Dispatch)
 _report = msgspec.json.Decoder(Report)
 _record = msgspec.json.Decoder(Record)
+_instance = msgspec.json.Decoder(Instance)
 encode = msgspec.json.encode
 
 
@@ -130,3 +135,7 @@ def decode_report(data: bytes) -> Report:
 
 def decode_record(data: bytes) -> Record:
     return _record.decode(data)
+
+
+def decode_instance(data: bytes) -> Instance:
+    return _instance.decode(data)

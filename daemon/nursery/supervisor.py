@@ -264,6 +264,8 @@ async def open_supervisor(
                     budget=hedger,
                     queue=queue,
                     limits=limiter,
+                    listen=settings.cluster_listen,
+                    advertise=settings.cluster_advertise,
                 ).run
             )
             if settings.rebalance_every_s > 0:

@@ -30,7 +30,7 @@ from daemon.routing.registration import (
 )
 from daemon.routing.registry import Registry
 from daemon.routing.silence import Silence
-from daemon.routing.streams import StreamFrame, Streams
+from daemon.routing.streams import RawSink, StreamFrame, Streams
 from daemon.routing.transport import Transport, TransportClosed, decode_frame
 from daemon.routing.types import ProviderEntry, SessionGone
 from protocol.messages import (
@@ -183,7 +183,7 @@ class ProviderSession:
                     # At once, not when the nursery unwinds: a stuck writer would delay it.
                     self.kick(CloseCode.GOING_AWAY, "connection closed by the provider")
                     return
-                self._handle(entry, attestation, decode_frame(frame))
+                self._handle(entry, attestation, decode_frame(frame), frame)
         self.kick(*self._silence.verdict())
 
     def _handle(
@@ -191,12 +191,15 @@ class ProviderSession:
         entry: ProviderEntry,
         attestation: Attestation,
         message: ProviderMessage | ProtocolError,
+        frame: str | bytes,
     ) -> None:
+        # A decoded frame was text: a binary one is a ProtocolError (transport.decode_frame).
+        text = frame if isinstance(frame, str) else ""
         match message:
             case InferenceResponseChunk():  # first: nearly every frame is one
-                self._streams.route(message.request_id, message, final=False)
+                self._streams.route(message.request_id, message, final=False, text=text)
             case InferenceComplete() | InferenceError():
-                self._streams.route(message.request_id, message, final=True)
+                self._streams.route(message.request_id, message, final=True, text=text)
             case ProtocolError() | Register():
                 self._malformed_frame(entry, message)
             case Heartbeat(status=status):
@@ -206,7 +209,7 @@ class ProviderSession:
             case AttestationResponse():
                 attestation.answer(message)
             case _:
-                self._streams.route(message.request_id, message, final=False)
+                self._streams.route(message.request_id, message, final=False, text=text)
 
     def _malformed_frame(self, entry: ProviderEntry, message: ProtocolError | Register) -> None:
         self._malformed += 1
@@ -250,6 +253,10 @@ class ProviderSession:
     def open_stream(self, request_id: str) -> trio.MemoryReceiveChannel[StreamFrame]:
         """The frames of one request, closed after its terminal or when the session ends."""
         return self._streams.open(request_id)
+
+    def open_raw(self, request_id: str, sink: RawSink) -> None:
+        """The frames of one request as the provider's text, for a cluster relay."""
+        self._streams.open_raw(request_id, sink)
 
     def start(self, request_id: str, body: EncryptedPayload, model: str = "") -> None:
         self.post(InferenceRequest(request_id=request_id, encrypted_body=body))
