@@ -28,6 +28,7 @@ import pytest
 import trio
 
 from daemon.api.serve import RunningDaemon, serve
+from daemon.cluster import node as cluster_node
 from daemon.cluster import peerlink, wire
 from daemon.cluster.node import Cluster
 from daemon.config import load_settings
@@ -563,22 +564,23 @@ class _Spaced(FakeProvider):
         return True
 
 
-async def test_a_remote_frame_is_relayed_verbatim(world: World) -> None:
+async def test_a_remote_frame_is_relayed_verbatim(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
     a, b = await world.node(), await world.node()
     fake = _Spaced(b.daemon.provider_url, behaviour=always(answer("Hello", " world")))
     fake.sent = []
     await world.connect(fake)
     await sees(a, fake)
-    links = a.cluster.links
     relayed: list[bytes] = []
-    deliver = links.deliver
+    decode = cluster_node.decode_provider_frame
 
-    def spy(via: Any, kind: str, request_id: str, data: bytes) -> None:
-        if kind == wire.Kind.FRAME and b"inference_response_chunk" in data:
+    def spy(data: bytes) -> Any:  # the ingress decodes each relayed frame once, here
+        if b"inference_response_chunk" in data:
             relayed.append(data)
-        deliver(via, kind, request_id, data)
+        return decode(data)
 
-    links.deliver = spy
+    monkeypatch.setattr(cluster_node, "decode_provider_frame", spy)
     response = await a.chat(stream=True)
     assert response.status_code == 200
     assert "Hello" in response.text and " world" in response.text
