@@ -112,6 +112,10 @@ class RemoteAdmin:
 
     async def forward(self, entry: ProviderEntry, owner: str, action: Action) -> Outcome:
         """Send `action` to `owner`, wait for its answer; apply that to the replica."""
+        if entry.unreachable is not None:
+            # Refused for routing (the owner taken for dead, or Redis down: the owner could not
+            # publish the order to the others): refused for orders too, never half applied.
+            return Unreachable(owner, f"the provider's daemon is {entry.unreachable}", sent=False)
         request_id = uuid.uuid4().hex
         send, receive = trio.open_memory_channel[AdminAnswer](1)
         self._pending[request_id] = send
