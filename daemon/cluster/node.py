@@ -316,8 +316,7 @@ class Cluster:
                 if peer is not None:
                     peer.streams.finish(request_id)
             case wire.Kind.DISPATCH:
-                assert self._nursery is not None
-                self._nursery.start_soon(self._relay, via, request_id, wire.decode_dispatch(data))
+                self._begin_relay(via, request_id, wire.decode_dispatch(data))
             case wire.Kind.CANCEL:
                 relay = self.relays.get(request_id)
                 if relay is not None and relay.ingress == sender:
@@ -346,7 +345,9 @@ class Cluster:
 
     # The owner's side: relaying a remote request --------------------------------------------
 
-    async def _relay(self, via: Connection, request_id: str, dispatch: wire.Dispatch) -> None:
+    def _begin_relay(self, via: Connection, request_id: str, dispatch: wire.Dispatch) -> None:
+        """Start a remote request on its provider from the link's reader, at once: no task
+        switch before the provider has it. `_relay` then waits for its end."""
         entry = self.registry.get(dispatch.provider_id)
         session = None if entry is None else entry.session
         if (
@@ -357,19 +358,33 @@ class Cluster:
         ):
             _send(via, wire.Kind.GONE, request_id)
             return
+        assert self._nursery is not None
         lease: Lease = self.registry.take(entry, dispatch.model)
+        forward = Forward(via, request_id)
+        session.open_raw(request_id, forward)  # its frames go to `via` from the reader
+        try:
+            session.start(request_id, dispatch.body, dispatch.model)
+        except SessionGone:
+            session.finish(request_id)
+            self.registry.release(lease)
+            _send(via, wire.Kind.GONE, request_id)
+            return
         relay = Relay(via.peer, trio.CancelScope(), entry.provider_id, via)
         self.relays[request_id] = relay
-        forward = Forward(via, request_id)
+        self._nursery.start_soon(self._relay, request_id, relay, session, lease, forward)
+
+    async def _relay(
+        self,
+        request_id: str,
+        relay: Relay,
+        session: ProviderSession,
+        lease: Lease,
+        forward: Forward,
+    ) -> None:
+        """Wait for a started remote request's end (a cancel before this task ran cancels
+        its scope, which is then cancelled as it is entered); free what it held."""
         cancel = True  # unless the request ended on its own: a `cancel` to the provider
         try:
-            session.open_raw(request_id, forward)  # its frames go to `via` from the reader
-            try:
-                session.start(request_id, dispatch.body, dispatch.model)
-            except SessionGone:
-                _send(via, wire.Kind.GONE, request_id)
-                cancel = False
-                return
             with relay.scope:
                 match await forward.ended.receive():
                     case Relayed() | SessionEnded():
