@@ -11,7 +11,8 @@ HTTP client. Two phases:
 - `hop`: daemon B holds every fake provider; daemon A holds none, so A's requests are remote
   attempts relayed by B over their direct link (daemon/cluster/peerlink.py). TTFT at
   concurrency 1, back to back, on B (local) and on A (remote): "added TTFT" = remote p50 -
-  local p50. Then long paced streams through B and through A: "relay CPU per remote chunk" =
+  local p50, in alternated rounds. Then long streams through B and through A, alternated over
+  `CHUNK_ROUNDS` rounds: "relay CPU per remote chunk" =
   (A + B + Redis CPU through A) / chunks - (A + B + Redis CPU through B) / chunks, each
   process's CPU from /proc: the same three processes both times, so what the cluster costs
   anyway (heartbeats, the directory) cancels out. A and B are pinned to core 0, Redis and
@@ -105,6 +106,7 @@ async def interleaved(local: bd.Target, remote: bd.Target, count: int) -> tuple[
 
 
 ROUNDS = 20
+CHUNK_ROUNDS = 5  # long-stream rounds, local and remote alternated
 
 
 async def hop(work: Path, redis_port: int, plan: bd.Plan, redis_pid: int) -> None:
@@ -130,29 +132,51 @@ async def hop(work: Path, redis_port: int, plan: bd.Plan, redis_pid: int) -> Non
             print(f"  added TTFT of a remote attempt (p50): {added * 1000:.2f} ms (goal <= 1 ms)")
             print(f"  errors: local {local.errors}, remote {remote.errors}")
 
-            chunks = plan.long_chunks
-            before = cpu(a_pid, b_pid, redis_pid)
-            base = await bd.long_streams(b, 1, chunks)
-            local_cpu = cpu(a_pid, b_pid, redis_pid) - before
-            before_all = cpu(a_pid, b_pid, redis_pid)
-            before_a, before_b, before_r = cpu(a_pid), cpu(b_pid), cpu(redis_pid)
-            through = await bd.long_streams(a, 1, chunks)
-            remote_cpu = cpu(a_pid, b_pid, redis_pid) - before_all
-            per_local = local_cpu / max(base.chunks, 1)
-            per_remote = remote_cpu / max(through.chunks, 1)
-            print(f"long stream of {chunks} chunks (paced), CPU per chunk:")
-            print(f"  local  (A + B + Redis) {per_local * 1e6:.1f} us  ({base.rate:,.0f} chunks/s)")
+            # Local and remote streams alternate over CHUNK_ROUNDS rounds, each CPU summed over
+            # its own rounds: a load change on the machine lands on both sides alike.
+            chunks = plan.long_chunks // CHUNK_ROUNDS
+            spent = {"local": 0.0, "remote": 0.0}
+            relayed = {"local": 0, "remote": 0}
+            incomplete = {"local": 0, "remote": 0}
+            span = {"local": 0.0, "remote": 0.0}
+            split = {"A": 0.0, "B": 0.0, "Redis": 0.0}
+            for _ in range(CHUNK_ROUNDS):
+                for side, target in (("local", b), ("remote", a)):
+                    each = cpu(a_pid), cpu(b_pid), cpu(redis_pid)
+                    run = await bd.long_streams(target, 1, chunks)
+                    after = cpu(a_pid), cpu(b_pid), cpu(redis_pid)
+                    spent[side] += sum(after) - sum(each)
+                    relayed[side] += run.chunks
+                    incomplete[side] += run.incomplete
+                    span[side] += run.span
+                    if side == "remote":
+                        for name, x, y in zip(split, each, after, strict=True):
+                            split[name] += y - x
+            per_local = spent["local"] / max(relayed["local"], 1)
+            per_remote = spent["remote"] / max(relayed["remote"], 1)
+            shares = ", ".join(
+                f"{name} {value * 1e6 / max(relayed['remote'], 1):.1f}"
+                for name, value in split.items()
+            )
+            rate = {side: relayed[side] / max(span[side], 1e-9) for side in span}
+            print(
+                f"long streams of {chunks} chunks, {CHUNK_ROUNDS} rounds alternated, CPU per chunk:"
+            )
+            print(
+                f"  local  (A + B + Redis) {per_local * 1e6:.1f} us  "
+                f"({rate['local']:,.0f} chunks/s)"
+            )
             print(
                 f"  remote (A + B + Redis) {per_remote * 1e6:.1f} us  "
-                f"({through.rate:,.0f} chunks/s; A {(cpu(a_pid) - before_a) * 1e6 / chunks:.1f}"
-                f", B {(cpu(b_pid) - before_b) * 1e6 / chunks:.1f}"
-                f", Redis {(cpu(redis_pid) - before_r) * 1e6 / chunks:.1f} us)"
+                f"({rate['remote']:,.0f} chunks/s; {shares} us)"
             )
             print(
                 f"  relay CPU per remote chunk: {(per_remote - per_local) * 1e6:.1f} us "
                 "(goal <= 30 us)"
             )
-            print(f"  incomplete streams: local {base.incomplete}, remote {through.incomplete}")
+            print(
+                f"  incomplete streams: local {incomplete['local']}, remote {incomplete['remote']}"
+            )
 
 
 class TaggedFake(bd.BenchFake):
