@@ -62,6 +62,12 @@ MAGIC: Final = b"dinfer-link/1\n"
 OK: Final = b"\x01"
 NONCE_BYTES: Final = 32
 HANDSHAKE_S: Final = 2.0
+# Accepted connections still in their handshake, from one address and in all: each holds a
+# descriptor (and costs a Redis read) for up to HANDSHAKE_S, so a flood of connections that
+# never prove anything must not take every descriptor of the process. Past either, a new
+# connection is closed at once (a member's dial fails and its next message dials again).
+HANDSHAKES_PER_ADDRESS: Final = 16
+HANDSHAKES: Final = 256
 # Frames waiting for one connection's writer; past this the peer is not reading.
 QUEUE: Final = 65_536
 BATCH: Final = 1024  # frames per send_all at most
@@ -105,9 +111,13 @@ def split_frames(buffer: bytearray) -> tuple[list[tuple[str, str, bytes]], int]:
         if end > end_of_data:
             break
         start = at + _HEADER.size
-        kind = buffer[start : start + kind_len].decode("ascii", "replace")
+        kind = buffer[start : start + kind_len].decode("ascii", "replace")  # unknown: ignored
         start += kind_len
-        request_id = buffer[start : start + id_len].decode("utf-8", "replace")
+        try:
+            # Strict: with replacement 255 bytes could grow to 765, which no answer can carry.
+            request_id = buffer[start : start + id_len].decode()
+        except UnicodeDecodeError:
+            raise FrameError("a request id that is not UTF-8") from None
         frames.append((kind, request_id, bytes(buffer[start + id_len : end])))
         at = end
     return frames, at
@@ -155,6 +165,47 @@ class _Buffered:
 def _named(name: str) -> bytes:
     raw = name.encode()
     return bytes((len(raw),)) + raw
+
+
+class _Handshakes:
+    """The accepted connections in their handshake, per address: at most
+    HANDSHAKES_PER_ADDRESS from one, HANDSHAKES in all."""
+
+    def __init__(self) -> None:
+        self._by_address: dict[str, int] = {}
+        self._total = 0
+        self._refusing = False  # logged once per flood, not once per connection
+
+    def enter(self, address: str) -> bool:
+        waiting = self._by_address.get(address, 0)
+        if waiting >= HANDSHAKES_PER_ADDRESS or self._total >= HANDSHAKES:
+            if not self._refusing:
+                self._refusing = True
+                log.warning(
+                    "cluster link: too many connections in their handshake (%d from %s, %d in"
+                    " all): closing new ones at once",
+                    waiting,
+                    address,
+                    self._total,
+                )
+            return False
+        self._by_address[address] = waiting + 1
+        self._total += 1
+        return True
+
+    def leave(self, address: str) -> None:
+        self._total -= 1
+        left = self._by_address.pop(address) - 1
+        if left:
+            self._by_address[address] = left
+        self._refusing = False
+
+
+def _address_of(stream: trio.SocketStream) -> str:
+    try:
+        return str(stream.socket.getpeername()[0])
+    except OSError:
+        return "?"  # already reset by the peer: its handshake fails at once
 
 
 class Connection:
@@ -294,6 +345,7 @@ class Links:
         self._lost = lost
         self._current: dict[str, Connection] = {}  # the one each peer's messages go on
         self._open: set[Connection] = set()
+        self._handshakes = _Handshakes()
         self._nursery: trio.Nursery | None = None
 
     async def run(
@@ -370,8 +422,25 @@ class Links:
         await conn.serve(stream, partial(self._as_dialer, peer=conn.peer, found=found))
 
     async def _accepted(self, stream: trio.SocketStream) -> None:
-        conn = Connection(self, "")
-        await conn.serve(stream, self._as_listener)
+        address = _address_of(stream)
+        if not self._handshakes.enter(address):
+            await stream.aclose()  # a flood (HANDSHAKES): closed before it costs anything
+            return
+        settled = False
+
+        async def handshake(link: _Buffered) -> Handshake:
+            nonlocal settled
+            try:
+                return await self._as_listener(link)
+            finally:
+                settled = True
+                self._handshakes.leave(address)
+
+        try:
+            await Connection(self, "").serve(stream, handshake)
+        finally:
+            if not settled:
+                self._handshakes.leave(address)
 
     async def _as_dialer(self, link: _Buffered, peer: str, found: wire.Instance) -> Handshake:
         mine = secrets.token_bytes(NONCE_BYTES)
