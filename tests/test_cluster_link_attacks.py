@@ -9,6 +9,7 @@ bound.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -23,7 +24,7 @@ from daemon.cluster import peerlink, wire
 from protocol import crypto
 from tests import test_cluster
 from tests.consumer_harness import chat_body, poll_until
-from tests.fakes.provider import Hold, answer
+from tests.fakes.provider import Complete, Hold, always, answer, content_chunk, role_chunk
 from tests.test_cluster import BOUND_S, REDIS, Node, World, sees
 
 pytestmark = [
@@ -260,3 +261,97 @@ async def test_a_flood_of_silent_connections_is_bounded(world: World) -> None:
     for stream in flood:
         await stream.aclose()
     assert await alive(a)
+
+
+async def test_a_peer_that_stops_reading_costs_a_bounded_memory(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer's queue was bounded by frames only (65536, each up to a provider frame's
+    10 MiB): an ingress that stops reading made the owner hold whatever its providers sent.
+    Past QUEUE_BYTES the link closes and the relay is orphaned (the provider cancelled)."""
+    monkeypatch.setattr(peerlink, "QUEUE_BYTES", 1 << 20)
+    b = await world.node()
+    big = content_chunk("x" * (256 << 10))
+    fake = b.fake(behaviour=always([role_chunk(), *[big] * 100, Complete()]))
+    await world.connect(fake)
+    public_key = crypto.encode_key(fake.box_key.public_key)
+    async with member(world, b) as attacker:
+        body = dispatch_to(b, fake.provider_id, public_key)
+        await attacker.send(raw_frame(b"dispatch", b"unread", body))  # and never reads
+        await poll_until(lambda: b.cluster.orphaned == 1, bound=BOUND_S)
+        with trio.fail_after(BOUND_S):
+            await fake.cancel_seen.wait()
+    assert fake.cancels == ["unread"]
+
+
+async def test_a_link_opened_without_a_spare_descriptor_still_carries_requests(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The direct path's duplicate descriptor is an optimisation: at the process's descriptor
+    limit (EMFILE) `os.dup` raised out of the link's task and took the daemon down."""
+
+    def no_descriptor(fd: int) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(peerlink.os, "dup", no_descriptor)
+    a, b = await world.node(), await world.node()
+    fake = b.fake()
+    await world.connect(fake)
+    await sees(a, fake)
+    response = await a.chat()
+    assert response.status_code == 200, response.text
+    assert await alive(a) and await alive(b)
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        struct.pack("!IBB", 0xFFFF_FFFF, 0, 0),  # 4 GiB
+        struct.pack("!IBB", 1, 0, 0),  # shorter than its own names
+        struct.pack("!IBB", 2 + 200 + 10, 200, 10) + b"ping",  # then the peer hangs up
+        raw_frame(b"\xfe\xff-not-a-kind", b"r", b"x") + raw_frame(b"", b"", b""),
+    ],
+    ids=["huge", "negative-ish", "truncated", "garbage-kinds"],
+)
+async def test_a_member_sending_garbage_frames_loses_only_its_link(
+    world: World, garbage: bytes
+) -> None:
+    a = await world.node()
+    async with member(world, a) as attacker:
+        await attacker.send(garbage)
+        if b"kind" in garbage:
+            await attacker.send(raw_frame(b"ping", b"still"))  # ignored kinds keep the link
+            assert ("pong", "still", b"") in await attacker.frames_until("pong", "still")
+        else:
+            await attacker.stream.send_eof()
+            assert await attacker.closed_by_peer()
+    assert await alive(a)
+    assert not a.cluster.links._open or all(c.peer != "attacker0000" for c in a.cluster.links._open)
+
+
+async def test_a_captured_handshake_replayed_is_refused(world: World) -> None:
+    a = await world.node()
+    token = os.urandom(32)
+    async with coredis.Redis.from_url(world.redis.url) as redis:
+        key = wire.Instance("127.0.0.1:1", token.hex(), 0.0)
+        await redis.set(wire.instance_key("member000000"), wire.encode(key), px=600_000)
+    host, _, port = a.cluster.links.address.rpartition(":")
+    ids = (b"member000000", a.cluster.instance.encode())
+    opening = peerlink.MAGIC + b"".join(bytes((len(n),)) + n for n in ids) + os.urandom(32)
+    captured = []
+    for replay in (False, True):
+        with trio.fail_after(BOUND_S):
+            stream = await trio.open_tcp_stream(host, int(port))
+        async with stream:
+            attacker = Attacker(stream)
+            await attacker.send(opening)
+            with trio.fail_after(BOUND_S):
+                while len(attacker.buffer) < 64:
+                    attacker.buffer += await stream.receive_some()
+            nonce = bytes(attacker.buffer[:32])
+            if not replay:  # the member's own answer, as an eavesdropper records it
+                captured.append(peerlink._proof(token, b"dialer", nonce, opening[-32:], *ids))
+            await attacker.send(captured[0])
+            with trio.fail_after(BOUND_S):
+                answer = await stream.receive_some()
+            assert answer == (peerlink.OK if not replay else b"")

@@ -28,8 +28,8 @@ Each connection is one task of the links' nursery (dialed ones are started by `c
 accepted ones by `trio.serve_listeners`, both per connection, as a server's handlers are).
 It runs one writer, which sends everything queued in one `send_all`, and one reader, which
 hands each frame to `deliver` without waiting. `Connection.send` never waits: SessionGone when
-the connection is closed, or when QUEUE frames wait (the peer is not reading: the connection
-is closed). When a connection ends, `lost` says so once.
+the connection is closed, or when QUEUE frames or QUEUE_BYTES wait (the peer is not
+reading: the connection is closed). When a connection ends, `lost` says so once.
 
 `send` writes a frame itself, with one non-blocking `send` on a duplicate of the socket's
 descriptor, when nothing waits for the writer (so frames never overtake each other); whatever
@@ -70,6 +70,9 @@ HANDSHAKES_PER_ADDRESS: Final = 16
 HANDSHAKES: Final = 256
 # Frames waiting for one connection's writer; past this the peer is not reading.
 QUEUE: Final = 65_536
+# Bytes waiting for one connection's writer; past this too (one frame a provider sent may be
+# 10 MiB: a count alone let a peer that stopped reading cost gigabytes).
+QUEUE_BYTES: Final = 64 << 20
 BATCH: Final = 1024  # frames per send_all at most
 RECEIVE_BYTES: Final = 1 << 18
 # A provider frame is at most 10 MiB (PROTOCOL.md); a dispatch carries a sealed body.
@@ -219,6 +222,7 @@ class Connection:
         self._links = links
         self._send, self._queue = trio.open_memory_channel[bytes](QUEUE)
         self._backlog = 0  # frames handed to the writer and not yet sent
+        self._backlog_bytes = 0
         self._direct: socket.socket | None = None  # while open: `send` may write itself
 
     def send(self, kind: str, request_id: str, data: bytes = b"") -> None:
@@ -235,6 +239,9 @@ class Connection:
             if sent == len(frame):
                 return
             frame = frame[sent:]
+        if self._backlog and self._backlog_bytes + len(frame) > QUEUE_BYTES:
+            self.close(f"the peer took none of {QUEUE_BYTES} bytes")
+            raise SessionGone
         try:
             self._send.send_nowait(frame)
         except trio.WouldBlock:
@@ -243,6 +250,7 @@ class Connection:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise SessionGone from None
         self._backlog += 1
+        self._backlog_bytes += len(frame)
 
     def close(self, reason: str) -> None:
         self._send.close()
@@ -284,10 +292,16 @@ class Connection:
     async def _carry(self, stream: trio.abc.Stream, pending: bytearray) -> str:
         direct: socket.socket | None = None
         if isinstance(stream, trio.SocketStream):
-            # A duplicate descriptor of the same (non-blocking) socket: `send` writes on it.
-            direct = socket.socket(fileno=os.dup(stream.socket.fileno()))
-            direct.setblocking(False)
-            self._direct = direct
+            # A duplicate descriptor of the same (non-blocking) socket: `send` writes on it
+            # (why: the module's docstring). Without a spare descriptor (EMFILE), the writer
+            # alone sends.
+            try:
+                direct = socket.socket(fileno=os.dup(stream.socket.fileno()))
+            except OSError as exc:
+                log.warning("cluster link to %s: no direct sends (%s)", self.peer, exc.strerror)
+            else:
+                direct.setblocking(False)
+                self._direct = direct
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write, stream, nursery.cancel_scope)
@@ -313,8 +327,10 @@ class Connection:
                         batch.append(self._queue.receive_nowait())
                     except trio.WouldBlock:
                         break
-                await stream.send_all(first if len(batch) == 1 else b"".join(batch))
+                data = first if len(batch) == 1 else b"".join(batch)
+                await stream.send_all(data)
                 self._backlog -= len(batch)
+                self._backlog_bytes -= len(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             carrying.cancel(reason="the connection broke while sending")
 
