@@ -116,6 +116,7 @@ class Relay:
     scope: trio.CancelScope
     provider_id: str
     via: Connection
+    orphaned: bool = False  # its ingress is gone (counted and written once)
 
 
 class Cluster:
@@ -348,6 +349,14 @@ class Cluster:
     def _begin_relay(self, via: Connection, request_id: str, dispatch: wire.Dispatch) -> None:
         """Start a remote request on its provider from the link's reader, at once: no task
         switch before the provider has it. `_relay` then waits for its end."""
+        relaying = self.relays.get(request_id)
+        if relaying is not None:
+            # A request id already relayed (ids are readable on the network): never a second
+            # sink for it, which would take the first one's frames and leave it waiting.
+            log.warning("cluster: a dispatch repeats a request id in flight: dropped")
+            if relaying.ingress != via.peer:
+                _send(via, wire.Kind.GONE, request_id)  # its own stream of that id, if any
+            return
         entry = self.registry.get(dispatch.provider_id)
         session = None if entry is None else entry.session
         if (
@@ -394,7 +403,8 @@ class Cluster:
                     case _ as never:
                         assert_never(never)
         finally:
-            self.relays.pop(request_id, None)
+            if self.relays.get(request_id) is relay:
+                del self.relays[request_id]
             self.registry.release(lease)
             if cancel:
                 session.cancel(request_id)
@@ -402,7 +412,11 @@ class Cluster:
                 session.finish(request_id)
 
     def _orphan(self, request_id: str, relay: Relay) -> None:
-        """The ingress of a relayed request died: stop the provider, write an orphan row."""
+        """The ingress of a relayed request died: stop the provider, write an orphan row.
+        Once: the link's loss and a send that failed on it may both say so."""
+        if relay.orphaned:
+            return
+        relay.orphaned = True
         self.orphaned += 1
         log.warning("cluster: ingress %s is gone: cancelling its request", relay.ingress)
         relay.scope.cancel(reason="the request's ingress daemon is gone")

@@ -28,8 +28,8 @@ Each connection is one task of the links' nursery (dialed ones are started by `c
 accepted ones by `trio.serve_listeners`, both per connection, as a server's handlers are).
 It runs one writer, which sends everything queued in one `send_all`, and one reader, which
 hands each frame to `deliver` without waiting. `Connection.send` never waits: SessionGone when
-the connection is closed, or when QUEUE frames wait (the peer is not reading: the connection
-is closed). When a connection ends, `lost` says so once.
+the connection is closed, or when QUEUE frames or QUEUE_BYTES wait (the peer is not
+reading: the connection is closed). When a connection ends, `lost` says so once.
 
 `send` writes a frame itself, with one non-blocking `send` on a duplicate of the socket's
 descriptor, when nothing waits for the writer (so frames never overtake each other); whatever
@@ -62,8 +62,17 @@ MAGIC: Final = b"dinfer-link/1\n"
 OK: Final = b"\x01"
 NONCE_BYTES: Final = 32
 HANDSHAKE_S: Final = 2.0
+# Accepted connections still in their handshake, from one address and in all: each holds a
+# descriptor (and costs a Redis read) for up to HANDSHAKE_S, so a flood of connections that
+# never prove anything must not take every descriptor of the process. Past either, a new
+# connection is closed at once (a member's dial fails and its next message dials again).
+HANDSHAKES_PER_ADDRESS: Final = 16
+HANDSHAKES: Final = 256
 # Frames waiting for one connection's writer; past this the peer is not reading.
 QUEUE: Final = 65_536
+# Bytes waiting for one connection's writer; past this too (one frame a provider sent may be
+# 10 MiB: a count alone let a peer that stopped reading cost gigabytes).
+QUEUE_BYTES: Final = 64 << 20
 BATCH: Final = 1024  # frames per send_all at most
 RECEIVE_BYTES: Final = 1 << 18
 # A provider frame is at most 10 MiB (PROTOCOL.md); a dispatch carries a sealed body.
@@ -105,9 +114,13 @@ def split_frames(buffer: bytearray) -> tuple[list[tuple[str, str, bytes]], int]:
         if end > end_of_data:
             break
         start = at + _HEADER.size
-        kind = buffer[start : start + kind_len].decode("ascii", "replace")
+        kind = buffer[start : start + kind_len].decode("ascii", "replace")  # unknown: ignored
         start += kind_len
-        request_id = buffer[start : start + id_len].decode("utf-8", "replace")
+        try:
+            # Strict: with replacement 255 bytes could grow to 765, which no answer can carry.
+            request_id = buffer[start : start + id_len].decode()
+        except UnicodeDecodeError:
+            raise FrameError("a request id that is not UTF-8") from None
         frames.append((kind, request_id, bytes(buffer[start + id_len : end])))
         at = end
     return frames, at
@@ -157,6 +170,47 @@ def _named(name: str) -> bytes:
     return bytes((len(raw),)) + raw
 
 
+class _Handshakes:
+    """The accepted connections in their handshake, per address: at most
+    HANDSHAKES_PER_ADDRESS from one, HANDSHAKES in all."""
+
+    def __init__(self) -> None:
+        self._by_address: dict[str, int] = {}
+        self._total = 0
+        self._refusing = False  # logged once per flood, not once per connection
+
+    def enter(self, address: str) -> bool:
+        waiting = self._by_address.get(address, 0)
+        if waiting >= HANDSHAKES_PER_ADDRESS or self._total >= HANDSHAKES:
+            if not self._refusing:
+                self._refusing = True
+                log.warning(
+                    "cluster link: too many connections in their handshake (%d from %s, %d in"
+                    " all): closing new ones at once",
+                    waiting,
+                    address,
+                    self._total,
+                )
+            return False
+        self._by_address[address] = waiting + 1
+        self._total += 1
+        return True
+
+    def leave(self, address: str) -> None:
+        self._total -= 1
+        left = self._by_address.pop(address) - 1
+        if left:
+            self._by_address[address] = left
+        self._refusing = False
+
+
+def _address_of(stream: trio.SocketStream) -> str:
+    try:
+        return str(stream.socket.getpeername()[0])
+    except OSError:
+        return "?"  # already reset by the peer: its handshake fails at once
+
+
 class Connection:
     """One connection to another instance, from its first byte (dialing or accepted)."""
 
@@ -168,6 +222,7 @@ class Connection:
         self._links = links
         self._send, self._queue = trio.open_memory_channel[bytes](QUEUE)
         self._backlog = 0  # frames handed to the writer and not yet sent
+        self._backlog_bytes = 0
         self._direct: socket.socket | None = None  # while open: `send` may write itself
 
     def send(self, kind: str, request_id: str, data: bytes = b"") -> None:
@@ -184,6 +239,9 @@ class Connection:
             if sent == len(frame):
                 return
             frame = frame[sent:]
+        if self._backlog and self._backlog_bytes + len(frame) > QUEUE_BYTES:
+            self.close(f"the peer took none of {QUEUE_BYTES} bytes")
+            raise SessionGone
         try:
             self._send.send_nowait(frame)
         except trio.WouldBlock:
@@ -192,6 +250,7 @@ class Connection:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise SessionGone from None
         self._backlog += 1
+        self._backlog_bytes += len(frame)
 
     def close(self, reason: str) -> None:
         self._send.close()
@@ -233,10 +292,16 @@ class Connection:
     async def _carry(self, stream: trio.abc.Stream, pending: bytearray) -> str:
         direct: socket.socket | None = None
         if isinstance(stream, trio.SocketStream):
-            # A duplicate descriptor of the same (non-blocking) socket: `send` writes on it.
-            direct = socket.socket(fileno=os.dup(stream.socket.fileno()))
-            direct.setblocking(False)
-            self._direct = direct
+            # A duplicate descriptor of the same (non-blocking) socket: `send` writes on it
+            # (why: the module's docstring). Without a spare descriptor (EMFILE), the writer
+            # alone sends.
+            try:
+                direct = socket.socket(fileno=os.dup(stream.socket.fileno()))
+            except OSError as exc:
+                log.warning("cluster link to %s: no direct sends (%s)", self.peer, exc.strerror)
+            else:
+                direct.setblocking(False)
+                self._direct = direct
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write, stream, nursery.cancel_scope)
@@ -262,8 +327,10 @@ class Connection:
                         batch.append(self._queue.receive_nowait())
                     except trio.WouldBlock:
                         break
-                await stream.send_all(first if len(batch) == 1 else b"".join(batch))
+                data = first if len(batch) == 1 else b"".join(batch)
+                await stream.send_all(data)
                 self._backlog -= len(batch)
+                self._backlog_bytes -= len(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             carrying.cancel(reason="the connection broke while sending")
 
@@ -294,6 +361,7 @@ class Links:
         self._lost = lost
         self._current: dict[str, Connection] = {}  # the one each peer's messages go on
         self._open: set[Connection] = set()
+        self._handshakes = _Handshakes()
         self._nursery: trio.Nursery | None = None
 
     async def run(
@@ -370,8 +438,25 @@ class Links:
         await conn.serve(stream, partial(self._as_dialer, peer=conn.peer, found=found))
 
     async def _accepted(self, stream: trio.SocketStream) -> None:
-        conn = Connection(self, "")
-        await conn.serve(stream, self._as_listener)
+        address = _address_of(stream)
+        if not self._handshakes.enter(address):
+            await stream.aclose()  # a flood (HANDSHAKES): closed before it costs anything
+            return
+        settled = False
+
+        async def handshake(link: _Buffered) -> Handshake:
+            nonlocal settled
+            try:
+                return await self._as_listener(link)
+            finally:
+                settled = True
+                self._handshakes.leave(address)
+
+        try:
+            await Connection(self, "").serve(stream, handshake)
+        finally:
+            if not settled:
+                self._handshakes.leave(address)
 
     async def _as_dialer(self, link: _Buffered, peer: str, found: wire.Instance) -> Handshake:
         mine = secrets.token_bytes(NONCE_BYTES)
