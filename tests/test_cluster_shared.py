@@ -211,3 +211,22 @@ async def test_a_success_at_an_ingress_resets_the_owners_strikes(world: World) -
     assert (await a.chat()).status_code == 502
     await poll_until(lambda: strikes() == [("m", "base", 1)])
     assert not breaker_of(b).in_cooldown((fake.provider_id, "m", "base"), trio.current_time())
+
+
+async def test_a_dispatch_racing_a_hold_is_answered_busy_by_the_owner_without_a_strike(
+    world: World,
+) -> None:
+    # The owner holds its provider (a deploy drain, an operator's drain) and the ingress has not
+    # seen it yet: the owner answers busy, as the provider would; nothing reaches the provider,
+    # nobody strikes it.
+    a, b = await world.node(), await world.node()
+    fake = b.fake()
+    await world.connect(fake)
+    await sees(a, fake)
+    entry = b.daemon.supervisor.registry.get(fake.provider_id)
+    assert entry is not None
+    entry.held = True  # not published: a still routes to it
+    reply = await a.chat()
+    assert reply.status_code == 503, reply.text
+    assert fake.received == []
+    assert breaker_of(b).strikes(fake.provider_id, trio.current_time()) == []

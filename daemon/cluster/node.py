@@ -77,6 +77,7 @@ from protocol.messages import (
     InferenceError,
     ProtocolError,
     decode_provider_frame,
+    encode,
 )
 
 log = logging.getLogger("dinfer.cluster")
@@ -336,7 +337,7 @@ class Cluster:
             case wire.Kind.ADMIN:
                 self.admin.ordered(sender, request_id, data)
             case wire.Kind.ADMIN_DONE:
-                self.admin.answered(request_id, data)
+                self.admin.answered(sender, request_id, data)
 
     def _answer(self, target: str, kind: wire.Kind, request_id: str, data: bytes = b"") -> None:
         try:
@@ -366,6 +367,12 @@ class Cluster:
             or not isinstance(session, ProviderSession)
         ):
             _send(via, wire.Kind.GONE, request_id)
+            return
+        if entry.held or entry.draining:
+            # Sent before the ingress saw the hold (a deploy drain, an operator's drain): busy,
+            # as the provider itself says it, so the ingress fails over without a strike.
+            busy = InferenceError(request_id, "the provider is draining", 503, "draining")
+            _send(via, wire.Kind.FRAME, request_id, encode(busy).encode())
             return
         assert self._nursery is not None
         lease: Lease = self.registry.take(entry, dispatch.model)
@@ -712,10 +719,10 @@ class Cluster:
         self.registry.touch()
 
 
-def _send(via: Connection, kind: wire.Kind, request_id: str) -> None:
+def _send(via: Connection, kind: wire.Kind, request_id: str, data: bytes = b"") -> None:
     """An answer on the link a message came over, if it still takes one."""
     try:
-        via.send(kind, request_id)
+        via.send(kind, request_id, data)
     except SessionGone:
         pass
 

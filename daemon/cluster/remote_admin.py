@@ -101,7 +101,8 @@ class RemoteAdmin:
         self._registry = registry
         self._post = post
         self._forget_cooldowns = forget_cooldowns
-        self._pending: dict[str, trio.MemorySendChannel[AdminAnswer]] = {}
+        # request id -> (the owner asked, where its answer goes)
+        self._pending: dict[str, tuple[str, trio.MemorySendChannel[AdminAnswer]]] = {}
 
     def apply_here(self, entry: ProviderEntry, action: Action) -> Applied:
         """A local provider's order, from this instance's admin or an `admin` message."""
@@ -118,7 +119,7 @@ class RemoteAdmin:
             return Unreachable(owner, f"the provider's daemon is {entry.unreachable}", sent=False)
         request_id = uuid.uuid4().hex
         send, receive = trio.open_memory_channel[AdminAnswer](1)
-        self._pending[request_id] = send
+        self._pending[request_id] = (owner, send)
         try:
             order = wire.encode(AdminOrder(entry.provider_id, action))
             try:
@@ -153,10 +154,12 @@ class RemoteAdmin:
         except SessionGone:
             pass  # the asker answers its admin with a timeout
 
-    def answered(self, request_id: str, data: bytes) -> None:
-        """An `admin_done` message: the answer an order here waits for (if it still does)."""
-        send = self._pending.get(request_id)
-        if send is not None:
+    def answered(self, sender: str, request_id: str, data: bytes) -> None:
+        """An `admin_done` message: the answer an order here waits for (if it still does),
+        from the owner it was sent to and no other instance."""
+        pending = self._pending.get(request_id)
+        if pending is not None and pending[0] == sender:
+            send = pending[1]
             try:
                 send.send_nowait(_answer.decode(data))
             except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
