@@ -26,7 +26,8 @@ others to read those fields.
   the greater encoded row wins (deterministic on every instance). A row Redis holds that loses
   to ours (two instances pushed at once) is pushed again, so Redis converges to the winner.
 - **Full sync**: at start (before the daemon serves, at most `JOIN_S`), when Redis answers
-  again after an outage, and every `FULL_SYNC_S` as a backstop: HGETALL of both hashes
+  again after an outage or is found without `SEEDED_KEY` (checked every second: restarted
+  empty without us seeing an error), and every `FULL_SYNC_S` as a backstop: HGETALL of both hashes
   against the whole store, both directions. A fresh instance learns every credential; an
   instance cut off pushes what it changed meanwhile.
 
@@ -67,6 +68,8 @@ JOIN_S: Final = 3.0
 BATCH: Final = 1000
 CHANGES_STREAM: Final = PREFIX + "creds:changes"
 CHANGES_MAXLEN: Final = 10_000
+SEEDED_KEY: Final = PREFIX + "creds:seeded"  # set by each full sync: gone, Redis lost its data
+SEEDED_CHECK_S: Final = 1.0
 KEYS_TABLE, TOKENS_TABLE = CREDENTIAL_TABLES
 REDIS_ERRORS: Final = (RedisError, OSError, TimeoutError)
 
@@ -205,6 +208,7 @@ class CredentialSync:
             await self._apply(table, list(remote.values()))
             local = await self._store.credential_rows(table)
             await self._push(table, [row for row in local if supersedes(row, remote.get(row.id))])
+        await self._redis.set(SEEDED_KEY, "1")
         self._epochs = epochs
         self._stream_id = stream_id
         self._synced_at = trio.current_time()
@@ -265,6 +269,7 @@ class CredentialSync:
     # Pull: the others' changes --------------------------------------------------------------
 
     async def _follow(self, blocking: Any) -> None:
+        checked = -math.inf
         while True:
             if not self.up:
                 await trio.sleep(RECONNECT_S)
@@ -274,6 +279,11 @@ class CredentialSync:
                 await self._join()
                 continue
             try:
+                if trio.current_time() >= checked + SEEDED_CHECK_S:
+                    checked = trio.current_time()
+                    if not await self._redis.exists([SEEDED_KEY]):  # restarted empty, unseen
+                        await self._join()
+                        continue
                 answer = await blocking.xread(
                     {CHANGES_STREAM: self._stream_id}, count=BATCH, block=READ_BLOCK_MS
                 )
