@@ -41,6 +41,12 @@ other tables (the usage ledger's) move `data_version` too: a trigger-kept counte
 that one row first, on the Trio thread (a WAL read, microseconds), and only a changed epoch
 sends the reload to a worker thread.
 
+In a cluster both tables replicate (daemon/cluster/credentials.py): every write stamps the
+row's `updated_at`; `credential_epochs` (a trigger-kept counter per table, read like
+`api_keys_epoch`) tells the sync that something changed, `credential_rows` reads a table whole,
+and `merge_credential_rows` writes the rows that win and swaps the live sets in memory in the
+same step, so a merged key authenticates (or a revoked one is refused) at once.
+
 The schema is `MIGRATIONS`, applied in order; the `schema_version` table records which have
 run, so reopening applies only the new ones. Adding a migration is appending a script.
 """
@@ -128,6 +134,22 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     CREATE INDEX usage_started_at ON usage (started_at);
     CREATE INDEX usage_key_id ON usage (key_id, started_at);
     CREATE INDEX usage_open ON usage (request_id) WHERE outcome IS NULL;
+    """,
+    # Replication across a cluster (daemon/cluster/credentials.py): when a row last changed
+    # (wall clock, set by every write), and a change counter for provider_tokens as for keys.
+    """
+    ALTER TABLE api_keys ADD COLUMN updated_at REAL NOT NULL DEFAULT 0;
+    ALTER TABLE provider_tokens ADD COLUMN updated_at REAL NOT NULL DEFAULT 0;
+    UPDATE api_keys SET updated_at = coalesce(revoked_at, created_at);
+    UPDATE provider_tokens SET updated_at = coalesce(revoked_at, created_at);
+    CREATE TABLE provider_tokens_epoch (id INTEGER PRIMARY KEY CHECK (id = 1), n INTEGER NOT NULL);
+    INSERT INTO provider_tokens_epoch VALUES (1, 0);
+    CREATE TRIGGER provider_tokens_inserted AFTER INSERT ON provider_tokens
+        BEGIN UPDATE provider_tokens_epoch SET n = n + 1; END;
+    CREATE TRIGGER provider_tokens_updated AFTER UPDATE ON provider_tokens
+        BEGIN UPDATE provider_tokens_epoch SET n = n + 1; END;
+    CREATE TRIGGER provider_tokens_deleted AFTER DELETE ON provider_tokens
+        BEGIN UPDATE provider_tokens_epoch SET n = n + 1; END;
     """,
 )
 
@@ -308,8 +330,9 @@ def _live_hashes(conn: sqlite3.Connection, kind: _Kind) -> dict[str, str]:
 
 def _insert(conn: sqlite3.Connection, kind: _Kind, id_: str, name: str, digest: str) -> None:
     conn.execute(
-        f"INSERT INTO {kind.table} (id, name, secret_hash, created_at) VALUES (?, ?, ?, ?)",
-        (id_, name, digest, time.time()),
+        f"INSERT INTO {kind.table} (id, name, secret_hash, created_at, updated_at) "
+        "VALUES (?, ?, ?, ?, ?)",
+        (id_, name, digest, *[time.time()] * 2),
     )
 
 
@@ -346,11 +369,11 @@ def _key_record(row: tuple[Any, ...]) -> KeyRecord:
 def _insert_key(
     conn: sqlite3.Connection, id_: str, name: str, digest: str, limits: KeyLimits
 ) -> None:
-    marks = ", ".join("?" * (4 + len(LIMIT_FIELDS)))
+    marks = ", ".join("?" * (5 + len(LIMIT_FIELDS)))
     conn.execute(
-        f"INSERT INTO api_keys (id, name, secret_hash, created_at, {', '.join(LIMIT_FIELDS)}) "
-        f"VALUES ({marks})",
-        (id_, name, digest, time.time(), *_limit_columns(limits)),
+        "INSERT INTO api_keys (id, name, secret_hash, created_at, updated_at, "
+        f"{', '.join(LIMIT_FIELDS)}) VALUES ({marks})",
+        (id_, name, digest, *[time.time()] * 2, *_limit_columns(limits)),
     )
 
 
@@ -399,6 +422,11 @@ def _get_key(conn: sqlite3.Connection, id_: str) -> KeyRecord | None:
     return None if row is None else _key_record(row)
 
 
+# A change's `updated_at`: now, but always past the row's last change (that may have come from
+# another machine whose clock runs ahead), so a change made here wins over what it changed.
+_TOUCH: Final = "updated_at = max(?, updated_at + 0.000001)"
+
+
 def _transaction(conn: sqlite3.Connection, fn: Callable[[], T]) -> T:
     """`fn` in one write transaction, so a concurrent CLI cannot interleave with it."""
     conn.execute("BEGIN IMMEDIATE")
@@ -425,8 +453,8 @@ def _update_key(
         )
         sets = ", ".join(f"{column} = ?" for column in ("name", *LIMIT_FIELDS))
         conn.execute(
-            f"UPDATE api_keys SET {sets} WHERE id = ?",
-            (new.name, *_limit_columns(new.limits), id_),
+            f"UPDATE api_keys SET {sets}, {_TOUCH} WHERE id = ?",
+            (new.name, *_limit_columns(new.limits), time.time(), id_),
         )
         return new
 
@@ -442,7 +470,10 @@ def _rehash(conn: sqlite3.Connection, id_: str, digest: str) -> str | None:
         ).fetchone()
         if row is None:
             return None
-        conn.execute("UPDATE api_keys SET secret_hash = ? WHERE id = ?", (digest, id_))
+        conn.execute(
+            f"UPDATE api_keys SET secret_hash = ?, {_TOUCH} WHERE id = ?",
+            (digest, time.time(), id_),
+        )
         return str(row[0])
 
     return _transaction(conn, rehash)
@@ -451,11 +482,112 @@ def _rehash(conn: sqlite3.Connection, id_: str, digest: str) -> str | None:
 def _mark_revoked(conn: sqlite3.Connection, kind: _Kind, id_: str) -> str | None:
     """Revoke a live row; return its hash, or None when unknown or already revoked."""
     row = conn.execute(
-        f"UPDATE {kind.table} SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL "
+        f"UPDATE {kind.table} SET revoked_at = ?, {_TOUCH} WHERE id = ? AND revoked_at IS NULL "
         "RETURNING secret_hash",
-        (time.time(), id_),
+        (*[time.time()] * 2, id_),
     ).fetchone()
     return None if row is None else str(row[0])
+
+
+# Whole rows, for replication across a cluster (daemon/cluster/credentials.py) --------------
+
+CREDENTIAL_TABLES: Final = (_API_KEYS.table, _PROVIDER_TOKENS.table)
+_ROW_COLUMNS: Final = "id, name, secret_hash, created_at, revoked_at, updated_at"
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialRow:
+    """One row of api_keys or provider_tokens as it replicates: the digest, never a secret;
+    `limits` is NO_LIMITS for a provider token."""
+
+    id: str
+    name: str
+    secret_hash: str
+    created_at: float
+    revoked_at: float | None
+    updated_at: float
+    limits: KeyLimits = NO_LIMITS
+
+
+# Whether `incoming` should replace `current` (None: no row of that id here).
+Supersedes = Callable[[CredentialRow, "CredentialRow | None"], bool]
+
+
+def _columns(table: str) -> str:
+    return _ROW_COLUMNS + ("".join(f", {f}" for f in LIMIT_FIELDS) if table == "api_keys" else "")
+
+
+def _credential_row(table: str, row: tuple[Any, ...]) -> CredentialRow:
+    id_, name, digest, created_at, revoked_at, updated_at, *limits = row
+    found = _limits_of(tuple(limits)) if table == "api_keys" else NO_LIMITS
+    return CredentialRow(id_, name, digest, created_at, revoked_at, updated_at, found)
+
+
+def _credential_rows(conn: sqlite3.Connection, table: str) -> list[CredentialRow]:
+    rows = conn.execute(f"SELECT {_columns(table)} FROM {table}").fetchall()
+    return [_credential_row(table, row) for row in rows]
+
+
+Replaced = list[tuple[CredentialRow, CredentialRow | None]]  # (new, old) per row written
+
+
+def _live_of(conn: sqlite3.Connection, table: str) -> LiveKeys | dict[str, str]:
+    return _read_live_keys(conn) if table == "api_keys" else _live_hashes(conn, _PROVIDER_TOKENS)
+
+
+def _merge_rows(
+    conn: sqlite3.Connection, table: str, rows: list[CredentialRow], supersedes: Supersedes
+) -> tuple[Replaced, LiveKeys | dict[str, str]]:
+    """Upsert the rows that supersede ours, in one transaction; (what replaced what, the
+    table's live set as it now is)."""
+    columns = _columns(table)
+    names = [c.strip() for c in columns.split(",")]
+    upsert = (
+        f"INSERT INTO {table} ({columns}) VALUES ({', '.join('?' * len(names))}) "
+        f"ON CONFLICT (id) DO UPDATE SET {', '.join(f'{n} = excluded.{n}' for n in names[1:])}"
+    )
+
+    def merge() -> tuple[Replaced, LiveKeys | dict[str, str]]:
+        applied: Replaced = []
+        for row in rows:
+            found = conn.execute(f"SELECT {columns} FROM {table} WHERE id = ?", (row.id,))
+            current = found.fetchone()
+            old = None if current is None else _credential_row(table, current)
+            if not supersedes(row, old):
+                continue
+            clash = conn.execute(
+                f"SELECT 1 FROM {table} WHERE secret_hash = ? AND id != ?",
+                (row.secret_hash, row.id),
+            ).fetchone()
+            if clash is not None:
+                continue  # another id holds this digest: never two keys for one secret
+            values: tuple[Any, ...] = (
+                row.id,
+                row.name,
+                row.secret_hash,
+                row.created_at,
+                row.revoked_at,
+                row.updated_at,
+            )
+            if table == "api_keys":
+                values += _limit_columns(row.limits)
+            conn.execute(upsert, values)
+            applied.append((row, old))
+        return applied, _live_of(conn, table)
+
+    return _transaction(conn, merge)
+
+
+def _epochs(conn: sqlite3.Connection) -> tuple[int, int] | None:
+    """(api_keys_epoch, provider_tokens_epoch) as the watch connection reads them; None when
+    it cannot tell (busy)."""
+    try:
+        rows = conn.execute(
+            "SELECT (SELECT n FROM api_keys_epoch), (SELECT n FROM provider_tokens_epoch)"
+        ).fetchall()
+    except sqlite3.Error:
+        return None
+    return (int(rows[0][0]), int(rows[0][1])) if rows else None
 
 
 # The async store ---------------------------------------------------------------------------
@@ -572,6 +704,41 @@ class Store:
         self._live[_API_KEYS].pop(old, None)
         self._live[_API_KEYS][digest] = id
         return issued
+
+    # Replication (daemon/cluster/credentials.py) ---------------------------------------------
+
+    def credential_epochs(self) -> tuple[int, int] | None:
+        """Change counters of (api_keys, provider_tokens), moved by any process's commit to
+        that table; None when the database is busy (ask again). Microseconds, no thread hop."""
+        return _epochs(self._watch)
+
+    async def credential_rows(self, table: str) -> list[CredentialRow]:
+        """Every row of `table` (one of CREDENTIAL_TABLES), live and revoked."""
+        return await self._run(lambda conn: _credential_rows(conn, table))
+
+    async def merge_credential_rows(
+        self, table: str, rows: list[CredentialRow], supersedes: Supersedes
+    ) -> Replaced:
+        """Write the `rows` that supersede this store's (by `supersedes`) in one transaction;
+        the live set in memory follows at once. (new, old) for each row written."""
+        applied, live = await self._run(lambda conn: _merge_rows(conn, table, rows, supersedes))
+        self._take_live(table, live)
+        return applied
+
+    async def reload_provider_tokens(self) -> set[str]:
+        """Reread the live provider tokens (another process, `dinfer tokens` or a sibling
+        worker, may have changed them); the ids live before and not now."""
+        live = await self._run(lambda conn: _live_hashes(conn, _PROVIDER_TOKENS))
+        before = set(self._live[_PROVIDER_TOKENS].values())
+        self._take_live(_PROVIDER_TOKENS.table, live)
+        return before - set(live.values())
+
+    def _take_live(self, table: str, live: LiveKeys | dict[str, str]) -> None:
+        if isinstance(live, LiveKeys):
+            self._live[_API_KEYS], self._key_limits = live.ids, live.limits
+            self._keys_epoch = live.epoch
+        else:
+            self._live[_PROVIDER_TOKENS] = live
 
     def lookup_api_key(self, secret: str) -> str | None:
         """The id of the live key `secret`, else None. Synchronous: served from memory."""

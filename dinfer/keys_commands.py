@@ -1,7 +1,9 @@
 """`dinfer keys ...` and `dinfer tokens ...`: consumer keys and provider tokens, on the store.
 
 They open the store file directly, so they work with the daemon down; a running daemon sees
-their changes within 10 ms (`daemon/store.py`, `PRAGMA data_version`). The store is
+their changes within 10 ms (`daemon/store.py`, `PRAGMA data_version`), and with
+DINFER_REDIS_URL every instance of its cluster within about a second (the running daemon
+pushes them: `daemon/cluster/credentials.py`). The store is
 the one `dinfer serve` would use: `--data-dir`, else `DINFER_DATA_DIR`, else the config file's
 `[server] data_dir`, else `.dinfer` (relative to the working directory). Limits are validated
 by `daemon.key_policy`, as the admin API does. Tables by default, `--json` for scripts.

@@ -22,6 +22,8 @@
   expired is dead too; an ingress whose key expired loses the requests we relay for it
   (cancelled on the provider's wire, `orphaned`). A link that breaks ends the requests on it
   at once, the same ways.
+- the **credential sync** (credentials.py: consumer keys and provider tokens, the same in
+  every instance's store within about 0.1 s).
 - the **success reporter** (successes.py: the breaker successes seen here on remote providers,
   coalesced per owner) and the **queue share** (queues.py: this instance's admission queue
   depths to the others, theirs summed into its limit). Operators' orders for a remote
@@ -58,6 +60,7 @@ from coredis.tokens import PureToken
 from daemon.accounts.ledger import Ledger, Settlement
 from daemon.accounts.limits import Limiter
 from daemon.cluster import successes, wire
+from daemon.cluster.credentials import CredentialSync
 from daemon.cluster.directory import Replica, entry_of, record_of
 from daemon.cluster.limits import LimitSharer
 from daemon.cluster.link import Peer, RemoteLink
@@ -71,6 +74,7 @@ from daemon.routing.breaker import Shape
 from daemon.routing.registry import Registry
 from daemon.routing.session import ProviderSession
 from daemon.routing.types import Lease, ProviderEntry, SessionGone
+from daemon.store import Store
 from protocol.messages import (
     CloseCode,
     InferenceComplete,
@@ -133,8 +137,11 @@ class Cluster:
         limits: Limiter | None = None,
         listen: tuple[str, int] = ("127.0.0.1", 0),
         advertise: tuple[str, int] | None = None,
+        store: Store | None = None,
     ) -> None:
         self.url = url
+        self._store = store  # its keys and provider tokens replicate (credentials.py)
+        self.credentials: CredentialSync | None = None
         self._budget = budget
         self._limits = limits  # each key's limits, shared by daemon/cluster/limits.py
         self._ledger = ledger
@@ -181,6 +188,9 @@ class Cluster:
                 nursery.start_soon(self.queues.run, self._live_instances)
             if self._limits is not None:
                 await nursery.start(LimitSharer(commands, self.instance, self._limits).run)
+            if self._store is not None:
+                sync = CredentialSync(commands, self.url, self._store, self.instance, self.registry)
+                self.credentials = await nursery.start(sync.run)
             log.info("cluster instance %s on %s", self.instance, _shown(self.url))
             task_status.started(self)
 

@@ -266,6 +266,7 @@ async def open_supervisor(
                     limits=limiter,
                     listen=settings.cluster_listen,
                     advertise=settings.cluster_advertise,
+                    store=store,
                 ).run
             )
             if settings.rebalance_every_s > 0:
