@@ -611,6 +611,8 @@ class Store:
         # The watch connection's data_version when the live API keys were read.
         self._keys_version = conns.version_at_load
         self._reloading: trio.Event | None = None
+        # provider_tokens_epoch when the live tokens were last read (None: not yet compared).
+        self._tokens_epoch: int | None = None
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         async with self._lock:
@@ -661,6 +663,20 @@ class Store:
     def lookup_provider_token(self, secret: str) -> str | None:
         """The id of the live token `secret`, else None. Synchronous: served from memory."""
         return self._lookup(_PROVIDER_TOKENS, secret)
+
+    async def find_provider_token(self, secret: str) -> str | None:
+        """lookup_provider_token, first rereading the live tokens on a miss if the table
+        changed since (`dinfer tokens create` from another process: no restart needed).
+        A miss while nothing changed costs one counter read, no thread hop."""
+        found = self.lookup_provider_token(secret)
+        if found is not None:
+            return found
+        epochs = _epochs(self._watch)
+        if epochs is None or epochs[1] != self._tokens_epoch:
+            await self.reload_provider_tokens()
+            self._tokens_epoch = None if epochs is None else epochs[1]
+            found = self.lookup_provider_token(secret)
+        return found
 
     async def list_provider_tokens(self) -> list[SecretRecord]:
         """Every provider token, live and revoked, oldest first."""

@@ -6,6 +6,7 @@ effects (a revoked token disconnecting its providers) are observed through `Fake
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,6 +17,7 @@ import trio
 
 from daemon.api.serve import RunningDaemon
 from daemon.routing.types import RequestTraits
+from dinfer import cli
 from protocol.messages import ModelInfo, TemplateRender, TrustStatus
 from tests.conftest import ADMIN_KEY, StartDaemon
 from tests.fakes.provider import FakeProvider
@@ -424,3 +426,18 @@ async def test_the_hedging_view_shows_the_policy_budget_counters_and_learned_poi
              "hedge_at_ms": 3012.0, "source": "ratio"},
         ],
     }  # fmt: skip
+
+
+async def test_a_token_the_cli_creates_is_accepted_by_the_running_daemon(
+    start_daemon: StartDaemon, nursery: trio.Nursery, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `dinfer tokens create` writes the store from another process: the running daemon must
+    # take the new token at the provider's first registration, without a restart.
+    daemon = await start_daemon(provider_auth="token")
+    data_dir = str(daemon.supervisor.settings.data_dir)
+    argv = ["tokens", "create", "--name", "rig", "--data-dir", data_dir, "--json"]
+    assert await trio.to_thread.run_sync(cli.main, argv) == 0
+    token = json.loads(capsys.readouterr().out)["token"]
+    fake = await started(nursery, FakeProvider(daemon.provider_url, auth_token=token))
+    assert fake.trusted.is_set(), fake.verdicts
+    assert daemon.supervisor.registry.get(fake.provider_id) is not None

@@ -106,7 +106,7 @@ class Supervisor:
         ends the session.
         """
         session = ProviderSession(
-            transport, self.registry, self.settings, self.store.lookup_provider_token
+            transport, self.registry, self.settings, self.store.find_provider_token
         )
         finished = trio.Event()
         scope: trio.CancelScope = await self.nursery.start(_run_session, session, finished)
