@@ -43,3 +43,8 @@ def configure_logging(level: str, log_format: str) -> None:
     formatter = JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
     handler.setFormatter(formatter)
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    # coredis logs each of its connection retries at INFO: with a cluster's Redis down that
+    # is thousands of lines a minute per instance, while dinfer.cluster already says, once,
+    # that Redis is unreachable and when it is back. Its warnings and errors still show.
+    coredis_level = max(logging.getLevelName(level.upper()), logging.WARNING)
+    logging.getLogger("coredis").setLevel(coredis_level)

@@ -12,7 +12,9 @@ one exception is a second, read-only-in-practice connection that only answers
 Secrets (provider tokens `dpt_...`, API keys `dk_...`) are shown once, when issued; the database
 keeps only their SHA-256 hex digests. The digests of live secrets are also cached in memory
 (loaded at open, updated on create and revoke), so the `lookup_*` methods on the request hot path
-are plain synchronous methods with no thread hop.
+are plain synchronous methods with no thread hop. Provider tokens are reread, when
+`data_version` (below) moved, once per new provider connection (`refresh_provider_tokens`):
+registrations are rare, and a token another process issued or revoked must count at once.
 
 Unknown API keys are as cheap as known ones. `dinfer keys create` writes keys from another
 process while the daemon runs, so a key missing from memory may still be in the database;
@@ -610,9 +612,8 @@ class Store:
         self._hits_checked_at = -math.inf  # when a hit last asked data_version
         # The watch connection's data_version when the live API keys were read.
         self._keys_version = conns.version_at_load
+        self._tokens_version = conns.version_at_load  # the same, for the provider tokens
         self._reloading: trio.Event | None = None
-        # provider_tokens_epoch when the live tokens were last read (None: not yet compared).
-        self._tokens_epoch: int | None = None
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         async with self._lock:
@@ -661,22 +662,24 @@ class Store:
         return await self._revoke(_PROVIDER_TOKENS, id)
 
     def lookup_provider_token(self, secret: str) -> str | None:
-        """The id of the live token `secret`, else None. Synchronous: served from memory."""
+        """The id of the live token `secret`, else None. Synchronous: served from memory, as
+        fresh as the last `refresh_provider_tokens`."""
         return self._lookup(_PROVIDER_TOKENS, secret)
 
-    async def find_provider_token(self, secret: str) -> str | None:
-        """lookup_provider_token, first rereading the live tokens on a miss if the table
-        changed since (`dinfer tokens create` from another process: no restart needed).
-        A miss while nothing changed costs one counter read, no thread hop."""
-        found = self.lookup_provider_token(secret)
-        if found is not None:
-            return found
-        epochs = _epochs(self._watch)
-        if epochs is None or epochs[1] != self._tokens_epoch:
-            await self.reload_provider_tokens()
-            self._tokens_epoch = None if epochs is None else epochs[1]
-            found = self.lookup_provider_token(secret)
-        return found
+    async def refresh_provider_tokens(self) -> None:
+        """Reread the live provider tokens if anything was committed since they were read.
+
+        Called for each new provider connection (rare, unlike consumer requests), so a token
+        that `dinfer tokens create` or `revoke` (another process), or a sibling `--workers`
+        process's admin API, wrote is honoured by the next registration without a restart.
+        Nothing changed: one `data_version` read on the Trio thread, no thread hop.
+        """
+        version = _data_version(self._watch)
+        if version is not None and version == self._tokens_version:
+            return
+        tokens = await self._run(lambda conn: _live_hashes(conn, _PROVIDER_TOKENS))
+        self._live[_PROVIDER_TOKENS] = tokens
+        self._tokens_version = version
 
     async def list_provider_tokens(self) -> list[SecretRecord]:
         """Every provider token, live and revoked, oldest first."""

@@ -27,6 +27,7 @@ _COLUMNS = (
     ("in_band_error", None),
     ("client_gone", None),
     ("aborted", None),
+    ("orphaned", None),
     ("prompt", "prompt_tokens"),
     ("completion", "completion_tokens"),
     ("reasoning", "reasoning_tokens"),

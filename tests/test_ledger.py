@@ -17,7 +17,7 @@ from trio.testing import MockClock
 
 import daemon.accounts.ledger as ledger_module
 from daemon.accounts.ledger import Settlement, Tokens, abort_open_rows, run_ledger
-from daemon.accounts.usage import parse_query, parse_time, query_usage
+from daemon.accounts.usage import OUTCOMES, parse_query, parse_time, query_usage
 from daemon.api.handler import LATE_TERMINAL_S, Parsed, _after_hang_up
 from daemon.config import load_settings
 from daemon.nursery.supervisor import open_supervisor
@@ -283,6 +283,15 @@ async def test_dinfer_usage_json_reads_the_store_directly(
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:3] == ["all", "requests", "completed"]
     assert table[1].split()[:3] == ["all", "4", "2"]
+
+
+async def test_dinfer_usage_table_has_a_column_for_every_outcome(
+    seeded: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A cluster owner's `orphaned` rows were counted in `requests` but shown nowhere else.
+    assert await trio.to_thread.run_sync(main, ["usage", "--data-dir", str(seeded)]) == 0
+    header = capsys.readouterr().out.splitlines()[0].split()
+    assert [o for o in OUTCOMES if o not in header] == []
 
 
 # The hang-up rule on a virtual clock ---------------------------------------------------------

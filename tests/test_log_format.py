@@ -124,3 +124,21 @@ def test_configure_logging_json_writes_json_to_stderr(capsys: pytest.CaptureFixt
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+
+
+def test_coredis_connection_retries_are_not_written_at_info(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # With the cluster's Redis down coredis logs every retry at INFO: thousands a minute.
+    root, coredis = logging.getLogger(), logging.getLogger("coredis")
+    saved = (root.handlers[:], root.level, coredis.level)
+    try:
+        configure_logging("info", "text")
+        coredis.info("Retry attempt 1 due to error: Unable to establish a connection")
+        coredis.warning("a real warning")
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == 1 and "a real warning" in lines[0]
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        coredis.setLevel(saved[2])

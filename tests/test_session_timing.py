@@ -187,7 +187,7 @@ async def _serve(
     registry: Registry, settings: Settings, identity: SigningKey | None = None
 ) -> AsyncIterator[Connection]:
     transport = FakeTransport()
-    session = ProviderSession(transport, registry, settings, _no_token)
+    session = ProviderSession(transport, registry, settings, lambda token: None)
     finished = trio.Event()
 
     async def run() -> None:
@@ -521,7 +521,3 @@ async def test_a_stream_the_daemon_cannot_keep_up_with_is_dropped_without_blamin
         # The provider is still generating: it must be told to stop.
         assert await conn.transport.provider_receive() == Cancel(request_id=request.request_id)
         assert lease.released
-
-
-async def _no_token(token: str) -> None:
-    return None

@@ -269,6 +269,26 @@ async def test_a_key_written_by_another_process_works_at_once_then_misses_are_fr
         assert len(hops) == reloads
 
 
+async def test_a_provider_token_issued_or_revoked_by_another_process_counts_at_the_next_refresh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `dinfer tokens create` / `revoke` while the daemon runs (or a sibling --workers process's
+    # admin API): the daemon refreshes once per provider connection, and honours both.
+    async with open_store(tmp_path) as daemon, open_store(tmp_path) as cli:
+        issued = await cli.create_provider_token("rig")
+        assert daemon.lookup_provider_token(issued.secret) is None  # not read yet
+        await daemon.refresh_provider_tokens()
+        assert daemon.lookup_provider_token(issued.secret) == issued.id
+
+        hops = count_thread_hops(monkeypatch)
+        await daemon.refresh_provider_tokens()  # nothing changed: no database trip
+        assert hops == []
+
+        assert await cli.revoke_provider_token(issued.id)
+        await daemon.refresh_provider_tokens()
+        assert daemon.lookup_provider_token(issued.secret) is None
+
+
 async def test_concurrent_misses_after_a_change_share_one_database_trip(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -105,8 +105,10 @@ class Supervisor:
         lifetime is owned by the supervisor, and cancelling the handler (the provider hung up)
         ends the session.
         """
+        # Tokens written by another process (`dinfer tokens`, a sibling worker) count at once.
+        await self.store.refresh_provider_tokens()
         session = ProviderSession(
-            transport, self.registry, self.settings, self.store.find_provider_token
+            transport, self.registry, self.settings, self.store.lookup_provider_token
         )
         finished = trio.Event()
         scope: trio.CancelScope = await self.nursery.start(_run_session, session, finished)

@@ -9,7 +9,7 @@ reason the provider is sent with `trust_status: rejected` before the 1008 close.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import trio
 
@@ -21,8 +21,6 @@ from protocol import crypto
 from protocol.messages import MULTI_SSE, PROTOCOL_VERSION, ModelInfo, ProtocolError, Register
 
 TokenLookup = Callable[[str], str | None]
-# The session's: reads the store again on a miss (a token another process just created).
-TokenFinder = Callable[[str], Awaitable[str | None]]
 
 
 class Refused(Exception):

@@ -23,7 +23,7 @@ from daemon.routing.attestation import Attestation
 from daemon.routing.outbox import OUTBOX_FRAMES, Outbox, OutboxFull
 from daemon.routing.registration import (
     Refused,
-    TokenFinder,
+    TokenLookup,
     admit,
     receive_register,
     validate,
@@ -65,12 +65,12 @@ class ProviderSession:
         transport: Transport,
         registry: Registry,
         settings: Settings,
-        find_token: TokenFinder,
+        lookup_token: TokenLookup,
     ) -> None:
         self._transport = transport
         self._registry = registry
         self._settings = settings
-        self._find_token = find_token
+        self._lookup_token = lookup_token
         self._outbox = Outbox()
         self._streams = Streams()
         self._scope = trio.CancelScope()
@@ -88,10 +88,7 @@ class ProviderSession:
         """Serve the connection until it closes, then close it with the reason it ended."""
         with self._scope:
             try:
-                register = await receive_register(self._transport, self._settings)
-                token, by_token = register.auth_token, self._settings.provider_auth == "token"
-                token_id = await self._find_token(token) if token and by_token else None
-                entry = self._admit(register, token_id)
+                entry = self._admit(await receive_register(self._transport, self._settings))
             except Refused as refusal:
                 await self._refuse(str(refusal))
                 return
@@ -124,8 +121,8 @@ class ProviderSession:
         if not self._scope.cancel_called:
             self.kick(CloseCode.GOING_AWAY, "connection closed")
 
-    def _admit(self, register: Register, token_id: str | None) -> ProviderEntry:
-        entry = validate(register, self, self._settings, lambda _token: token_id)
+    def _admit(self, register: Register) -> ProviderEntry:
+        entry = validate(register, self, self._settings, self._lookup_token)
         self._candidate = not admit(self._registry, entry)
         self.entry = entry
         if self._candidate:
