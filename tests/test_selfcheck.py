@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import gguf
 import msgspec
 import pytest
 import trio
+import trio.testing
 
 from protocol.messages import ModelInfo, TemplateRender
 from protocol.toolschema import normalize_tools
@@ -353,15 +355,21 @@ async def test_a_looping_template_is_false_within_the_bound() -> None:
 
 
 async def test_a_slow_start_up_does_not_count_against_the_bound(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, mock_clock: trio.testing.MockClock
 ) -> None:
     # A busy machine (a backend loading its model beside the node) starts the child slowly: a
-    # good template must still be true, the bound timing its render alone.
-    slow_start = "import time; time.sleep(1.5); " + selfcheck._WORKER_COMMAND[-1]
-    monkeypatch.setattr(selfcheck, "_WORKER_COMMAND", (*selfcheck._WORKER_COMMAND[:-1], slow_start))
+    # good template must still be true. The child times its render itself (the looping
+    # template's test shows it); the parent waits past the bound for the start-up. Here the
+    # child takes 1.5 virtual seconds to start and answer, over a 1 s bound.
+    async def slow_child(command: Any, **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
+        mock_clock.jump(1.5)
+        await trio.sleep(0)  # a checkpoint: where a cancel at the bound would land
+        return subprocess.CompletedProcess(command, 0, b'{"error": null}', b"")
+
+    monkeypatch.setattr(trio, "run_process", slow_child)
     verdict = await check_template(GEMMA3, vision=False, render_bound=1.0)
-    assert verdict.render == TemplateRender(base=True, tools=False)
-    assert "did not render" not in str(verdict.reasons)
+    assert verdict.render == TemplateRender(base=True, tools=True)
+    assert verdict.reasons == {}
 
 
 async def test_a_memory_bomb_fails_inside_the_child() -> None:

@@ -49,9 +49,9 @@ from typing import Any, Final
 import coredis
 import msgspec
 import trio
-from coredis.exceptions import RedisError
 from coredis.tokens import PureToken
 
+from daemon.cluster.redis_io import REDIS_ERRORS, text
 from daemon.cluster.wire import PREFIX
 from daemon.key_policy import NO_LIMITS, KeyLimits
 from daemon.routing.registry import Registry
@@ -71,7 +71,6 @@ CHANGES_MAXLEN: Final = 10_000
 SEEDED_KEY: Final = PREFIX + "creds:seeded"  # set by each full sync: gone, Redis lost its data
 SEEDED_CHECK_S: Final = 1.0
 KEYS_TABLE, TOKENS_TABLE = CREDENTIAL_TABLES
-REDIS_ERRORS: Final = (RedisError, OSError, TimeoutError)
 
 
 def table_key(table: str) -> str:
@@ -200,7 +199,7 @@ class CredentialSync:
 
     async def _full_sync(self) -> None:
         last = await self._redis.xrevrange(CHANGES_STREAM, count=1)
-        stream_id = _text(last[0].identifier) if last else "0-0"
+        stream_id = text(last[0].identifier) if last else "0-0"
         epochs = self._store.credential_epochs()  # before the rows: a later commit shows
         for table in CREDENTIAL_TABLES:
             remote = _decoded((await self._redis.hgetall(table_key(table))).values())
@@ -290,7 +289,7 @@ class CredentialSync:
                 wanted: dict[str, set[str]] = {}
                 for entries in (answer or {}).values():
                     for entry in entries:
-                        self._stream_id = _text(entry.identifier)
+                        self._stream_id = text(entry.identifier)
                         _wanted(entry.field_values, self._instance, wanted)
                 async with self._lock:
                     for table, ids in wanted.items():
@@ -340,9 +339,9 @@ class CredentialSync:
 def _wanted(fields: Any, instance: str, into: dict[str, set[str]]) -> None:
     """The (table, ids) one stream entry names, unless we wrote it ourselves."""
     try:
-        if _text(fields[b"f"]) == instance:
+        if text(fields[b"f"]) == instance:
             return
-        table = _text(fields[b"t"])
+        table = text(fields[b"t"])
         ids = msgspec.json.decode(fields[b"i"], type=list[str])
     except (KeyError, msgspec.DecodeError, msgspec.ValidationError):
         log.warning("cluster: dropped a malformed credentials event")
@@ -363,7 +362,3 @@ def _decoded(values: Iterable[Any]) -> dict[str, CredentialRow]:
             continue
         rows[row.id] = row
     return rows
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -134,7 +134,7 @@ class DrainLock:
         self.held = False
 
     async def acquire(self, deadline: float) -> Turn:
-        from daemon.cluster.node import REDIS_ERRORS
+        from daemon.cluster.redis_io import REDIS_ERRORS, text
 
         holder = ""
         logged = False
@@ -148,7 +148,7 @@ class DrainLock:
                     )
                 except REDIS_ERRORS as exc:
                     return Unlocked(str(exc))
-                holder = _text(answer)
+                holder = text(answer)
                 if not holder:
                     self.held = True
                     return Taken()
@@ -160,7 +160,7 @@ class DrainLock:
 
     async def keep(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Renew the lock while the drain runs."""
-        from daemon.cluster.node import REDIS_ERRORS
+        from daemon.cluster.redis_io import REDIS_ERRORS
 
         task_status.started()
         while True:
@@ -175,7 +175,7 @@ class DrainLock:
                 log.warning("drain: the drain lock expired while held; moving providers anyway")
 
     async def release(self) -> None:
-        from daemon.cluster.node import REDIS_ERRORS
+        from daemon.cluster.redis_io import REDIS_ERRORS
 
         if not self.held:
             return
@@ -219,7 +219,7 @@ async def moving_providers(
 async def _announce(
     redis: Any, instance: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    from daemon.cluster.node import REDIS_ERRORS
+    from daemon.cluster.redis_io import REDIS_ERRORS
 
     key = draining_key(instance)
     started = False
@@ -275,7 +275,3 @@ async def move_away(registry: Registry, moved: trio.Event) -> None:
         if not registry.connected():
             moved.set()
         await registry.generation.wait_transition()  # a request ended, a provider arrived
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value or "")

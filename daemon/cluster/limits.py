@@ -30,9 +30,9 @@ from typing import Any, Final
 
 import msgspec
 import trio
-from coredis.exceptions import RedisError
 
 from daemon.accounts.limits import SHARE_TTL_S, Limiter, Share
+from daemon.cluster.redis_io import REDIS_ERRORS, text
 from daemon.cluster.wire import PREFIX
 
 log = logging.getLogger("dinfer.cluster")
@@ -41,7 +41,6 @@ TICK_S: Final = 0.1
 REFRESH_S: Final = 1.0
 SHARE_TTL_MS: Final = int(SHARE_TTL_S * 1000)
 LIMITS_MATCH: Final = PREFIX + "limits:*"
-REDIS_ERRORS: Final = (RedisError, OSError, TimeoutError)
 
 _shares = msgspec.msgpack.Decoder(dict[str, Share])
 
@@ -92,7 +91,7 @@ class LimitSharer:
         if every or changed:
             await self._redis.set(self._key, msgspec.msgpack.encode(self.mine), px=SHARE_TTL_MS)
         if every:
-            found = [_text(k) async for k in self._redis.scan_iter(match=LIMITS_MATCH, count=1000)]
+            found = [text(k) async for k in self._redis.scan_iter(match=LIMITS_MATCH, count=1000)]
             self._peers = sorted(k for k in found if k != self._key)
             self._refreshed = now
         if not self.up:
@@ -132,7 +131,3 @@ class LimitSharer:
             for key_id, share in shares.items():
                 merged.setdefault(key_id, []).append(share)
         return {key_id: tuple(shares) for key_id, shares in merged.items()}
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

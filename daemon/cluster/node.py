@@ -54,7 +54,6 @@ from typing import Any, Final, Protocol, assert_never
 import coredis
 import msgspec
 import trio
-from coredis.exceptions import RedisError
 from coredis.tokens import PureToken
 
 from daemon.accounts.ledger import Ledger, Settlement
@@ -66,6 +65,7 @@ from daemon.cluster.limits import LimitSharer
 from daemon.cluster.link import Peer, RemoteLink
 from daemon.cluster.peerlink import Connection, Links
 from daemon.cluster.queues import QueueShare
+from daemon.cluster.redis_io import REDIS_ERRORS, text
 from daemon.cluster.relay import Forward, IngressUnreachable, Relayed, SessionEnded
 from daemon.cluster.remote_admin import RemoteAdmin
 from daemon.cluster.successes import SuccessReports
@@ -97,7 +97,6 @@ WATCH_EVERY_S: Final = 0.1
 READ_BLOCK_MS: Final = 1000
 RECONNECT_S: Final = 0.5
 BATCH: Final = 1024  # directory events per XREAD
-REDIS_ERRORS: Final = (RedisError, OSError, TimeoutError)
 REDIS_DOWN: Final = "unreachable (the cluster's Redis is down)"
 PEER_SILENT: Final = "unreachable (its daemon stopped answering)"
 PEER_UNREACHABLE: Final = "unreachable (its daemon's link refused us)"
@@ -498,7 +497,7 @@ class Cluster:
         except REDIS_ERRORS as exc:
             self._lost(exc)
             return None
-        return {_text(k).removeprefix(prefix) for k in keys} - {self.instance}
+        return {text(k).removeprefix(prefix) for k in keys} - {self.instance}
 
     def _reported(self, kind: str, report: wire.Report) -> None:
         entry = self.registry.get(report.provider_id)
@@ -580,11 +579,11 @@ class Cluster:
         mine = wire.budget_key(self.instance)
         await self._redis.set(mine, f"{dispatches} {backups}", px=RECORD_TTL_MS)
         keys = [k async for k in self._redis.scan_iter(match=wire.BUDGET_MATCH, count=1000)]
-        others = [k for k in keys if _text(k) != mine]
+        others = [k for k in keys if text(k) != mine]
         total_d = total_b = 0
         for value in await self._redis.mget(others) if others else []:
             if value is not None:
-                d, _, b = _text(value).partition(" ")
+                d, _, b = text(value).partition(" ")
                 total_d, total_b = total_d + int(d), total_b + int(b)
         self._budget.budget_elsewhere(total_d, total_b)
 
@@ -595,8 +594,8 @@ class Cluster:
         now, wall = trio.current_time(), time.time()
         imposed = False
         for field, until in table.items():
-            model, _, shape = _text(field).rpartition("|")
-            left = float(_text(until)) - wall
+            model, _, shape = text(field).rpartition("|")
+            left = float(text(until)) - wall
             if left > 0 and shape in ("base", "tools", "vision"):
                 key: Any = (entry.provider_id, model, shape)
                 self.registry.breaker.impose(key, now + left)
@@ -735,10 +734,6 @@ def _send(via: Connection, kind: wire.Kind, request_id: str, data: bytes = b"") 
         via.send(kind, request_id, data)
     except SessionGone:
         pass
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _shown(url: str) -> str:

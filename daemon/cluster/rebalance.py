@@ -137,7 +137,7 @@ class Rebalancer:
         """
         import coredis
 
-        from daemon.cluster.node import REDIS_ERRORS
+        from daemon.cluster.redis_io import REDIS_ERRORS
 
         async with coredis.Redis.from_url(
             cluster.url, connect_timeout=0.5, stream_timeout=2.0
@@ -204,13 +204,10 @@ def _counted(entry: ProviderEntry) -> bool:
 async def read_instances(redis: coredis.Redis[bytes]) -> Instances:
     """The live instances (their keys' TTL) and which of them announced a drain."""
     from daemon.cluster.drain import draining_key
+    from daemon.cluster.redis_io import text
 
     prefix = len(INSTANCE_MATCH) - 1
-    ids = [_text(k)[prefix:] async for k in redis.scan_iter(match=INSTANCE_MATCH, count=1000)]
+    ids = [text(k)[prefix:] async for k in redis.scan_iter(match=INSTANCE_MATCH, count=1000)]
     flags = await redis.mget([draining_key(i) for i in ids]) if ids else []
     draining = {i for i, flag in zip(ids, flags, strict=True) if flag is not None}
     return Instances(frozenset(ids), frozenset(draining))
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
