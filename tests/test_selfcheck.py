@@ -363,7 +363,8 @@ async def test_a_slow_start_up_does_not_count_against_the_bound(
     # child takes 1.5 virtual seconds to start and answer, over a 1 s bound.
     async def slow_child(command: Any, **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
         mock_clock.jump(1.5)
-        await trio.sleep(0)  # a checkpoint: where a cancel at the bound would land
+        # trio.lowlevel: a bare checkpoint, where a cancel at the bound would be delivered.
+        await trio.lowlevel.checkpoint()
         return subprocess.CompletedProcess(command, 0, b'{"error": null}', b"")
 
     monkeypatch.setattr(trio, "run_process", slow_child)
