@@ -26,7 +26,7 @@ others to read those fields.
   the greater encoded row wins (deterministic on every instance). A row Redis holds that loses
   to ours (two instances pushed at once) is pushed again, so Redis converges to the winner.
 - **Full sync**: at start (before the daemon serves, at most `JOIN_S`), when Redis answers
-  again after an outage or is found without `SEEDED_KEY` (checked every second: restarted
+  again after an outage or is found without its `seeded_key` (checked every second: restarted
   empty without us seeing an error), and every `FULL_SYNC_S` as a backstop: HGETALL of both hashes
   against the whole store, both directions. A fresh instance learns every credential; an
   instance cut off pushes what it changed meanwhile.
@@ -68,7 +68,15 @@ JOIN_S: Final = 3.0
 BATCH: Final = 1000
 CHANGES_STREAM: Final = PREFIX + "creds:changes"
 CHANGES_MAXLEN: Final = 10_000
-SEEDED_KEY: Final = PREFIX + "creds:seeded"  # set by each full sync: gone, Redis lost its data
+SEEDED_KEY: Final = PREFIX + "creds:seeded"  # + ":{instance}", set by its full syncs
+
+
+def seeded_key(instance: str) -> str:
+    """Set by `instance`'s full sync; gone: Redis lost its data (each instance checks its own,
+    so another's sync after a restart cannot hide that this one's rows are missing)."""
+    return f"{SEEDED_KEY}:{instance}"
+
+
 SEEDED_CHECK_S: Final = 1.0
 KEYS_TABLE, TOKENS_TABLE = CREDENTIAL_TABLES
 
@@ -207,7 +215,8 @@ class CredentialSync:
             await self._apply(table, list(remote.values()))
             local = await self._store.credential_rows(table)
             await self._push(table, [row for row in local if supersedes(row, remote.get(row.id))])
-        await self._redis.set(SEEDED_KEY, "1")
+        # Outlives the next full syncs, which renew it; a stopped instance's marker expires.
+        await self._redis.set(seeded_key(self._instance), "1", px=int(3 * FULL_SYNC_S * 1000))
         self._epochs = epochs
         self._stream_id = stream_id
         self._synced_at = trio.current_time()
@@ -280,7 +289,8 @@ class CredentialSync:
             try:
                 if trio.current_time() >= checked + SEEDED_CHECK_S:
                     checked = trio.current_time()
-                    if not await self._redis.exists([SEEDED_KEY]):  # restarted empty, unseen
+                    # Restarted empty, unseen (its marker went with everything else).
+                    if not await self._redis.exists([seeded_key(self._instance)]):
                         await self._join()
                         continue
                 answer = await blocking.xread(
